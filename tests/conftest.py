@@ -1,0 +1,23 @@
+"""Shared fixtures: one embedded stack (real tansu broker + Redis) per test session, and unique names."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from infra.embedded import EmbeddedStack, StackInfo
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
+    """A running embedded stack on free 127.0.0.1 ports, stopped when the session ends."""
+    with EmbeddedStack(tmp_path_factory.mktemp("stack")) as info:
+        yield info
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A prefix unique to the test, so tests sharing the session's broker never see each other's topics."""
+    return f"t{uuid.uuid4().hex[:8]}."
