@@ -1,0 +1,132 @@
+"""A synthetic but realistic card-transaction stream with fraud labels that arrive later.
+
+Each card has a home country and a typical spend; fraud is rare and looks different (risky merchant
+categories, large amounts relative to the card's habit, card not present, foreign). From record
+``drift_at`` on, two things change at once, as they do when a fraud ring moves or prices jump:
+- feature drift: amounts rise and card-not-present purchases become common;
+- concept drift: fraud moves to everyday categories with ordinary amounts, card present.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+CATEGORIES = ("grocery", "restaurant", "fuel", "travel", "electronics", "gift_cards", "jewelry", "pharmacy")
+_EVERYDAY_WEIGHTS = (30, 22, 15, 8, 8, 3, 2, 12)
+_RISKY = ("electronics", "gift_cards", "jewelry")
+_COUNTRIES = ("US", "GB", "DE", "FR", "BR", "NG", "IN")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    cards: int = 2000
+    fraud_rate: float = 0.03
+    drift_at: int | None = None
+    label_delay: int = 200  # a label is emitted this many events after its event
+    seed: int = 7
+
+
+@dataclass(frozen=True)
+class _Card:
+    card_id: str
+    home: str
+    typical: float
+
+
+class TransactionGenerator:
+    """Yields ``(event, labels_due)`` pairs: an event and the labels that became known by then."""
+
+    def __init__(self, config: GeneratorConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._clock = clock
+        self._rng = random.Random(config.seed)
+        rng = self._rng
+        self._cards = [
+            _Card(
+                f"card-{i:06d}",
+                "US" if rng.random() < 0.85 else rng.choice(_COUNTRIES),
+                math.exp(rng.gauss(3.4, 0.6)),
+            )
+            for i in range(config.cards)
+        ]
+        self._pending: deque[tuple[int, dict[str, object]]] = deque()
+        self.seq = 0
+
+    def drifted(self, seq: int) -> bool:
+        return self.config.drift_at is not None and seq >= self.config.drift_at
+
+    def _event(self, seq: int) -> tuple[dict[str, object], bool]:
+        rng, drifted = self._rng, self.drifted(seq)
+        card = self._cards[int(rng.paretovariate(1.2) * 7) % len(self._cards)]
+        fraud = rng.random() < self.config.fraud_rate
+        if fraud and not drifted:
+            category = (
+                rng.choice(_RISKY) if rng.random() < 0.75 else rng.choices(CATEGORIES, _EVERYDAY_WEIGHTS)[0]
+            )
+            amount = card.typical * rng.uniform(3.0, 12.0)
+            present = rng.random() < 0.15
+            country = rng.choice(_COUNTRIES) if rng.random() < 0.5 else card.home
+        elif fraud:
+            category = rng.choice(("grocery", "fuel", "pharmacy"))
+            amount = card.typical * math.exp(rng.gauss(0.0, 0.4))
+            present = rng.random() < 0.7
+            country = card.home
+        else:
+            category = rng.choices(CATEGORIES, _EVERYDAY_WEIGHTS)[0]
+            amount = card.typical * math.exp(rng.gauss(0.0, 0.5))
+            present = rng.random() < (0.35 if drifted else 0.75)
+            country = card.home if rng.random() < 0.96 else rng.choice(_COUNTRIES)
+        if drifted:
+            amount *= 2.2
+        event: dict[str, object] = {
+            "event_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            "seq": seq,
+            "card_id": card.card_id,
+            "merchant_id": f"m-{rng.randrange(5000):05d}",
+            "category": category,
+            "amount": round(amount, 2),
+            "country": country,
+            "card_present": present,
+            "ts": int(self._clock() * 1000),
+        }
+        return event, fraud
+
+    def __iter__(self) -> Iterator[tuple[dict[str, object], list[dict[str, object]]]]:
+        while True:
+            yield self.next()
+
+    def next(self) -> tuple[dict[str, object], list[dict[str, object]]]:
+        event, fraud = self._event(self.seq)
+        now_ms = event["ts"]
+        self._pending.append(
+            (
+                self.seq,
+                {
+                    "event_id": event["event_id"],
+                    "card_id": event["card_id"],
+                    "is_fraud": fraud,
+                    "event_ts": event["ts"],
+                    "ts": now_ms,
+                },
+            )
+        )
+        due: list[dict[str, object]] = []
+        while self._pending and self._pending[0][0] <= self.seq - self.config.label_delay:
+            label = self._pending.popleft()[1]
+            label["ts"] = now_ms
+            due.append(label)
+        self.seq += 1
+        return event, due
+
+    def drain(self) -> list[dict[str, object]]:
+        """The labels still pending (at the end of a finite run)."""
+        now_ms = int(self._clock() * 1000)
+        labels = [dict(label, ts=now_ms) for _, label in self._pending]
+        self._pending.clear()
+        return labels

@@ -1,0 +1,53 @@
+"""The topics of the loop: one name, partition count and record type each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infra.settings import CommonSettings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    record: str | None  # schemas.codec record name; None for raw (dead letters)
+    compacted: bool = False
+
+
+TOPICS: dict[str, TopicSpec] = {
+    spec.name: spec
+    for spec in (
+        TopicSpec("events", 4, "event"),
+        TopicSpec("labels", 4, "label"),
+        TopicSpec("predictions", 4, "prediction"),
+        # Model versions and deployments are state: every serving node reads them from the beginning.
+        TopicSpec("models", 1, "model_version", compacted=True),
+        TopicSpec("deployments", 1, "deployment", compacted=True),
+        TopicSpec("drift-alerts", 1, "drift_alert"),
+        TopicSpec("dead-letter", 1, None),
+    )
+}
+
+
+def topic(settings: CommonSettings, name: str) -> str:
+    """The full topic name for ``name`` (one of :data:`TOPICS`) under the configured prefix."""
+    return settings.topic_prefix + TOPICS[name].name
+
+
+def record_of(settings: CommonSettings, full_name: str) -> str | None:
+    """The record type carried by a full topic name."""
+    short = full_name.removeprefix(settings.topic_prefix)
+    return TOPICS[short].record
+
+
+def ensure_topics(settings: CommonSettings, *, replication_factor: int = 1) -> None:
+    """Create every topic of the loop with its partition count (existing topics are kept)."""
+    from streams.admin import create_topics
+
+    by_config: dict[bool, dict[str, int]] = {}
+    for spec in TOPICS.values():
+        by_config.setdefault(spec.compacted, {})[topic(settings, spec.name)] = spec.partitions
+    for compacted, topics in by_config.items():
+        config = {"cleanup.policy": "compact"} if compacted else None
+        create_topics(settings.kafka_bootstrap, topics, config=config, replication_factor=replication_factor)
