@@ -87,7 +87,7 @@ def build_app(settings: FeatureSettings) -> faust.App:
     def get_store() -> RedisOnlineStore:
         # created inside the worker's event loop, on first use
         if "store" not in store_holder:
-            store_holder["store"] = RedisOnlineStore.from_url(settings.redis_url)
+            store_holder["store"] = RedisOnlineStore.from_url(settings.redis_url, settings.topic_prefix)
         return store_holder["store"]
 
     for view in VIEWS.values():

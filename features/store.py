@@ -2,9 +2,11 @@
 
 Layout (one hash per entity and view; one hash of applied offsets per view)::
 
-    tide:f:{view}:{entity}   {tile}:n -> count, {tile}:s:{field} -> sum, ts -> newest event time,
+    {ns}tide:f:{view}:{entity}   {tile}:n -> count, {tile}:s:{field} -> sum, ts -> newest event time,
                              seen -> wall time of the last write, lo -> lowest tile kept
-    tide:f:{view}:offsets    {topic}:{partition} -> last applied source offset
+    {ns}tide:f:{view}:offsets    {topic}:{partition} -> last applied source offset
+
+``ns`` is the deployment's namespace (its topic prefix), so several deployments can share one Redis.
 
 A batch is applied by one Lua script that checks the partition's stored offset, adds the partials and
 advances the offset in one atomic step. Records at or below the stored offset are skipped before the
@@ -81,12 +83,12 @@ class FeatureRow:
         }
 
 
-def entity_key(view: FeatureView, entity: str) -> str:
-    return f"tide:f:{view.name}:{entity}"
+def entity_key(view: FeatureView, entity: str, namespace: str = "") -> str:
+    return f"{namespace}tide:f:{view.name}:{entity}"
 
 
-def offsets_key(view: FeatureView) -> str:
-    return f"tide:f:{view.name}:offsets"
+def offsets_key(view: FeatureView, namespace: str = "") -> str:
+    return f"{namespace}tide:f:{view.name}:offsets"
 
 
 def parse_tiles(raw: Mapping[bytes | str, bytes | str]) -> dict[int, dict[str, float]]:
@@ -112,19 +114,20 @@ def row_from_hash(view: FeatureView, entity: str, raw: Mapping[Any, Any], now_ms
 class RedisOnlineStore:
     """Reads and writes feature tiles in Redis (asyncio client)."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, namespace: str = "") -> None:
         self.client = client
+        self.namespace = namespace
         self._apply = client.register_script(_APPLY)
 
     @classmethod
-    def from_url(cls, url: str) -> RedisOnlineStore:
-        return cls(aioredis.Redis.from_url(url))
+    def from_url(cls, url: str, namespace: str = "") -> RedisOnlineStore:
+        return cls(aioredis.Redis.from_url(url), namespace)
 
     async def close(self) -> None:
         await self.client.aclose()
 
     async def applied_offset(self, view: FeatureView, topic: str, partition: int) -> int:
-        raw = await self.client.hget(offsets_key(view), f"{topic}:{partition}")  # type: ignore[misc]
+        raw = await self.client.hget(offsets_key(view, self.namespace), f"{topic}:{partition}")  # type: ignore[misc]
         return int(raw) if raw is not None else -1
 
     async def apply(
@@ -145,13 +148,13 @@ class RedisOnlineStore:
             return expected_offset
         new_offset = max(o for o, _ in fresh)
         deltas = tiles.batch_deltas(view, (e for _, e in fresh))
-        keys = [offsets_key(view)]
+        keys = [offsets_key(view, self.namespace)]
         args: list[Any] = [
             f"{topic}:{partition}", str(expected_offset), str(new_offset),
             view.window_ms + 2 * view.tile_ms, int(time.time() * 1000),
         ]
         for entity, delta in deltas.items():
-            keys.append(entity_key(view, entity))
+            keys.append(entity_key(view, entity, self.namespace))
             fields = [(f"{t}:{k}", v) for t, p in delta.tiles.items() for k, v in p.items()]
             args += [delta.newest_ms, tiles.first_tile(view, delta.newest_ms), len(fields)]
             for name, value in fields:
@@ -164,6 +167,6 @@ class RedisOnlineStore:
         now = int(time.time() * 1000) if now_ms is None else now_ms
         async with self.client.pipeline(transaction=False) as pipe:
             for entity in entities:
-                pipe.hgetall(entity_key(view, entity))
+                pipe.hgetall(entity_key(view, entity, self.namespace))
             raws = await pipe.execute()
         return [row_from_hash(view, e, raw, now) for e, raw in zip(entities, raws, strict=True)]

@@ -124,7 +124,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         settings = load(CommonSettings)
 
         async def read() -> dict[str, Any]:
-            store = RedisOnlineStore.from_url(settings.redis_url)
+            store = RedisOnlineStore.from_url(settings.redis_url, settings.topic_prefix)
             try:
                 return {name: (await store.read(view, [args.entity]))[0].as_dict() for name, view in VIEWS.items()}
             finally:

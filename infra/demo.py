@@ -101,9 +101,11 @@ async def _score(client: httpx.AsyncClient, url: str, event: dict[str, Any], tra
         traffic.errors.append(f"{resp.status_code}: {resp.text[:200]}")
 
 
-async def _probe(r: aioredis.Redis, entity: str, event_ts: int, traffic: Traffic, timeout: float = 5.0) -> None:
+async def _probe(
+    r: aioredis.Redis, namespace: str, entity: str, event_ts: int, traffic: Traffic, timeout: float = 5.0
+) -> None:
     """Freshness: from the event's time until the store shows an event at least that new."""
-    key = entity_key(CARD_ACTIVITY, entity)
+    key = entity_key(CARD_ACTIVITY, entity, namespace)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         newest = await r.hget(key, "ts")  # type: ignore[misc]
@@ -147,7 +149,7 @@ async def drive(cfg: DemoConfig, settings: CommonSettings, serve_url: str) -> Tr
             producer.send_event(event)
             traffic.sent_at.append(time.time())
             if i % cfg.probe_every == 0:
-                probe = asyncio.create_task(_probe(r, str(event["card_id"]), int(event["ts"]), traffic))  # type: ignore[arg-type]
+                probe = asyncio.create_task(_probe(r, settings.topic_prefix, str(event["card_id"]), int(event["ts"]), traffic))  # type: ignore[arg-type]
                 tasks.add(probe)
                 probe.add_done_callback(tasks.discard)
             for label in labels:

@@ -95,7 +95,7 @@ class TrainerStep:
         self._reference: deque[dict[str, Any]] = deque(maxlen=settings.trainer_reference_size)
 
     def _key(self, side: str, event_id: str) -> str:
-        return f"tide:join:{self.model_name}:{side}:{event_id}"
+        return f"{self.settings.topic_prefix}tide:join:{self.model_name}:{side}:{event_id}"
 
     def handle(self, item: Incoming) -> None:
         v = item.value

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from infra.embedded import EmbeddedStack, StackInfo
+from infra.settings import CommonSettings
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +22,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
 def topic_prefix() -> str:
     """A prefix unique to the test, so tests sharing the session's broker never see each other's topics."""
     return f"t{uuid.uuid4().hex[:8]}."
+
+
+@pytest.fixture
+def settings(stack: StackInfo, topic_prefix: str, tmp_path: pytest.TempPathFactory) -> CommonSettings:
+    """Settings pointing at the session's stack, with this test's own topics (created) and state dir."""
+    from streams.topics import ensure_topics
+
+    s = CommonSettings(
+        kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url, topic_prefix=topic_prefix,
+        state_dir=tmp_path,  # type: ignore[arg-type]
+    )
+    ensure_topics(s)
+    return s
