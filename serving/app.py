@@ -1,0 +1,248 @@
+"""The scoring service's HTTP app (Starlette).
+
+Routes::
+
+    POST /v1/models/{name}/score   score one instance or a batch ({"instances": [...]})
+    GET  /v1/models                loaded models
+    GET  /healthz                  the process is up
+    GET  /readyz                   a model is loaded for settings.model_name and Redis answers
+    GET  /metrics                  Prometheus metrics (default registry)
+
+:func:`create_app` takes its collaborators injected (tests) or builds them in the lifespan: a
+:class:`ModelFollower` feeding the registry, the Redis online store and the prediction log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from features.store import RedisOnlineStore
+from infra.errors import RequestError
+from infra.settings import load
+from serving import scoring
+from serving.predlog import PredictionLog
+from serving.registry import ModelFollower, ModelRegistry
+from serving.scoring import FeatureReader, PredictionSink, Unavailable
+from serving.settings import ServeSettings
+from serving.validation import parse_body
+
+logger = logging.getLogger(__name__)
+
+REQUESTS = Counter("tide_requests_total", "HTTP requests served", ["route", "status"])
+REQUEST_LATENCY = Histogram(
+    "tide_request_latency_seconds",
+    "Server-side HTTP request latency",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
+REQUEST_ID_HEADER = "x-request-id"
+RETRY_AFTER_S = 1  # what a 503 tells clients to wait
+
+
+class ORJSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(
+    status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> ORJSONResponse:
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return ORJSONResponse(body, status_code=status, headers=headers)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def instrumented(route: str, handler: Handler) -> Handler:
+    """Wrap a handler: map Tide errors to JSON responses and record request count and latency."""
+
+    async def endpoint(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except RequestError as exc:
+            response = error_response(exc.status, str(exc), exc.field)
+        except Unavailable as exc:
+            retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+            response = error_response(exc.status, str(exc), headers=retry)
+        except Exception:
+            logger.exception("%s %s failed", request.method, request.url.path)
+            response = error_response(500, "internal error")
+        REQUESTS.labels(route, str(response.status_code)).inc()
+        REQUEST_LATENCY.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    return endpoint
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) one larger than ``limit`` by its header or its actual size."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise RequestError("invalid Content-Length header", status=400) from None
+        if size > limit:
+            raise RequestError(f"body is larger than {limit} bytes", status=413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"body is larger than {limit} bytes", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _answers_ping(store: Any, timeout_s: float) -> bool:
+    # RedisOnlineStore has no ping of its own; its client does. Doubles may offer ping() directly.
+    ping = getattr(store, "ping", None)
+    if ping is None:
+        client = getattr(store, "client", None)
+        ping = getattr(client, "ping", None)
+    if ping is None:
+        return True
+    return bool(await asyncio.wait_for(ping(), timeout_s))
+
+
+class ScoringService:
+    """The app's state and route handlers."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        registry: ModelRegistry | None,
+        store: FeatureReader | None,
+        predlog: PredictionSink | None,
+    ) -> None:
+        self.settings = settings
+        self.owns_registry = registry is None
+        self.registry = registry or ModelRegistry(known=[settings.model_name])
+        self.store = store
+        self.predlog = predlog
+        self.follower: ModelFollower | None = None
+
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        owned_store: RedisOnlineStore | None = None
+        owned_log: PredictionLog | None = None
+        if self.store is None:
+            self.store = owned_store = RedisOnlineStore.from_url(self.settings.redis_url)
+        if self.predlog is None:
+            self.predlog = owned_log = PredictionLog(self.settings)
+            owned_log.start()
+        if self.owns_registry:
+            self.follower = ModelFollower(self.settings, self.registry)
+            self.follower.start()
+        logger.info("scoring service started (model %s)", self.settings.model_name)
+        try:
+            yield
+        finally:
+            if self.follower is not None:
+                await asyncio.to_thread(self.follower.stop)
+                self.follower = None
+            if owned_log is not None:
+                await asyncio.to_thread(owned_log.close)
+                self.predlog = None
+            if owned_store is not None:
+                await owned_store.close()
+                self.store = None
+            logger.info("scoring service stopped")
+
+    async def score(self, request: Request) -> Response:
+        started = time.perf_counter()
+        name = request.path_params["name"]
+        if not self.registry.is_known(name):
+            raise RequestError(f"unknown model {name!r}", status=404)
+        instances, batch = parse_body(await read_body(request, self.settings.serve_max_body_bytes))
+        model = self.registry.get(name)  # read once: a swap from here on does not affect this request
+        if model is None:
+            raise Unavailable(f"model {name!r} has no version loaded yet", retry_after=RETRY_AFTER_S)
+        if self.store is None or self.predlog is None:
+            raise Unavailable("service is not started", retry_after=RETRY_AFTER_S)
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        ids = [f"{request_id}-{i}" for i in range(len(instances))] if batch else [request_id]
+        results = await scoring.score(
+            model,
+            instances,
+            store=self.store,
+            predlog=self.predlog,
+            timeout_s=self.settings.serve_request_timeout_s,
+            request_ids=ids,
+            started=started,
+        )
+        body = {"request_id": request_id, "predictions": results} if batch else results[0]
+        return ORJSONResponse(body, headers={"X-Request-ID": request_id})
+
+    async def list_models(self, request: Request) -> Response:
+        return ORJSONResponse({"models": [m.describe() for m in self.registry.models()]})
+
+    async def healthz(self, request: Request) -> Response:
+        return ORJSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        reasons = []
+        model = self.registry.get(self.settings.model_name)
+        if model is None:
+            reasons.append(f"no version of model {self.settings.model_name!r} loaded")
+        if self.store is None:
+            reasons.append("online store not started")
+        else:
+            try:
+                if not await _answers_ping(self.store, self.settings.serve_request_timeout_s):
+                    reasons.append("redis did not answer PING")
+            except Exception as exc:
+                reasons.append(f"redis did not answer PING: {type(exc).__name__}: {exc}")
+        if model is None or reasons:
+            return ORJSONResponse({"status": "not ready", "reasons": reasons}, status_code=503)
+        return ORJSONResponse({"status": "ready", "model": model.name, "version": model.version})
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(
+    settings: ServeSettings | None = None,
+    *,
+    registry: ModelRegistry | None = None,
+    store: FeatureReader | None = None,
+    predlog: PredictionSink | None = None,
+) -> Starlette:
+    """The scoring app. Without ``settings`` they are read from ``TIDE_*`` (uvicorn factory mode).
+
+    Collaborators passed in are used as they are and left running at shutdown; those not passed are
+    built, started and stopped by the app's lifespan (an injected ``registry`` gets no follower).
+    """
+    settings = settings or load(ServeSettings)
+    service = ScoringService(settings, registry, store, predlog)
+    routes = [
+        Route("/v1/models/{name}/score", instrumented("score", service.score), methods=["POST"]),
+        Route("/v1/models", instrumented("models", service.list_models), methods=["GET"]),
+        Route("/healthz", instrumented("healthz", service.healthz), methods=["GET"]),
+        Route("/readyz", instrumented("readyz", service.readyz), methods=["GET"]),
+        Route("/metrics", instrumented("metrics", service.metrics), methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=service.lifespan)
+    app.state.service = service
+    app.state.registry = service.registry
+    return app

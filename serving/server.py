@@ -1,0 +1,51 @@
+"""``tide serve``: the scoring app under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import uvicorn
+
+from infra.settings import env_var
+from serving.app import create_app
+from serving.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+APP_FACTORY = "serving.app:create_app"
+
+
+def _export_for_workers(settings: ServeSettings) -> None:
+    """Put ``settings`` in the environment that worker processes inherit.
+
+    With several workers uvicorn starts each in its own process, which builds its app with
+    ``create_app()`` and so its settings from ``TIDE_*``; settings given on a command line must reach
+    them the same way.
+    """
+    for name, value in settings.model_dump(mode="json").items():
+        os.environ[env_var(name)] = str(value)
+
+
+def run(settings: ServeSettings) -> None:
+    """Serve until interrupted. One worker runs the app in this process; more run in child processes."""
+    common: dict = {
+        "host": settings.serve_host,
+        "port": settings.serve_port,
+        "log_level": settings.log_level.lower(),
+        "loop": "uvloop",
+        "http": "httptools",
+        "timeout_graceful_shutdown": 10,
+    }
+    logger.info(
+        "serving model %s on http://%s:%d with %d worker(s)",
+        settings.model_name,
+        settings.serve_host,
+        settings.serve_port,
+        settings.serve_workers,
+    )
+    if settings.serve_workers > 1:
+        _export_for_workers(settings)
+        uvicorn.run(APP_FACTORY, factory=True, workers=settings.serve_workers, **common)
+    else:
+        uvicorn.run(create_app(settings), **common)

@@ -1,0 +1,146 @@
+"""The scoring service against the real broker and Redis: follow the models topic, read online features,
+log predictions, and switch versions live."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from confluent_kafka import Producer
+
+from features.definitions import CARD_ACTIVITY
+from features.store import RedisOnlineStore
+from infra.embedded import StackInfo
+from online_training.model import FEATURE_NAMES, dump, new_model
+from schemas import codec
+from serving.app import create_app
+from serving.registry import ModelRegistry
+from serving.settings import ServeSettings
+from streams.kafka import reader_from_beginning
+from streams.topics import TOPICS, ensure_topics, topic
+
+pytestmark = pytest.mark.integration
+
+FEATURES = {"amount": 80.0, "category": "travel", "country": "FR", "card_present": False}
+
+
+@pytest.fixture
+def serve_settings(stack: StackInfo, topic_prefix: str, tmp_path: Path) -> ServeSettings:
+    settings = ServeSettings(
+        kafka_bootstrap=stack.kafka_bootstrap,
+        redis_url=stack.redis_url,
+        topic_prefix=topic_prefix,
+        state_dir=tmp_path,
+    )
+    ensure_topics(settings)
+    return settings
+
+
+def model_record(version: int, *, seed: int, sha256: str | None = None) -> dict[str, Any]:
+    model = new_model()
+    for i in range(20 * seed):  # different training, different scores
+        model.learn_one({**FEATURES, "amount": float(i % 7) * 30}, i % 3 == 0)
+    blob, digest = dump(model)
+    return {
+        "model": "fraud",
+        "version": version,
+        "flavor": "river",
+        "artifact": blob,
+        "artifact_uri": None,
+        "sha256": sha256 or digest,
+        "feature_names": list(FEATURE_NAMES),
+        "metric_name": "rocauc",
+        "metric_value": 0.5,
+        "trained_on": 20 * seed,
+        "reference": None,
+        "created_ts": int(time.time() * 1000),
+    }
+
+
+def publish(settings: ServeSettings, *records: dict[str, Any]) -> None:
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    for record in records:
+        producer.produce(
+            topic(settings, "models"),
+            key=record["model"].encode(),
+            value=codec.encode("model_version", record),
+        )
+    assert producer.flush(10) == 0
+
+
+def find_prediction(settings: ServeSettings, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
+    consumer = reader_from_beginning(
+        settings, topic(settings, "predictions"), TOPICS["predictions"].partitions
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(100, 0.2):
+                if msg.error() is None:
+                    record = codec.decode(msg.value(), "prediction")
+                    if record["request_id"] == request_id:
+                        assert msg.key() == record["entity"].encode()
+                        return record
+        raise AssertionError(f"no prediction {request_id} on {topic(settings, 'predictions')}")
+    finally:
+        consumer.close()
+
+
+async def test_serve_follow_score_log_and_swap(serve_settings: ServeSettings) -> None:
+    entity = f"card-{uuid.uuid4().hex[:10]}"
+    store = RedisOnlineStore.from_url(serve_settings.redis_url)
+    now = int(time.time() * 1000)
+    events = [
+        (i, {"card_id": entity, "amount": a, "ts": now - 5_000 + i}) for i, a in enumerate((10.0, 30.0))
+    ]
+    await store.apply(CARD_ACTIVITY, f"{serve_settings.topic_prefix}events", 0, events, -1)
+    await store.close()
+
+    v1, v2 = model_record(1, seed=1), model_record(2, seed=3)
+    publish(serve_settings, v1)
+    app = create_app(serve_settings)
+    registry: ModelRegistry = app.state.registry
+    body = {"entity": entity, "event_id": "ev-77", "features": FEATURES}
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tide") as client,
+    ):
+        await asyncio.to_thread(registry.wait_for, "fraud", 1, 30.0)
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+
+        resp = await client.post("/v1/models/fraud/score", json=body)
+        assert resp.status_code == 200, resp.text
+        out = resp.json()
+        assert out["version"] == 1 and out["feature_status"] == "present"
+        assert out["features"] == {
+            **FEATURES,
+            "txn_count_1h": 2.0,
+            "amount_sum_1h": 40.0,
+            "amount_mean_1h": 20.0,
+        }
+        assert 0.0 <= out["score"] <= 1.0 and 4_000 <= out["feature_age_ms"] < 60_000
+
+        logged = await asyncio.to_thread(find_prediction, serve_settings, out["request_id"])
+        assert logged["entity"] == entity and logged["event_id"] == "ev-77"
+        assert logged["features"] == out["features"] and logged["score"] == out["score"]
+        assert (logged["model"], logged["version"], logged["arm"]) == ("fraud", 1, "champion")
+
+        # A broken version 3 never replaces what serves; a good version 2 does.
+        publish(serve_settings, model_record(3, seed=2, sha256="0" * 64))
+        publish(serve_settings, v2)
+        await asyncio.to_thread(registry.wait_for, "fraud", 2, 30.0)
+        resp = await client.post("/v1/models/fraud/score", json=body)
+        assert resp.status_code == 200 and resp.json()["version"] == 2
+        assert resp.json()["score"] != out["score"]
+        await asyncio.sleep(0.5)  # v3 was read before v2 and failed: still v2
+        assert registry.get("fraud").version == 2  # type: ignore[union-attr]
+        models = (await client.get("/v1/models")).json()["models"]
+        assert [(m["name"], m["version"]) for m in models] == [("fraud", 2)]
+        metrics = (await client.get("/metrics")).text
+        assert 'tide_model_load_failures_total{model="fraud"}' in metrics
