@@ -46,6 +46,8 @@ SERVED_ARMS = ("champion", "canary")  # shadow predictions were not what the cal
 class TrainerSettings(CommonSettings):
     trainer_group: str = "tide-trainer"
     trainer_publish_every: int = Field(default=500, ge=1)
+    # A quiet stream still publishes what was learnt since the last version after this long.
+    trainer_publish_interval_s: float = Field(default=10.0, gt=0)
     trainer_join_ttl_s: int = Field(default=86_400, ge=1)
     trainer_reference_size: int = Field(default=2000, ge=10)
     trainer_metric_window: int = Field(default=2000, ge=10)
@@ -91,6 +93,7 @@ class TrainerStep:
         self._predictions: dict[str, dict[str, Any]] = {}
         self._labels: dict[str, bool] = {}
         self._since_publish = 0
+        self._published_at = time.monotonic()
         self._recent: deque[tuple[bool, float]] = deque(maxlen=settings.trainer_metric_window)
         self._reference: deque[dict[str, Any]] = deque(maxlen=settings.trainer_reference_size)
 
@@ -137,6 +140,12 @@ class TrainerStep:
         if self._since_publish >= self.settings.trainer_publish_every:
             self.publish()
             return True
+        return self.idle()
+
+    def idle(self) -> bool:
+        if self._since_publish and time.monotonic() - self._published_at >= self.settings.trainer_publish_interval_s:
+            self.publish()
+            return True
         return False
 
     def learn_one(self, x: dict[str, Any], y: bool) -> None:
@@ -179,6 +188,7 @@ class TrainerStep:
             self._models_topic, key=self.model_name.encode(), value=codec.encode("model_version", record)
         )
         self._since_publish = 0
+        self._published_at = time.monotonic()
         PUBLISHED.labels(self.model_name).inc()
         if record["metric_value"] is not None:
             METRIC.labels(self.model_name, record["metric_name"]).set(record["metric_value"])

@@ -48,6 +48,10 @@ class Step(Protocol):
 
     def flush(self) -> bool: ...
 
+    def idle(self) -> bool:
+        """Called when a poll brought nothing; returns whether to checkpoint (e.g. time-based output)."""
+        ...
+
 
 def decode_message(msg: Message, expected: str | None) -> Incoming:
     value = codec.decode(msg.value() or b"", expected)
@@ -115,9 +119,8 @@ def run(
     consumer.subscribe(list(expected))
     try:
         for msgs in messages(consumer, batch=batch):
-            if msgs:
-                if process_batch(step, msgs, expected, dlq):
-                    checkpoint(consumer, producer)
+            if process_batch(step, msgs, expected, dlq) if msgs else step.idle():
+                checkpoint(consumer, producer)
             if stop.is_set():
                 break
     finally:
