@@ -147,7 +147,10 @@ class ScoringService:
         owned_store: RedisOnlineStore | None = None
         owned_log: PredictionLog | None = None
         if self.store is None:
-            self.store = owned_store = RedisOnlineStore.from_url(self.settings.redis_url)
+            # Namespaced by topic prefix, as the feature processor writes it.
+            self.store = owned_store = RedisOnlineStore.from_url(
+                self.settings.redis_url, self.settings.topic_prefix
+            )
         if self.predlog is None:
             self.predlog = owned_log = PredictionLog(self.settings)
             owned_log.start()

@@ -93,7 +93,7 @@ def find_prediction(settings: ServeSettings, request_id: str, timeout: float = 1
 
 async def test_serve_follow_score_log_and_swap(serve_settings: ServeSettings) -> None:
     entity = f"card-{uuid.uuid4().hex[:10]}"
-    store = RedisOnlineStore.from_url(serve_settings.redis_url)
+    store = RedisOnlineStore.from_url(serve_settings.redis_url, serve_settings.topic_prefix)
     now = int(time.time() * 1000)
     events = [
         (i, {"card_id": entity, "amount": a, "ts": now - 5_000 + i}) for i, a in enumerate((10.0, 30.0))
