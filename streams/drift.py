@@ -1,0 +1,555 @@
+"""The drift scorer: live inputs and scores of the champion compared with its model's reference profile.
+
+Each model version may carry a reference profile (one histogram per profiled feature and one of the
+scores, see :mod:`online_training.profile`). For every champion prediction the scorer pushes each profiled
+feature value and the score into a sliding window per histogram and, every ``drift_check_every``
+predictions, computes the population stability index (PSI) of each window against its reference. A PSI
+above the threshold on a full window raises one :class:`~schemas.records.DriftAlert` (rising edge only,
+re-armed once the PSI has fallen back below ``threshold * rearm_ratio``); every check also appends a
+compact stats point to the Redis stream ``{topic_prefix}tide:drift:{model}`` for dashboards.
+
+Alerts are produced in the processor's Kafka transaction, so they are committed exactly once with the
+consumed offsets. Stats points are best-effort and may repeat after a crash.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from types import FrameType
+from typing import Any, Protocol
+
+import redis
+from confluent_kafka import KafkaError
+from prometheus_client import Counter, Gauge
+from pydantic import Field
+
+from infra.errors import StreamError
+from infra.settings import CommonSettings
+from online_training.profile import SCORE, as_number, psi
+from schemas import codec
+from schemas.records import DriftAlert, Histogram
+from streams import processor
+from streams.deadletter import KafkaDeadLetters
+from streams.kafka import make_consumer, make_transactional_producer, reader_from_beginning
+from streams.topics import TOPICS, topic
+
+log = logging.getLogger(__name__)
+
+STEP_NAME = "drift"
+STATISTIC = "psi"
+STATS_KEY_PREFIX = "tide:drift:"
+STATS_MAXLEN = 10_000
+# Bounds on per-model state: references of old versions and windows of versions no longer scored.
+REFERENCES_PER_MODEL = 256
+MONITORS_PER_MODEL = 4
+
+DRIFT_STATISTIC = Gauge(
+    "tide_drift_statistic",
+    "PSI of the live window against the reference, at the last check",
+    ["model", "feature"],
+)
+DRIFT_ALERTS = Counter("tide_drift_alerts_total", "Drift alerts raised", ["model", "feature"])
+
+StatsFields = dict[str, str | int | float]
+StatsPoint = tuple[str, StatsFields]  # (model, fields)
+StatsSink = Callable[[Sequence[StatsPoint]], None]
+
+
+class DriftSettings(CommonSettings):
+    """Settings of the drift scorer (``TIDE_DRIFT_*``)."""
+
+    drift_window: int = Field(default=1000, ge=10)  # live values compared with the reference
+    drift_check_every: int = Field(default=100, ge=1)  # predictions between two checks
+    drift_psi_threshold: float = Field(default=0.25, gt=0)
+    drift_rearm_ratio: float = Field(default=0.5, ge=0, le=1)
+    drift_group: str = Field(default="tide-drift", pattern=r"^[A-Za-z0-9._-]+$")
+    drift_min_reference: int = Field(default=200, ge=1)  # smaller reference profiles are ignored
+
+
+class PsiDriftDetector:
+    """PSI of a sliding window of live values against a reference histogram, with hysteresis.
+
+    ``histogram_ref`` is a :class:`~schemas.records.Histogram` as built by
+    :func:`online_training.profile.histogram`: ``len(edges) + 1`` bins, bin ``i`` holding the values in
+    ``(edges[i-1], edges[i]]``. The window keeps the raw values, so a detector built on another reference
+    can be seeded with them. ``update`` is O(log bins); ``statistic`` is O(bins).
+
+    ``drift_detected`` is the alarm level: it turns on when the window is full and the PSI exceeds
+    ``threshold``, and off again only once the PSI has fallen below ``threshold * rearm_ratio``.
+    ``check`` evaluates the same and returns True only on a rising edge, once per alarm.
+    """
+
+    def __init__(
+        self, histogram_ref: Mapping[str, Any], window: int, threshold: float, rearm_ratio: float = 0.5
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        if threshold <= 0:
+            raise ValueError(f"threshold must be positive, got {threshold}")
+        if not 0 <= rearm_ratio <= 1:
+            raise ValueError(f"rearm_ratio must be in [0, 1], got {rearm_ratio}")
+        name = histogram_ref.get("name", "?")
+        edges = [float(e) for e in histogram_ref["edges"]]
+        counts = [int(c) for c in histogram_ref["counts"]]
+        if len(counts) != len(edges) + 1:
+            raise StreamError(
+                f"reference histogram {name!r} has {len(edges)} edges and {len(counts)} counts; "
+                "expected one count more than edges"
+            )
+        if any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in pairwise(edges)):
+            raise StreamError(f"reference histogram {name!r}: edges must be finite and strictly ascending")
+        if any(c < 0 for c in counts) or sum(counts) == 0:
+            raise StreamError(f"reference histogram {name!r}: counts must be non-negative, not all zero")
+        self.name: str = str(name)
+        self.window = window
+        self.threshold = threshold
+        self.rearm_ratio = rearm_ratio
+        self._edges = edges
+        self._reference = counts
+        self._live = [0] * len(counts)
+        self._values: deque[float] = deque()
+        self._alarm = False
+        self._reported = False
+
+    @property
+    def reference_size(self) -> int:
+        return sum(self._reference)
+
+    @property
+    def n(self) -> int:
+        """How many live values the window holds (at most ``window``)."""
+        return len(self._values)
+
+    @property
+    def window_full(self) -> bool:
+        return len(self._values) == self.window
+
+    def live_values(self) -> list[float]:
+        """The values in the window, oldest first (to seed a detector built on another reference)."""
+        return list(self._values)
+
+    def update(self, value: float) -> None:
+        """Push one live value; the oldest leaves once the window is full. NaN is ignored."""
+        if math.isnan(value):
+            return
+        if len(self._values) == self.window:
+            self._live[bisect.bisect_left(self._edges, self._values.popleft())] -= 1
+        self._values.append(value)
+        self._live[bisect.bisect_left(self._edges, value)] += 1
+
+    @property
+    def statistic(self) -> float:
+        """PSI of the live window against the reference (0.0 while the window is empty)."""
+        if not self._values:
+            return 0.0
+        return psi(self._reference, self._live)
+
+    def _evaluate(self) -> float:
+        value = self.statistic
+        if self._alarm:
+            if value < self.threshold * self.rearm_ratio:
+                self._alarm = False
+                self._reported = False
+        elif self.window_full and value > self.threshold:
+            self._alarm = True
+        return value
+
+    @property
+    def drift_detected(self) -> bool:
+        """True while in drift: from a PSI above the threshold until it falls below the re-arm level."""
+        self._evaluate()
+        return self._alarm
+
+    def check(self) -> bool:
+        """Evaluate now; True only the first time an alarm is seen (the rising edge)."""
+        self._evaluate()
+        if self._alarm and not self._reported:
+            self._reported = True
+            return True
+        return False
+
+
+class AlertProducer(Protocol):
+    """What the step needs of a producer (a confluent-kafka ``Producer`` in a transaction)."""
+
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A model version's reference profile: its histograms by name (the score's under ``SCORE``)."""
+
+    model: str
+    version: int
+    size: int
+    histograms: dict[str, Histogram]
+
+    @classmethod
+    def from_model_version(cls, record: Mapping[str, Any]) -> Reference | None:
+        profile = record.get("reference")
+        if profile is None:
+            return None
+        hists: list[Histogram] = list(profile["features"])
+        if profile.get("prediction") is not None:
+            score = profile["prediction"]
+            hists.append(Histogram(name=SCORE, edges=score["edges"], counts=score["counts"]))
+        by_name = {h["name"]: h for h in hists}
+        if len(by_name) != len(hists):
+            raise StreamError(f"reference of {record['model']} v{record['version']} repeats a histogram name")
+        return cls(record["model"], int(record["version"]), int(profile["size"]), by_name)
+
+
+@dataclass
+class _Monitor:
+    """The detectors of one reference, fed by the predictions compared with it."""
+
+    reference: Reference
+    detectors: dict[str, PsiDriftDetector]
+    seen: int = 0
+    last_used: int = 0
+
+
+def _seed(monitor: _Monitor, source: _Monitor) -> None:
+    """Fill ``monitor``'s windows with ``source``'s. The live windows are the model's recent inputs whichever
+    reference they are compared with, so a new reference need not wait for its windows to refill."""
+    for name, detector in monitor.detectors.items():
+        if name in source.detectors:
+            for value in source.detectors[name].live_values():
+                detector.update(value)
+
+
+@dataclass
+class _ModelState:
+    references: dict[int, Reference] = field(default_factory=dict)
+    monitors: dict[int, _Monitor] = field(default_factory=dict)  # by reference version
+
+    @property
+    def latest(self) -> Reference | None:
+        return self.references[max(self.references)] if self.references else None
+
+
+def stats_key(model: str, namespace: str = "") -> str:
+    """The Redis stream holding ``model``'s drift stats points (``namespace``: the topic prefix)."""
+    return f"{namespace}{STATS_KEY_PREFIX}{model}"
+
+
+class RedisStatsSink:
+    """Appends stats points to ``{namespace}tide:drift:{model}`` streams (XADD, MAXLEN ~), one pipeline per
+    batch. Stats are for dashboards: a failed write is logged and dropped rather than stopping the scorer.
+    """
+
+    def __init__(self, client: redis.Redis, *, namespace: str = "", maxlen: int = STATS_MAXLEN) -> None:
+        self._client = client
+        self._namespace = namespace
+        self._maxlen = maxlen
+
+    def __call__(self, points: Sequence[StatsPoint]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for model, fields in points:
+            entry: dict[Any, Any] = dict(fields)
+            pipe.xadd(stats_key(model, self._namespace), entry, maxlen=self._maxlen, approximate=True)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("dropped %d drift stats points: %s", len(points), exc)
+
+
+class DriftStep:
+    """Stream step ``drift``: model versions set references, champion predictions feed the detectors.
+
+    A prediction is compared with its own version's reference when known, else its model's latest
+    (highest version). Rising edges are produced as ``drift_alert`` records to ``alerts_topic``.
+    """
+
+    name = STEP_NAME
+
+    def __init__(
+        self,
+        settings: DriftSettings,
+        producer: AlertProducer,
+        alerts_topic: str,
+        stats_sink: StatsSink | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._producer = producer
+        self._alerts_topic = alerts_topic
+        self._stats_sink = stats_sink
+        self._clock = clock
+        self._models: dict[str, _ModelState] = {}
+        self._points: list[StatsPoint] = []
+        self._uses = 0
+
+    # -- inspection (tests, logs) --------------------------------------------------------------------
+
+    def reference(self, model: str, version: int | None = None) -> Reference | None:
+        """The stored reference of ``model`` at ``version``, or its latest when ``version`` is None."""
+        state = self._models.get(model)
+        if state is None:
+            return None
+        return state.latest if version is None else state.references.get(version)
+
+    # -- Step protocol -------------------------------------------------------------------------------
+
+    def handle(self, item: processor.Incoming) -> None:
+        if item.record == "prediction":
+            self._on_prediction(item.value)
+        elif item.record == "model_version":
+            self._on_model_version(item.value)
+        else:
+            raise StreamError(f"drift step does not take {item.record} records")
+
+    def flush(self) -> bool:
+        if self._points:
+            if self._stats_sink is not None:
+                self._stats_sink(self._points)
+            self._points = []
+        return True  # checkpoint every batch: alerts go out with the offsets that raised them
+
+    def idle(self) -> bool:
+        return False  # nothing is produced without input
+
+    # -- records ---------------------------------------------------------------------------------------
+
+    def _on_model_version(self, record: Mapping[str, Any]) -> None:
+        ref = Reference.from_model_version(record)
+        if ref is None:
+            log.debug("model %s v%s has no reference profile", record["model"], record["version"])
+            return
+        if ref.size < self._settings.drift_min_reference:
+            log.info(
+                "ignoring reference of model %s v%d: %d examples < %d",
+                ref.model,
+                ref.version,
+                ref.size,
+                self._settings.drift_min_reference,
+            )
+            return
+        state = self._models.setdefault(ref.model, _ModelState())
+        if state.references.get(ref.version) == ref:
+            return  # a replay of what we hold
+        monitor = self._build(ref)  # validates every histogram before anything is stored
+        state.references[ref.version] = ref
+        replaced = state.monitors.pop(ref.version, None)
+        if replaced is not None:
+            _seed(monitor, replaced)
+            state.monitors[ref.version] = monitor
+        while len(state.references) > REFERENCES_PER_MODEL:
+            oldest = min(state.references)
+            del state.references[oldest]
+            state.monitors.pop(oldest, None)
+        log.info(
+            "reference of model %s v%d: %d examples, histograms %s",
+            ref.model,
+            ref.version,
+            ref.size,
+            sorted(ref.histograms),
+        )
+
+    def _build(self, ref: Reference) -> _Monitor:
+        s = self._settings
+        detectors = {
+            name: PsiDriftDetector(hist, s.drift_window, s.drift_psi_threshold, s.drift_rearm_ratio)
+            for name, hist in ref.histograms.items()
+        }
+        return _Monitor(ref, detectors)
+
+    def _monitor_for(self, model: str, version: int) -> _Monitor | None:
+        state = self._models.get(model)
+        if state is None:
+            return None
+        ref = state.references.get(version) or state.latest
+        if ref is None:
+            return None
+        monitor = state.monitors.get(ref.version)
+        if monitor is None:
+            monitor = self._build(ref)
+            if state.monitors:
+                _seed(monitor, max(state.monitors.values(), key=lambda m: m.last_used))
+                if len(state.monitors) >= MONITORS_PER_MODEL:
+                    idle = min(state.monitors.values(), key=lambda m: m.last_used)
+                    del state.monitors[idle.reference.version]
+            state.monitors[ref.version] = monitor
+            log.info(
+                "model %s: comparing v%d predictions with the v%d reference", model, version, ref.version
+            )
+        self._uses += 1
+        monitor.last_used = self._uses
+        return monitor
+
+    def _on_prediction(self, record: Mapping[str, Any]) -> None:
+        if record["arm"] != "champion":
+            return
+        monitor = self._monitor_for(record["model"], int(record["version"]))
+        if monitor is None:
+            return
+        features = record["features"]
+        values: dict[str, float] = {}
+        for name in monitor.detectors:  # convert all first: a bad value must not update half the windows
+            raw = record["score"] if name == SCORE else features.get(name)
+            try:
+                values[name] = as_number(raw)
+            except (TypeError, ValueError):
+                raise StreamError(f"feature {name!r} is not numeric: {raw!r}") from None
+        for name, value in values.items():
+            monitor.detectors[name].update(value)
+        monitor.seen += 1
+        if monitor.seen % self._settings.drift_check_every == 0:
+            self._check(monitor, record)
+
+    def _check(self, monitor: _Monitor, record: Mapping[str, Any]) -> None:
+        ref = monitor.reference
+        now_ms = int(self._clock() * 1000)
+        event_id: str | None = record.get("event_id")
+        point: StatsFields = {"ts": now_ms, "version": ref.version, "trigger_event_id": event_id or ""}
+        for name, detector in monitor.detectors.items():
+            value = detector.statistic
+            DRIFT_STATISTIC.labels(ref.model, name).set(value)
+            point[name] = value
+            if detector.check():
+                self._alert(ref, detector, value, event_id, now_ms)
+        self._points.append((ref.model, point))
+
+    def _alert(
+        self, ref: Reference, detector: PsiDriftDetector, value: float, event_id: str | None, now_ms: int
+    ) -> None:
+        alert: DriftAlert = {
+            "alert_id": uuid.uuid4().hex,
+            "model": ref.model,
+            "version": ref.version,
+            "feature": detector.name,
+            "statistic": STATISTIC,
+            "value": value,
+            "threshold": detector.threshold,
+            "window_size": detector.window,
+            "reference_size": ref.size,
+            "trigger_event_id": event_id,
+            "ts": now_ms,
+        }
+        self._producer.produce(
+            self._alerts_topic, value=codec.encode("drift_alert", alert), key=ref.model.encode()
+        )
+        DRIFT_ALERTS.labels(ref.model, detector.name).inc()
+        log.warning(
+            "drift alert %s: model %s v%d feature %s psi %.3f > %.3f (window %d, trigger event %s)",
+            alert["alert_id"],
+            ref.model,
+            ref.version,
+            detector.name,
+            value,
+            detector.threshold,
+            detector.window,
+            event_id,
+        )
+
+
+# -- the service ---------------------------------------------------------------------------------------
+
+
+def transactional_id(settings: DriftSettings) -> str:
+    """Stable across restarts, so a restarted scorer fences its zombie and aborts what it left open.
+
+    One per deployment (like the trainer's): a second scorer in the same group would fence the first.
+    """
+    return f"{settings.topic_prefix}{settings.drift_group}"
+
+
+def replay_references(settings: DriftSettings, step: DriftStep, *, timeout_s: float = 30.0) -> int:
+    """Feed every model version on the models topic, from its beginning, to ``step``.
+
+    The group consumer resumes after its committed offset, so without this a restarted scorer would not
+    know the references it had already seen. Stops at the end of every partition (partition EOF, which
+    uses the fetch response's high watermark, not a listed end offset) or after ``timeout_s``.
+    Returns how many model versions were read.
+    """
+    name = topic(settings, "models")
+    partitions = TOPICS["models"].partitions
+    consumer = reader_from_beginning(settings, name, partitions, **{"enable.partition.eof": True})
+    at_end: set[int] = set()
+    read = 0
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(at_end) < partitions:
+            if time.monotonic() > deadline:
+                log.warning(
+                    "replay of %s stopped after %.0f s before its end (%d read)", name, timeout_s, read
+                )
+                break
+            for msg in consumer.consume(500, 0.2):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        at_end.add(msg.partition() or 0)
+                    elif err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+                        log.info("no %s topic yet: nothing to replay", name)
+                        return read
+                    elif err.fatal():
+                        raise StreamError(f"fatal error replaying {name}: {err}")
+                    continue
+                try:
+                    step.handle(processor.decode_message(msg, "model_version"))
+                except Exception as exc:  # the group consumer dead-letters it, if it is still ahead of it
+                    log.warning(
+                        "replay %s partition %s offset %s skipped: %s",
+                        name,
+                        msg.partition(),
+                        msg.offset(),
+                        exc,
+                    )
+                    continue
+                read += 1
+    finally:
+        consumer.close()
+    log.info("replayed %d model versions from %s", read, name)
+    return read
+
+
+def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
+    """Set ``stop`` on SIGTERM/SIGINT (main thread only); returns a function restoring the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: stopping step %s", signal.Signals(signum).name, STEP_NAME)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
+def run(settings: DriftSettings, stop: threading.Event | None = None) -> None:
+    """Run the drift scorer until ``stop`` is set (or SIGTERM/SIGINT when run in the main thread)."""
+    stop = stop if stop is not None else threading.Event()
+    restore = _stop_on_signals(stop)
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        producer = make_transactional_producer(settings, transactional_id(settings))
+        sink = RedisStatsSink(client, namespace=settings.topic_prefix)
+        step = DriftStep(settings, producer, topic(settings, "drift-alerts"), sink)
+        replay_references(settings, step)
+        consumer = make_consumer(settings, settings.drift_group)
+        dlq = KafkaDeadLetters(producer, topic(settings, "dead-letter"))
+        expected: dict[str, str | None] = {
+            topic(settings, "predictions"): "prediction",
+            topic(settings, "models"): "model_version",
+        }
+        processor.run(step, consumer, producer, dlq, expected, stop)
+    finally:
+        client.close()
+        restore()
