@@ -46,6 +46,7 @@ class DemoConfig:
     publish_every: int = 500  # labels per model version
     concurrency: int = 32  # scoring requests in flight
     probe_every: int = 10  # one freshness probe per this many events
+    warmup_events: int = 3000  # produced (not scored) first, so cards have history
     seed: int = 7
 
     @property
@@ -63,7 +64,8 @@ class Traffic:
 
     seq_of: dict[str, int] = field(default_factory=dict)  # event id -> record index
     sent_at: list[float] = field(default_factory=list)  # wall time each event was produced
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)  # scored events, in order
+    warmup: list[dict[str, Any]] = field(default_factory=list)  # produced before scoring began
     latencies_ms: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
     versions_seen: list[tuple[int, int]] = field(default_factory=list)  # (seq, version)
@@ -101,27 +103,54 @@ async def _score(client: httpx.AsyncClient, url: str, event: dict[str, Any], tra
         traffic.errors.append(f"{resp.status_code}: {resp.text[:200]}")
 
 
-async def _probe(
-    r: aioredis.Redis, namespace: str, entity: str, event_ts: int, traffic: Traffic, timeout: float = 5.0
-) -> None:
-    """Freshness: from the event's time until the store shows an event at least that new."""
-    key = entity_key(CARD_ACTIVITY, entity, namespace)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        newest = await r.hget(key, "ts")  # type: ignore[misc]
-        if newest is not None and int(float(newest)) >= event_ts:
-            traffic.freshness_ms.append(time.time() * 1000 - event_ts)
-            return
-        await asyncio.sleep(0.002)
-    traffic.errors.append(f"freshness probe timed out for {entity}")
+class FreshnessProbe:
+    """Measures event time to visible in the store for sampled events, polling them all in one pipeline."""
+
+    def __init__(self, r: aioredis.Redis, namespace: str, traffic: Traffic, timeout_s: float = 5.0) -> None:
+        self._r, self._ns, self._traffic, self._timeout = r, namespace, traffic, timeout_s
+        self._pending: list[tuple[str, int]] = []  # (store key, event time)
+        self.running = True
+
+    def watch(self, entity: str, event_ts: int) -> None:
+        self._pending.append((entity_key(CARD_ACTIVITY, entity, self._ns), event_ts))
+
+    async def run(self) -> None:
+        while self.running or self._pending:
+            if self._pending:
+                pending, self._pending = self._pending, []
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for key, _ in pending:
+                        pipe.hget(key, "ts")
+                    newest = await pipe.execute()
+                now_ms = time.time() * 1000
+                for (key, ts), seen in zip(pending, newest, strict=True):
+                    if seen is not None and int(float(seen)) >= ts:
+                        self._traffic.freshness_ms.append(now_ms - ts)
+                    elif now_ms - ts < self._timeout * 1000:
+                        self._pending.append((key, ts))
+                    else:
+                        self._traffic.errors.append(f"freshness probe timed out for {key}")
+            await asyncio.sleep(0.002)
 
 
 async def drive(cfg: DemoConfig, settings: CommonSettings, serve_url: str) -> Traffic:
-    """Send ``cfg.events`` transactions at ``cfg.rate``: score, produce the event, produce due labels."""
+    """Warm the feature store up, then send ``cfg.events`` transactions at ``cfg.rate``: score each one,
+    produce it, and produce the labels that have come due."""
     traffic = Traffic()
-    gen = TransactionGenerator(GeneratorConfig(drift_at=cfg.drift_at, label_delay=cfg.label_delay, seed=cfg.seed))
+    gen = TransactionGenerator(GeneratorConfig(
+        drift_at=cfg.warmup_events + cfg.drift_at, label_delay=cfg.label_delay, seed=cfg.seed))
     producer = EventProducer(settings)
+    # Warm-up: card history exists before scoring starts, as it would in a running system (these events
+    # are not scored, so their labels are not sent).
+    for _ in range(cfg.warmup_events):
+        event, _ = gen.next()
+        traffic.warmup.append(event)
+        producer.send_event(event)
+    producer.flush()
+    warmup = {e["event_id"] for e in traffic.warmup}
     r = aioredis.Redis.from_url(settings.redis_url)
+    probe = FreshnessProbe(r, settings.topic_prefix, traffic)
+    probing = asyncio.create_task(probe.run())
     slots = asyncio.Semaphore(cfg.concurrency)
     tasks: set[asyncio.Task[None]] = set()
     url = f"{serve_url}/v1/models/{settings.model_name}/score"
@@ -131,6 +160,12 @@ async def drive(cfg: DemoConfig, settings: CommonSettings, serve_url: str) -> Tr
             await _score(client, url, event, traffic)
         finally:
             slots.release()
+
+    def send_labels(labels: list[dict[str, Any]]) -> None:
+        for label in labels:
+            if label["event_id"] not in warmup:
+                producer.send_label(label)
+                traffic.labels += 1
 
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     async with httpx.AsyncClient(timeout=10.0, limits=limits) as client:
@@ -149,18 +184,14 @@ async def drive(cfg: DemoConfig, settings: CommonSettings, serve_url: str) -> Tr
             producer.send_event(event)
             traffic.sent_at.append(time.time())
             if i % cfg.probe_every == 0:
-                probe = asyncio.create_task(_probe(r, settings.topic_prefix, str(event["card_id"]), int(event["ts"]), traffic))  # type: ignore[arg-type]
-                tasks.add(probe)
-                probe.add_done_callback(tasks.discard)
-            for label in labels:
-                producer.send_label(label)
-                traffic.labels += 1
+                probe.watch(str(event["card_id"]), int(event["ts"]))  # type: ignore[call-overload]
+            send_labels(labels)
         await asyncio.gather(*tasks)
-        for label in gen.drain():
-            producer.send_label(label)
-            traffic.labels += 1
+        send_labels(gen.drain())
         producer.flush()
         traffic.elapsed_s = time.perf_counter() - started
+    probe.running = False
+    await probing
     await r.aclose()
     return traffic
 
@@ -174,6 +205,7 @@ def _ready(url: str) -> bool:
 
 def run_demo(cfg: DemoConfig, inspect: Callable[[DemoContext], None] | None = None) -> dict[str, Any]:
     """Run the loop, write ``report.json`` and the plot into ``cfg.out_dir``, return the report."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would cost the driver
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     serve_url = f"http://127.0.0.1:{port}"

@@ -68,12 +68,12 @@ StatsSink = Callable[[Sequence[StatsPoint]], None]
 class DriftSettings(CommonSettings):
     """Settings of the drift scorer (``TIDE_DRIFT_*``)."""
 
-    drift_window: int = Field(default=1000, ge=10)  # live values compared with the reference
-    drift_check_every: int = Field(default=100, ge=1)  # predictions between two checks
+    drift_window: int = Field(default=500, ge=10)  # live values compared with the reference
+    drift_check_every: int = Field(default=50, ge=1)  # predictions between two checks
     drift_psi_threshold: float = Field(default=0.25, gt=0)
     drift_rearm_ratio: float = Field(default=0.5, ge=0, le=1)
     drift_group: str = Field(default="tide-drift", pattern=r"^[A-Za-z0-9._-]+$")
-    drift_min_reference: int = Field(default=200, ge=1)  # smaller reference profiles are ignored
+    drift_min_reference: int = Field(default=500, ge=1)  # smaller reference profiles are ignored
 
 
 class PsiDriftDetector:
@@ -221,9 +221,11 @@ class _Monitor:
 
 def _seed(monitor: _Monitor, source: _Monitor) -> None:
     """Fill ``monitor``'s windows with ``source``'s. The live windows are the model's recent inputs whichever
-    reference they are compared with, so a new reference need not wait for its windows to refill."""
+    reference they are compared with, so a new reference need not wait for its windows to refill. Score
+    windows start empty: they were scored by another version."""
     for name, detector in monitor.detectors.items():
-        if name in source.detectors:
+        # scores are the old version's, not comparable with the new reference's
+        if name in source.detectors and name != SCORE:
             for value in source.detectors[name].live_values():
                 detector.update(value)
 

@@ -34,7 +34,7 @@ def test_whole_loop(tmp_path: Path) -> None:
 
     def inspect(ctx: DemoContext) -> None:
         now = int(time.time() * 1000)
-        expected = recompute(ctx.traffic.events, now)
+        expected = recompute(ctx.traffic.warmup + ctx.traffic.events, now)
 
         async def read() -> dict[str, dict[str, float]]:
             store = RedisOnlineStore.from_url(ctx.settings.redis_url)
@@ -46,7 +46,7 @@ def test_whole_loop(tmp_path: Path) -> None:
 
         seen["expected"], seen["actual"] = expected, asyncio.run(read())
 
-    cfg = DemoConfig(duration_s=30, rate=150, out_dir=tmp_path, publish_every=300)
+    cfg = DemoConfig(duration_s=30, rate=150, out_dir=tmp_path, publish_every=300, warmup_events=2000)
     report = run_demo(cfg, inspect)
 
     # a. events went in
