@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 STEP = "features"
 EVENTS_IN = Counter("tide_feature_events_total", "Events folded into the online store", ["view"])
 FRESHNESS = Histogram(
-    "tide_feature_freshness_seconds", "Event time to visible in Redis", ["view"],
+    "tide_feature_freshness_seconds",
+    "Event time to visible in Redis",
+    ["view"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 WRITE_LATENCY = Histogram("tide_feature_redis_write_seconds", "Redis batch write latency", ["view"])
@@ -98,7 +100,9 @@ def build_app(settings: FeatureSettings) -> faust.App:
             if "folder" not in holder:
                 holder["folder"] = FeatureFolder(get_store(), view)
             folder: FeatureFolder = holder["folder"]
-            async for batch in stream.take_events(settings.features_batch, within=settings.features_batch_ms / 1000):
+            async for batch in stream.take_events(
+                settings.features_batch, within=settings.features_batch_ms / 1000
+            ):
                 by_partition: dict[tuple[str, int], list[tuple[int, dict[str, Any]]]] = defaultdict(list)
                 dead = 0
                 for ev in batch:
@@ -106,8 +110,18 @@ def build_app(settings: FeatureSettings) -> faust.App:
                     try:
                         event = codec.decode(msg.value, "event")
                     except Exception as exc:
-                        dlq.send(DeadLetter(STEP, str(exc), type(exc).__name__, msg.key, msg.value,
-                                            msg.topic, msg.partition, msg.offset))
+                        dlq.send(
+                            DeadLetter(
+                                STEP,
+                                str(exc),
+                                type(exc).__name__,
+                                msg.key,
+                                msg.value,
+                                msg.topic,
+                                msg.partition,
+                                msg.offset,
+                            )
+                        )
                         dead += 1
                         continue
                     by_partition[(msg.topic, msg.partition)].append((msg.offset, event))

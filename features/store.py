@@ -127,7 +127,7 @@ class RedisOnlineStore:
         await self.client.aclose()
 
     async def applied_offset(self, view: FeatureView, topic: str, partition: int) -> int:
-        raw = await self.client.hget(offsets_key(view, self.namespace), f"{topic}:{partition}")  # type: ignore[misc]
+        raw = await self.client.hget(offsets_key(view, self.namespace), f"{topic}:{partition}")
         return int(raw) if raw is not None else -1
 
     async def apply(
@@ -150,8 +150,11 @@ class RedisOnlineStore:
         deltas = tiles.batch_deltas(view, (e for _, e in fresh))
         keys = [offsets_key(view, self.namespace)]
         args: list[Any] = [
-            f"{topic}:{partition}", str(expected_offset), str(new_offset),
-            view.window_ms + 2 * view.tile_ms, int(time.time() * 1000),
+            f"{topic}:{partition}",
+            str(expected_offset),
+            str(new_offset),
+            view.window_ms + 2 * view.tile_ms,
+            int(time.time() * 1000),
         ]
         for entity, delta in deltas.items():
             keys.append(entity_key(view, entity, self.namespace))
@@ -162,7 +165,9 @@ class RedisOnlineStore:
         result = int(await self._apply(keys=keys, args=args))
         return new_offset if result == _APPLIED else result
 
-    async def read(self, view: FeatureView, entities: Sequence[str], now_ms: int | None = None) -> list[FeatureRow]:
+    async def read(
+        self, view: FeatureView, entities: Sequence[str], now_ms: int | None = None
+    ) -> list[FeatureRow]:
         """Current values for many entities in one round trip."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
         async with self.client.pipeline(transaction=False) as pipe:

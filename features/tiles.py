@@ -80,7 +80,9 @@ def batch_deltas(view: FeatureView, events: Iterable[Mapping[str, Any]]) -> dict
     return out
 
 
-def window_values(view: FeatureView, tiles: Mapping[int, Mapping[str, float]], now_ms: int) -> dict[str, float]:
+def window_values(
+    view: FeatureView, tiles: Mapping[int, Mapping[str, float]], now_ms: int
+) -> dict[str, float]:
     """Feature values over the window ending at ``now_ms`` from stored tiles."""
     lo, hi = first_tile(view, now_ms), tile_of(now_ms, view.tile_ms)
     return values(view, merge(p for t, p in tiles.items() if lo <= t <= hi))

@@ -22,7 +22,9 @@ log = logging.getLogger("tide")
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
+    )
 
 
 def _emit(obj: Any) -> None:
@@ -31,6 +33,7 @@ def _emit(obj: Any) -> None:
 
 
 # --- embedded stack ---------------------------------------------------------------------------------
+
 
 def cmd_up(args: argparse.Namespace) -> int:
     from infra.embedded import EmbeddedStack, read_state
@@ -42,8 +45,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     info = EmbeddedStack(settings.state_dir, kafka_port=args.kafka_port, redis_port=args.redis_port).start()
     ensure_topics(load(CommonSettings, kafka_bootstrap=info.kafka_bootstrap, redis_url=info.redis_url))
-    _emit({"kafka_bootstrap": info.kafka_bootstrap, "redis_url": info.redis_url,
-           "broker_pid": info.broker_pid, "redis_pid": info.redis_pid})
+    _emit(
+        {
+            "kafka_bootstrap": info.kafka_bootstrap,
+            "redis_url": info.redis_url,
+            "broker_pid": info.broker_pid,
+            "redis_pid": info.redis_pid,
+        }
+    )
     return 0
 
 
@@ -72,6 +81,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 # --- data in and out --------------------------------------------------------------------------------
 
+
 def cmd_produce(args: argparse.Namespace) -> int:
     from streams.produce import produce_file, produce_generated
 
@@ -80,8 +90,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
         stats = produce_file(settings, Path(args.file))
     else:
         stats = produce_generated(
-            settings, count=args.count, rate=args.rate, drift_at=args.drift_at,
-            label_delay=args.label_delay, seed=args.seed,
+            settings,
+            count=args.count,
+            rate=args.rate,
+            drift_at=args.drift_at,
+            label_delay=args.label_delay,
+            seed=args.seed,
         )
     _emit(stats)
     return 1 if stats.get("rejected") else 0
@@ -97,6 +111,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 # --- services ---------------------------------------------------------------------------------------
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from serving.server import run
@@ -114,9 +129,20 @@ def cmd_features(args: argparse.Namespace) -> int:
     if args.action == "list":
         for view in VIEWS.values():
             for agg in view.aggregations:
-                _emit({"feature": agg.name, "view": view.name, "entity": view.entity, "source": view.source,
-                       "aggregation": agg.kind, "field": agg.field, "window_ms": view.window_ms,
-                       "tile_ms": view.tile_ms, "event_time": view.event_time, "default": agg.default})
+                _emit(
+                    {
+                        "feature": agg.name,
+                        "view": view.name,
+                        "entity": view.entity,
+                        "source": view.source,
+                        "aggregation": agg.kind,
+                        "field": agg.field,
+                        "window_ms": view.window_ms,
+                        "tile_ms": view.tile_ms,
+                        "event_time": view.event_time,
+                        "default": agg.default,
+                    }
+                )
         return 0
     if args.action == "get":
         from features.store import RedisOnlineStore
@@ -126,7 +152,9 @@ def cmd_features(args: argparse.Namespace) -> int:
         async def read() -> dict[str, Any]:
             store = RedisOnlineStore.from_url(settings.redis_url, settings.topic_prefix)
             try:
-                return {name: (await store.read(view, [args.entity]))[0].as_dict() for name, view in VIEWS.items()}
+                return {
+                    name: (await store.read(view, [args.entity]))[0].as_dict() for name, view in VIEWS.items()
+                }
             finally:
                 await store.close()
 
@@ -170,12 +198,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --- parser -----------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tide",
         description="Tide: Kafka events to Redis features, online training, hot-swapped HTTP scoring and "
-        "drift alerts. Settings come from TIDE_* environment variables (TIDE_KAFKA_BOOTSTRAP, TIDE_REDIS_URL, "
-        "TIDE_TOPIC_PREFIX, ...); with `tide up` running, its addresses are the defaults.",
+        "drift alerts. Settings come from TIDE_* environment variables (TIDE_KAFKA_BOOTSTRAP, "
+        "TIDE_REDIS_URL, TIDE_TOPIC_PREFIX, ...); with `tide up` running, its addresses are the defaults.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -184,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    up = add("up", cmd_up, "Start the embedded Kafka-protocol broker and Redis on 127.0.0.1 and create the topics.")
+    up = add(
+        "up", cmd_up, "Start the embedded Kafka-protocol broker and Redis on 127.0.0.1 and create the topics."
+    )
     up.add_argument("--kafka-port", type=int, default=None, help="broker port (default: a free port)")
     up.add_argument("--redis-port", type=int, default=None, help="Redis port (default: a free port)")
     add("down", cmd_down, "Stop the embedded stack started by `tide up` (by PID).")
@@ -192,30 +223,57 @@ def build_parser() -> argparse.ArgumentParser:
     tp = add("topics", cmd_topics, "Create the loop's topics with their partition counts (idempotent).")
     tp.add_argument("--replication-factor", type=int, default=1)
 
-    pr = add("produce", cmd_produce, "Produce card-transaction events (and their late labels) to Kafka, from "
-             "the built-in generator or a JSONL file.")
-    pr.add_argument("--file", help="JSONL file: one event per line, or {\"label\": {...}} lines for labels")
+    pr = add(
+        "produce",
+        cmd_produce,
+        "Produce card-transaction events (and their late labels) to Kafka, from "
+        "the built-in generator or a JSONL file.",
+    )
+    pr.add_argument("--file", help='JSONL file: one event per line, or {"label": {...}} lines for labels')
     pr.add_argument("--count", type=int, default=10_000, help="generated events (default 10000)")
     pr.add_argument("--rate", type=float, default=0.0, help="events per second; 0 = as fast as possible")
     pr.add_argument("--drift-at", type=int, default=None, help="inject drift from this record index on")
     pr.add_argument("--label-delay", type=int, default=200, help="labels arrive this many events later")
     pr.add_argument("--seed", type=int, default=7)
 
-    tl = add("tail", cmd_tail, "Print a topic's records decoded, one JSON object per line (from the beginning).")
-    tl.add_argument("topic", help="topic name without prefix: events, labels, predictions, models, deployments, "
-                    "drift-alerts, dead-letter")
+    tl = add(
+        "tail", cmd_tail, "Print a topic's records decoded, one JSON object per line (from the beginning)."
+    )
+    tl.add_argument(
+        "topic",
+        help="topic name without prefix: events, labels, predictions, models, deployments, "
+        "drift-alerts, dead-letter",
+    )
     tl.add_argument("--max", type=int, default=None, help="stop after this many records")
-    tl.add_argument("--idle", type=float, default=2.0, help="stop after this many seconds without records; "
-                    "0 = follow forever")
+    tl.add_argument(
+        "--idle",
+        type=float,
+        default=2.0,
+        help="stop after this many seconds without records; 0 = follow forever",
+    )
 
-    add("serve", cmd_serve, "Run the HTTP scoring service (POST /v1/models/{name}/score); follows the models "
-        "topic and hot-swaps versions.")
-    fe = add("features", cmd_features, "Run the online feature processor (default), or `list` the definitions, "
-             "or `get ENTITY` to print an entity's current values as JSON.")
+    add(
+        "serve",
+        cmd_serve,
+        "Run the HTTP scoring service (POST /v1/models/{name}/score); follows the models "
+        "topic and hot-swaps versions.",
+    )
+    fe = add(
+        "features",
+        cmd_features,
+        "Run the online feature processor (default), or `list` the definitions, "
+        "or `get ENTITY` to print an entity's current values as JSON.",
+    )
     fe.add_argument("action", nargs="?", choices=("run", "list", "get"), default="run")
     fe.add_argument("entity", nargs="?", help="entity key for `get`")
-    add("train", cmd_train, "Run the online trainer: join labels with served features, learn, publish versions.")
-    add("drift", cmd_drift, "Run the drift scorer: compare live inputs and scores with the model's reference.")
+    add(
+        "train",
+        cmd_train,
+        "Run the online trainer: join labels with served features, learn, publish versions.",
+    )
+    add(
+        "drift", cmd_drift, "Run the drift scorer: compare live inputs and scores with the model's reference."
+    )
     de = add("demo", cmd_demo, "Run the whole loop on the embedded stack and write a report to out/demo/.")
     de.add_argument("--duration", type=float, default=90.0, help="seconds of traffic (default 90)")
     de.add_argument("--rate", type=float, default=300.0, help="events per second (default 300)")

@@ -86,8 +86,11 @@ class DemoContext:
 
 
 async def _score(client: httpx.AsyncClient, url: str, event: dict[str, Any], traffic: Traffic) -> None:
-    body = {"entity": event["card_id"], "event_id": event["event_id"],
-            "features": {k: event[k] for k in REQUEST_FIELDS}}
+    body = {
+        "entity": event["card_id"],
+        "event_id": event["event_id"],
+        "features": {k: event[k] for k in REQUEST_FIELDS},
+    }
     started = time.perf_counter()
     try:
         resp = await client.post(url, json=body)
@@ -137,8 +140,9 @@ async def drive(cfg: DemoConfig, settings: CommonSettings, serve_url: str) -> Tr
     """Warm the feature store up, then send ``cfg.events`` transactions at ``cfg.rate``: score each one,
     produce it, and produce the labels that have come due."""
     traffic = Traffic()
-    gen = TransactionGenerator(GeneratorConfig(
-        drift_at=cfg.warmup_events + cfg.drift_at, label_delay=cfg.label_delay, seed=cfg.seed))
+    gen = TransactionGenerator(
+        GeneratorConfig(drift_at=cfg.warmup_events + cfg.drift_at, label_delay=cfg.label_delay, seed=cfg.seed)
+    )
     producer = EventProducer(settings)
     # Warm-up: card history exists before scoring starts, as it would in a running system (these events
     # are not scored, so their labels are not sent).
@@ -210,13 +214,19 @@ def run_demo(cfg: DemoConfig, inspect: Callable[[DemoContext], None] | None = No
     port = free_port()
     serve_url = f"http://127.0.0.1:{port}"
     with EmbeddedStack(cfg.out_dir / "stack") as stack:
-        settings = CommonSettings(kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
-                                  state_dir=cfg.out_dir / "stack")
+        settings = CommonSettings(
+            kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url, state_dir=cfg.out_dir / "stack"
+        )
         ensure_topics(settings)
         services = Services(
-            {"TIDE_KAFKA_BOOTSTRAP": stack.kafka_bootstrap, "TIDE_REDIS_URL": stack.redis_url,
-             "TIDE_STATE_DIR": str(cfg.out_dir / "stack"), "TIDE_SERVE_PORT": str(port),
-             "TIDE_TRAINER_PUBLISH_EVERY": str(cfg.publish_every), "TIDE_LOG_LEVEL": "INFO"},
+            {
+                "TIDE_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+                "TIDE_REDIS_URL": stack.redis_url,
+                "TIDE_STATE_DIR": str(cfg.out_dir / "stack"),
+                "TIDE_SERVE_PORT": str(port),
+                "TIDE_TRAINER_PUBLISH_EVERY": str(cfg.publish_every),
+                "TIDE_LOG_LEVEL": "INFO",
+            },
             cfg.out_dir / "logs",
         )
         try:
@@ -226,7 +236,9 @@ def run_demo(cfg: DemoConfig, inspect: Callable[[DemoContext], None] | None = No
                 raise StackError("scoring service not ready in 60 s:\n" + services.log_tail("serve"))
             if dead := services.check_alive():
                 raise StackError(f"{dead} exited:\n" + "\n".join(services.log_tail(d) for d in dead))
-            log.info("loop ready; sending %d events at %.0f/s, drift at %d", cfg.events, cfg.rate, cfg.drift_at)
+            log.info(
+                "loop ready; sending %d events at %.0f/s, drift at %d", cfg.events, cfg.rate, cfg.drift_at
+            )
             traffic = asyncio.run(drive(cfg, settings, serve_url))
             time.sleep(3.0)  # let the processors finish the tail of the stream
             metrics_text = httpx.get(f"{serve_url}/metrics", timeout=5.0).text

@@ -1,16 +1,16 @@
 """Tide's exception tree. Every error Tide raises on purpose derives from :class:`TideError`.
 
-    TideError
-    ├── ConfigError            infra: a setting is missing or invalid (names the key)
-    ├── StackError             infra: the embedded broker or Redis failed to start or stop
-    ├── SchemaError            schemas: a record does not match its Avro schema
-    │   └── UnknownSchemaError     the fingerprint in a record's header is not a known schema version
-    ├── StreamError            streams: Kafka plumbing failed (admin, produce, consume)
-    ├── FeatureError           features: a definition or an online-store read is invalid
-    ├── TrainingError          online_training: a learner or model artifact could not be built
-    └── ServingError           serving: a model could not be loaded or a request not scored
-        ├── ModelLoadError         an artifact failed to load or warm up; the old model stays
-        └── RequestError           a scoring request is invalid (HTTP 4xx; names the field)
+TideError
+├── ConfigError            infra: a setting is missing or invalid (names the key)
+├── StackError             infra: the embedded broker or Redis failed to start or stop
+├── SchemaError            schemas: a record does not match its Avro schema
+│   └── UnknownSchemaError     the fingerprint in a record's header is not a known schema version
+├── StreamError            streams: Kafka plumbing failed (admin, produce, consume)
+├── FeatureError           features: a definition or an online-store read is invalid
+├── TrainingError          online_training: a learner or model artifact could not be built
+└── ServingError           serving: a model could not be loaded or a request not scored
+    ├── ModelLoadError         an artifact failed to load or warm up; the old model stays
+    └── RequestError           a scoring request is invalid (HTTP 4xx; names the field)
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ class Services:
         with (self.log_dir / f"{name}.log").open("wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "infra.cli", *args],
-                env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                env={**self.env, **(env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         self.procs[name] = proc
         log.info("started %s (pid %d)", name, proc.pid)

@@ -3,6 +3,7 @@ measurements, and a plot of the online metric, the drift statistic and the model
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,7 @@ import numpy as np
 import redis
 
 from infra.settings import CommonSettings
+from streams.drift import stats_key
 from streams.tail import tail
 
 if TYPE_CHECKING:
@@ -33,11 +35,13 @@ def metric_value(metrics_text: str, name: str, labels: str = "") -> float | None
 def _drift_points(settings: CommonSettings, traffic: Traffic) -> list[dict[str, Any]]:
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     try:
-        entries = client.xrange(f"tide:drift:{settings.model_name}")
+        entries: list[tuple[str, dict[str, str]]] = client.xrange(  # type: ignore[assignment]
+            stats_key(settings.model_name, settings.topic_prefix)
+        )
     finally:
         client.close()
     points = []
-    for _, fields in entries:  # type: ignore[union-attr]
+    for _, fields in entries:
         seq = traffic.seq_of.get(fields.get("trigger_event_id", ""))
         if seq is None:
             continue
@@ -46,7 +50,9 @@ def _drift_points(settings: CommonSettings, traffic: Traffic) -> list[dict[str, 
     return points
 
 
-def build_report(cfg: DemoConfig, settings: CommonSettings, traffic: Traffic, metrics_text: str) -> dict[str, Any]:
+def build_report(
+    cfg: DemoConfig, settings: CommonSettings, traffic: Traffic, metrics_text: str
+) -> dict[str, Any]:
     from infra.demo import seq_at
 
     versions = [r["value"] for r in tail(settings, "models", idle_s=2.0) if "value" in r]
@@ -56,44 +62,68 @@ def build_report(cfg: DemoConfig, settings: CommonSettings, traffic: Traffic, me
     metric_versions = [v for v in versions if v["metric_value"] is not None]
     last_metric = metric_versions[-1] if metric_versions else None
     served = sorted(traffic.versions_seen)
-    client_swaps = sum(1 for (_, a), (_, b) in zip(served, served[1:], strict=False) if b != a)
+    client_swaps = sum(1 for (_, a), (_, b) in itertools.pairwise(served) if b != a)
     requests = sum(traffic.statuses.values())
     non_2xx = sum(n for status, n in traffic.statuses.items() if not 200 <= status < 300)
     drift_alerts = []
     for alert in alerts:
         seq = traffic.seq_of.get(alert.get("trigger_event_id") or "")
-        drift_alerts.append({
-            "feature": alert["feature"], "statistic": alert["statistic"], "value": round(alert["value"], 4),
-            "threshold": alert["threshold"], "model_version": alert["version"], "at_record": seq,
-            "delay_records": None if seq is None else seq - cfg.drift_at,
-        })
+        drift_alerts.append(
+            {
+                "feature": alert["feature"],
+                "statistic": alert["statistic"],
+                "value": round(alert["value"], 4),
+                "threshold": alert["threshold"],
+                "model_version": alert["version"],
+                "at_record": seq,
+                "delay_records": None if seq is None else seq - cfg.drift_at,
+            }
+        )
     report: dict[str, Any] = {
         "events_produced": len(traffic.events),
         "labels_produced": traffic.labels,
         "events_per_s": round(len(traffic.events) / traffic.elapsed_s, 1) if traffic.elapsed_s else None,
         "feature_freshness_ms": percentiles(traffic.freshness_ms),
         "model_versions_published": len(versions),
-        "model_swaps": int(metric_value(metrics_text, "tide_model_swaps_total",
-                                        f'model="{settings.model_name}"') or 0),
+        "model_swaps": int(
+            metric_value(metrics_text, "tide_model_swaps_total", f'model="{settings.model_name}"') or 0
+        ),
         "model_swaps_seen_by_clients": client_swaps,
         "online_metric": {"name": last_metric["metric_name"], "value": round(last_metric["metric_value"], 4)}
-        if last_metric else None,
-        "serving": {"requests": requests, "non_2xx": non_2xx, "latency_ms": percentiles(traffic.latencies_ms)},
+        if last_metric
+        else None,
+        "serving": {
+            "requests": requests,
+            "non_2xx": non_2xx,
+            "latency_ms": percentiles(traffic.latencies_ms),
+        },
         "drift_injected_at": cfg.drift_at,
         "drift_alerts": drift_alerts,
         "dead_letters": dead_letters,
         "errors": traffic.errors[:20],
         "timeline": {
-            "versions": [{"version": v["version"], "seq": seq_at(traffic, v["created_ts"]),
-                          "metric": v["metric_value"], "trained_on": v["trained_on"]} for v in versions],
+            "versions": [
+                {
+                    "version": v["version"],
+                    "seq": seq_at(traffic, v["created_ts"]),
+                    "metric": v["metric_value"],
+                    "trained_on": v["trained_on"],
+                }
+                for v in versions
+            ],
             "served": served[:: max(len(served) // 400, 1)],
             "drift": _drift_points(settings, traffic),
         },
     }
     before = [a for a in drift_alerts if a["delay_records"] is None or a["delay_records"] < 0]
     report["ok"] = bool(
-        report["events_produced"] and len(versions) >= 2 and report["model_swaps"] >= 1
-        and non_2xx == 0 and requests == len(traffic.events) and drift_alerts and not before
+        report["events_produced"]
+        and len(versions) >= 2
+        and report["model_swaps"] >= 1
+        and non_2xx == 0
+        and requests == len(traffic.events)
+        and drift_alerts
+        and not before
     )
     return report
 
@@ -122,8 +152,13 @@ def write_plot(report: dict[str, Any], path: Any) -> None:
         axes[1].legend(loc="upper left", fontsize=8)
     served = timeline["served"]
     axes[2].step([s for s, _ in served], [v for _, v in served], where="post", label="version answering")
-    axes[2].scatter([v["seq"] for v in timeline["versions"]], [v["version"] for v in timeline["versions"]],
-                    marker="x", color="black", label="version published")
+    axes[2].scatter(
+        [v["seq"] for v in timeline["versions"]],
+        [v["version"] for v in timeline["versions"]],
+        marker="x",
+        color="black",
+        label="version published",
+    )
     axes[2].set_ylabel("model version")
     axes[2].set_xlabel("event index")
     axes[2].legend(loc="upper left", fontsize=8)

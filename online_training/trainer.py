@@ -37,9 +37,13 @@ from streams.topics import TOPICS, topic
 
 log = logging.getLogger(__name__)
 
-LEARNT = Counter("tide_trainer_labels_learnt_total", "Labels joined with served features and learnt", ["model"])
+LEARNT = Counter(
+    "tide_trainer_labels_learnt_total", "Labels joined with served features and learnt", ["model"]
+)
 PUBLISHED = Counter("tide_trainer_versions_published_total", "Model versions published", ["model"])
-METRIC = Gauge("tide_trainer_online_metric", "Online (progressive) metric of the trainer", ["model", "metric"])
+METRIC = Gauge(
+    "tide_trainer_online_metric", "Online (progressive) metric of the trainer", ["model", "metric"]
+)
 SERVED_ARMS = ("champion", "canary")  # shadow predictions were not what the caller received
 
 
@@ -79,8 +83,13 @@ class TrainerStep:
     name = "trainer"
 
     def __init__(
-        self, settings: TrainerSettings, producer: Producer, join_store: redis.Redis,
-        model: Any = None, version: int = 0, trained_on: int = 0,
+        self,
+        settings: TrainerSettings,
+        producer: Producer,
+        join_store: redis.Redis,
+        model: Any = None,
+        version: int = 0,
+        trained_on: int = 0,
     ) -> None:
         self.settings = settings
         self.model_name = settings.model_name
@@ -119,13 +128,13 @@ class TrainerStep:
             pipe.get(self._key("l", event_id))
         for event_id in labels:
             pipe.get(self._key("p", event_id))
-        results = pipe.execute()[len(preds):]
+        results = pipe.execute()[len(preds) :]
         pairs: list[tuple[dict[str, Any], bool]] = []
         for event_id, parked in zip(preds, results[: len(preds)], strict=True):
             if parked is not None:
                 pairs.append((preds[event_id], parked == b"1"))
         unmatched = {}
-        for (event_id, y), served in zip(labels.items(), results[len(preds):], strict=True):
+        for (event_id, y), served in zip(labels.items(), results[len(preds) :], strict=True):
             if served is not None:
                 pairs.append((orjson.loads(served), y))
             else:
@@ -143,7 +152,10 @@ class TrainerStep:
         return self.idle()
 
     def idle(self) -> bool:
-        if self._since_publish and time.monotonic() - self._published_at >= self.settings.trainer_publish_interval_s:
+        if (
+            self._since_publish
+            and time.monotonic() - self._published_at >= self.settings.trainer_publish_interval_s
+        ):
             self.publish()
             return True
         return False
@@ -194,7 +206,11 @@ class TrainerStep:
             METRIC.labels(self.model_name, record["metric_name"]).set(record["metric_value"])
         log.info(
             "published model=%s version=%d trained_on=%d %s=%s",
-            self.model_name, self.version, self.trained_on, record["metric_name"], record["metric_value"],
+            self.model_name,
+            self.version,
+            self.trained_on,
+            record["metric_name"],
+            record["metric_value"],
         )
 
 
@@ -218,14 +234,18 @@ def latest_version(settings: CommonSettings, idle_s: float = 1.5) -> dict[str, A
                 except Exception:
                     log.warning("undecodable record on %s offset %s", msg.topic(), msg.offset())
                     continue
-                if record["model"] == settings.model_name and (latest is None or record["version"] > latest["version"]):
+                if record["model"] == settings.model_name and (
+                    latest is None or record["version"] > latest["version"]
+                ):
                     latest = record
     finally:
         consumer.close()
     return latest
 
 
-def restore_or_bootstrap(settings: TrainerSettings, producer: Producer, join_store: redis.Redis) -> TrainerStep:
+def restore_or_bootstrap(
+    settings: TrainerSettings, producer: Producer, join_store: redis.Redis
+) -> TrainerStep:
     """Resume from the newest published version, or publish version 1 (untrained) so serving can start."""
     latest = latest_version(settings)
     if latest is not None and latest["flavor"] == "river":
@@ -250,9 +270,18 @@ def run(settings: TrainerSettings, stop: threading.Event | None = None) -> None:
     producer = make_transactional_producer(settings, f"{settings.topic_prefix}{settings.trainer_group}")
     step = restore_or_bootstrap(settings, producer, join_store)
     consumer = make_consumer(settings, settings.trainer_group)
-    expected: dict[str, str | None] = {topic(settings, "predictions"): "prediction", topic(settings, "labels"): "label"}
+    expected: dict[str, str | None] = {
+        topic(settings, "predictions"): "prediction",
+        topic(settings, "labels"): "label",
+    }
     try:
-        processor.run(step, consumer, producer, KafkaDeadLetters(producer, topic(settings, "dead-letter")),
-                      expected, stop)
+        processor.run(
+            step,
+            consumer,
+            producer,
+            KafkaDeadLetters(producer, topic(settings, "dead-letter")),
+            expected,
+            stop,
+        )
     finally:
         join_store.close()

@@ -30,7 +30,7 @@ class DeadLetter:
     partition: int
     offset: int
 
-    def headers(self) -> list[tuple[str, bytes]]:
+    def headers(self) -> list[tuple[str, str | bytes | None]]:
         return [
             ("tide.stage", self.stage.encode()),
             ("tide.error", self.error[:2000].encode()),

@@ -75,6 +75,8 @@ def delivery_error_raiser(err: Any, msg: Message) -> None:
         raise StreamError(f"delivery to {msg.topic()} failed: {err}")
 
 
-def make_transactional_producer(settings: CommonSettings, transactional_id: str, **overrides: Any) -> Producer:
+def make_transactional_producer(
+    settings: CommonSettings, transactional_id: str, **overrides: Any
+) -> Producer:
     """A producer whose output is committed together with consumed offsets (exactly-once steps)."""
     return make_producer(settings, **{"transactional.id": transactional_id, **overrides})

@@ -52,8 +52,12 @@ class EventProducer:
         payload = codec.encode(record, value)
         while True:
             try:
-                self._producer.produce(topic_name, key=str(value["card_id"]).encode(), value=payload,
-                                       on_delivery=self._on_delivery)
+                self._producer.produce(
+                    topic_name,
+                    key=str(value["card_id"]).encode(),
+                    value=payload,
+                    on_delivery=self._on_delivery,
+                )
                 break
             except BufferError:  # local queue full: wait for deliveries, then retry
                 self._producer.poll(0.05)
@@ -67,8 +71,13 @@ class EventProducer:
 
 
 def produce_generated(
-    settings: CommonSettings, *, count: int, rate: float = 0.0, drift_at: int | None = None,
-    label_delay: int = 200, seed: int = 7,
+    settings: CommonSettings,
+    *,
+    count: int,
+    rate: float = 0.0,
+    drift_at: int | None = None,
+    label_delay: int = 200,
+    seed: int = 7,
 ) -> dict[str, Any]:
     """Generate ``count`` events (at ``rate`` per second, 0 = unthrottled) and all their labels."""
     gen = TransactionGenerator(GeneratorConfig(drift_at=drift_at, label_delay=label_delay, seed=seed))
@@ -87,8 +96,13 @@ def produce_generated(
         out.send_label(label)
     out.flush()
     elapsed = time.perf_counter() - started
-    return {"events": out.events, "labels": out.labels, "seconds": round(elapsed, 3),
-            "events_per_s": round(out.events / elapsed, 1) if elapsed else None, "drift_at": drift_at}
+    return {
+        "events": out.events,
+        "labels": out.labels,
+        "seconds": round(elapsed, 3),
+        "events_per_s": round(out.events / elapsed, 1) if elapsed else None,
+        "drift_at": drift_at,
+    }
 
 
 def produce_file(settings: CommonSettings, path: Path) -> dict[str, Any]:

@@ -47,11 +47,15 @@ def tail(
                 continue
             last = time.monotonic()
             seen += 1
-            out: dict[str, Any] = {"partition": msg.partition(), "offset": msg.offset(),
-                                   "key": (msg.key() or b"").decode(errors="replace")}
+            out: dict[str, Any] = {
+                "partition": msg.partition(),
+                "offset": msg.offset(),
+                "key": (msg.key() or b"").decode(errors="replace"),
+            }
             raw = msg.value() or b""
             if spec.record is None:
-                out["headers"] = {k: (v or b"").decode(errors="replace") for k, v in (msg.headers() or [])}
+                headers: list[tuple[str, bytes | None]] = msg.headers() or []  # type: ignore[assignment]
+                out["headers"] = {k: (v or b"").decode(errors="replace") for k, v in headers}
                 out["value"] = _printable(raw)
             else:
                 try:

@@ -30,7 +30,9 @@ def settings(stack: StackInfo, topic_prefix: str, tmp_path: pytest.TempPathFacto
     from streams.topics import ensure_topics
 
     s = CommonSettings(
-        kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url, topic_prefix=topic_prefix,
+        kafka_bootstrap=stack.kafka_bootstrap,
+        redis_url=stack.redis_url,
+        topic_prefix=topic_prefix,
         state_dir=tmp_path,  # type: ignore[arg-type]
     )
     ensure_topics(s)

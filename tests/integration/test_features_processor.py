@@ -68,15 +68,24 @@ def produce(settings: CommonSettings, gen: TransactionGenerator, n: int) -> list
 
 @pytest.fixture
 def services(settings: CommonSettings, tmp_path: Path) -> Any:
-    svc = Services({"TIDE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "TIDE_REDIS_URL": settings.redis_url,
-                    "TIDE_TOPIC_PREFIX": settings.topic_prefix, "TIDE_STATE_DIR": str(tmp_path),
-                    "TIDE_FEATURES_GROUP": f"{settings.topic_prefix}features",
-                    "TIDE_FEATURES_BATCH": "200"}, tmp_path / "logs")
+    svc = Services(
+        {
+            "TIDE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "TIDE_REDIS_URL": settings.redis_url,
+            "TIDE_TOPIC_PREFIX": settings.topic_prefix,
+            "TIDE_STATE_DIR": str(tmp_path),
+            "TIDE_FEATURES_GROUP": f"{settings.topic_prefix}features",
+            "TIDE_FEATURES_BATCH": "200",
+        },
+        tmp_path / "logs",
+    )
     yield svc
     svc.stop_all()
 
 
-def test_values_exact_and_malformed_records_dead_lettered(settings: CommonSettings, services: Services) -> None:
+def test_values_exact_and_malformed_records_dead_lettered(
+    settings: CommonSettings, services: Services
+) -> None:
     gen = TransactionGenerator(GeneratorConfig(cards=300, seed=11))
     events = produce(settings, gen, 1500)
     raw = make_producer(settings)
@@ -93,7 +102,9 @@ def test_values_exact_and_malformed_records_dead_lettered(settings: CommonSettin
     assert not services.check_alive()
 
 
-def test_sigkill_and_restart_neither_lose_nor_double_count(settings: CommonSettings, services: Services) -> None:
+def test_sigkill_and_restart_neither_lose_nor_double_count(
+    settings: CommonSettings, services: Services
+) -> None:
     gen = TransactionGenerator(GeneratorConfig(cards=200, seed=5))
     events: list[dict[str, Any]] = []
     services.start("features", "features")

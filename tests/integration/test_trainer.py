@@ -31,14 +31,30 @@ class Collect:
 
 
 def features(rng: random.Random, fraud: bool) -> dict[str, Any]:
-    return {"amount": rng.uniform(200, 900) if fraud else rng.uniform(5, 80),
-            "category": "gift_cards" if fraud else "grocery", "country": "US",
-            "card_present": not fraud, "txn_count_1h": 3.0, "amount_sum_1h": 90.0, "amount_mean_1h": 30.0}
+    return {
+        "amount": rng.uniform(200, 900) if fraud else rng.uniform(5, 80),
+        "category": "gift_cards" if fraud else "grocery",
+        "country": "US",
+        "card_present": not fraud,
+        "txn_count_1h": 3.0,
+        "amount_sum_1h": 90.0,
+        "amount_mean_1h": 30.0,
+    }
 
 
 def prediction(event_id: str, x: dict[str, Any], arm: str = "champion") -> dict[str, Any]:
-    return {"request_id": event_id, "event_id": event_id, "entity": "card-1", "model": "fraud", "version": 1,
-            "arm": arm, "features": x, "score": 0.5, "latency_ms": 1.0, "ts": 0}
+    return {
+        "request_id": event_id,
+        "event_id": event_id,
+        "entity": "card-1",
+        "model": "fraud",
+        "version": 1,
+        "arm": arm,
+        "features": x,
+        "score": 0.5,
+        "latency_ms": 1.0,
+        "ts": 0,
+    }
 
 
 def item(record: str, value: dict[str, Any], offset: int = 0) -> Incoming:
@@ -67,8 +83,12 @@ def test_labels_join_served_features_in_either_order(settings: Any) -> None:
 
 
 def test_learns_publishes_and_resumes_exactly(settings: Any) -> None:
-    s = TrainerSettings(**settings.model_dump(), trainer_publish_every=200, trainer_publish_interval_s=1.0,
-                        trainer_group=f"{settings.topic_prefix}tr")
+    s = TrainerSettings(
+        **settings.model_dump(),
+        trainer_publish_every=200,
+        trainer_publish_interval_s=1.0,
+        trainer_group=f"{settings.topic_prefix}tr",
+    )
     stop = threading.Event()
     thread = threading.Thread(target=trainer.run, args=(s, stop), daemon=True)
     thread.start()
@@ -78,10 +98,18 @@ def test_learns_publishes_and_resumes_exactly(settings: Any) -> None:
     n = 1000
     for i in range(n):
         fraud = rng.random() < 0.2
-        producer.produce(topic(s, "predictions"), key=b"c",
-                         value=codec.encode("prediction", prediction(f"e{i}", features(rng, fraud))))
-        producer.produce(topic(s, "labels"), key=b"c", value=codec.encode(
-            "label", {"event_id": f"e{i}", "card_id": "c", "is_fraud": fraud, "event_ts": 0, "ts": 0}))
+        producer.produce(
+            topic(s, "predictions"),
+            key=b"c",
+            value=codec.encode("prediction", prediction(f"e{i}", features(rng, fraud))),
+        )
+        producer.produce(
+            topic(s, "labels"),
+            key=b"c",
+            value=codec.encode(
+                "label", {"event_id": f"e{i}", "card_id": "c", "is_fraud": fraud, "event_ts": 0, "ts": 0}
+            ),
+        )
     producer.produce(topic(s, "labels"), key=b"c", value=b"\xc3\x01garbage")
     producer.flush(10)
     assert wait_until(lambda: (latest_version(s, idle_s=0.3) or {}).get("trained_on") == n, 60)

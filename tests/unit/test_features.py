@@ -17,8 +17,14 @@ HOUR, MIN = 3_600_000, 60_000
 
 def events(n: int, seed: int = 1, start: int = 1_700_000_000_000) -> list[dict[str, object]]:
     rng = random.Random(seed)
-    return [{"card_id": f"c{rng.randrange(5)}", "amount": round(rng.uniform(1, 500), 2),
-             "ts": start + rng.randrange(2 * HOUR)} for _ in range(n)]
+    return [
+        {
+            "card_id": f"c{rng.randrange(5)}",
+            "amount": round(rng.uniform(1, 500), 2),
+            "ts": start + rng.randrange(2 * HOUR),
+        }
+        for _ in range(n)
+    ]
 
 
 def test_tile_boundaries() -> None:
@@ -62,7 +68,7 @@ def test_batches_split_anywhere_give_the_same_tiles() -> None:
     for card, delta in whole.items():
         merged: dict[int, dict[str, float]] = {}
         for part in (a, b):
-            for t, p in (part[card].tiles.items() if card in part else ()):
+            for t, p in part[card].tiles.items() if card in part else ():
                 merged[t] = tiles.merge([merged.get(t, {}), p])
         assert merged.keys() == delta.tiles.keys()
         for t in merged:
@@ -79,8 +85,16 @@ def test_missing_and_expired_rows_are_never_present() -> None:
     assert expired.status == "expired"
     assert expired.values == {"txn_count_1h": 0.0, "amount_sum_1h": 0.0, "amount_mean_1h": 0.0}
     fresh_tile = tiles.tile_of(now, MIN)
-    row = row_from_hash(VIEW, "x", {b"ts": str(now - 5).encode(), f"{fresh_tile}:n".encode(): b"2",
-                                     f"{fresh_tile}:s:amount".encode(): b"30"}, now)
+    row = row_from_hash(
+        VIEW,
+        "x",
+        {
+            b"ts": str(now - 5).encode(),
+            f"{fresh_tile}:n".encode(): b"2",
+            f"{fresh_tile}:s:amount".encode(): b"30",
+        },
+        now,
+    )
     assert row.status == "present" and row.values["amount_mean_1h"] == 15.0 and row.age_ms == 5
 
 
@@ -94,8 +108,15 @@ def test_missing_and_expired_rows_are_never_present() -> None:
     ],
 )
 def test_invalid_definitions_name_the_problem(kwargs: dict[str, object], message: str) -> None:
-    base: dict[str, object] = {"name": "v", "entity": "card_id", "source": "events", "event_time": "ts",
-                               "window_ms": HOUR, "tile_ms": MIN, "aggregations": (Aggregation("n", "count"),)}
+    base: dict[str, object] = {
+        "name": "v",
+        "entity": "card_id",
+        "source": "events",
+        "event_time": "ts",
+        "window_ms": HOUR,
+        "tile_ms": MIN,
+        "aggregations": (Aggregation("n", "count"),),
+    }
     with pytest.raises(FeatureError, match=message) as err:
         FeatureView(**{**base, **kwargs})  # type: ignore[arg-type]
     assert "'v'" in str(err.value)

@@ -37,7 +37,9 @@ def test_seeded_streams_repeat() -> None:
 
 
 def test_drift_changes_features_and_the_fraud_pattern() -> None:
-    gen = TransactionGenerator(GeneratorConfig(drift_at=20_000, fraud_rate=0.05, label_delay=0), clock=lambda: 0.0)
+    gen = TransactionGenerator(
+        GeneratorConfig(drift_at=20_000, fraud_rate=0.05, label_delay=0), clock=lambda: 0.0
+    )
     events, labels = take(gen, 40_000)
     fraud = {label["event_id"] for label in labels if label["is_fraud"]}
     before, after = events[:20_000], events[20_000:]

@@ -22,7 +22,9 @@ def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_running_stack_supplies_defaults_env_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    (tmp_path / "stack.json").write_text(json.dumps({"kafka_bootstrap": "127.0.0.1:1", "redis_url": "redis://x:2/0"}))
+    (tmp_path / "stack.json").write_text(
+        json.dumps({"kafka_bootstrap": "127.0.0.1:1", "redis_url": "redis://x:2/0"})
+    )
     monkeypatch.setenv("TIDE_STATE_DIR", str(tmp_path))
     monkeypatch.delenv("TIDE_KAFKA_BOOTSTRAP", raising=False)
     assert load(CommonSettings).kafka_bootstrap == "127.0.0.1:1"
@@ -30,7 +32,9 @@ def test_running_stack_supplies_defaults_env_wins(monkeypatch: pytest.MonkeyPatc
     assert load(CommonSettings).kafka_bootstrap == "broker:9092"
 
 
-def test_cli_reports_config_errors_with_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_config_errors_with_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("TIDE_TOPIC_PREFIX", "bad prefix!")
     assert cli.main(["topics"]) == 2
     assert "TIDE_TOPIC_PREFIX" in capsys.readouterr().err
@@ -39,7 +43,18 @@ def test_cli_reports_config_errors_with_exit_2(monkeypatch: pytest.MonkeyPatch, 
 def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(commands) >= {"up", "down", "status", "produce", "tail", "serve", "features", "train", "drift", "demo"}
+    assert set(commands) >= {
+        "up",
+        "down",
+        "status",
+        "produce",
+        "tail",
+        "serve",
+        "features",
+        "train",
+        "drift",
+        "demo",
+    }
     for name in commands:
         with pytest.raises(SystemExit) as exc:
             cli.main([name, "--help"])
