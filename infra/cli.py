@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.errors import TideError
-from infra.settings import CommonSettings, load
+from infra.settings import CommonSettings, S, load
 
 log = logging.getLogger("tide")
 
@@ -105,7 +105,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from streams.tail import tail
 
     settings = load(CommonSettings)
-    for record in tail(settings, args.topic, max_records=args.max, idle_s=args.idle):
+    for record in tail(settings, args.topic, max_records=args.max, follow=args.follow):
         _emit(record)
     return 0
 
@@ -113,14 +113,19 @@ def cmd_tail(args: argparse.Namespace) -> int:
 # --- services ---------------------------------------------------------------------------------------
 
 
+def _service(settings_cls: type[S], run: Callable[[S], None]) -> int:
+    """Build the service's settings (failing on a bad key), configure logging once, run it."""
+    settings = load(settings_cls)
+    _setup_logging(settings.log_level)
+    run(settings)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from serving.server import run
     from serving.settings import ServeSettings
 
-    settings = load(ServeSettings)
-    _setup_logging(settings.log_level)
-    run(settings)
-    return 0
+    return _service(ServeSettings, run)
 
 
 def cmd_features(args: argparse.Namespace) -> int:
@@ -163,28 +168,19 @@ def cmd_features(args: argparse.Namespace) -> int:
     from features.processor import run
     from features.settings import FeatureSettings
 
-    settings_f = load(FeatureSettings)
-    _setup_logging(settings_f.log_level)
-    run(settings_f)
-    return 0
+    return _service(FeatureSettings, run)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from online_training.trainer import TrainerSettings, run
 
-    settings = load(TrainerSettings)
-    _setup_logging(settings.log_level)
-    run(settings)
-    return 0
+    return _service(TrainerSettings, run)
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
     from streams.drift import DriftSettings, run
 
-    settings = load(DriftSettings)
-    _setup_logging(settings.log_level)
-    run(settings)
-    return 0
+    return _service(DriftSettings, run)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -237,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=7)
 
     tl = add(
-        "tail", cmd_tail, "Print a topic's records decoded, one JSON object per line (from the beginning)."
+        "tail",
+        cmd_tail,
+        "Print a topic's records decoded, one JSON line each, from the beginning to its end.",
     )
     tl.add_argument(
         "topic",
@@ -245,12 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "drift-alerts, dead-letter",
     )
     tl.add_argument("--max", type=int, default=None, help="stop after this many records")
-    tl.add_argument(
-        "--idle",
-        type=float,
-        default=2.0,
-        help="stop after this many seconds without records; 0 = follow forever",
-    )
+    tl.add_argument("--follow", "-f", action="store_true", help="keep waiting for new records")
 
     add(
         "serve",

@@ -55,10 +55,10 @@ def build_report(
 ) -> dict[str, Any]:
     from infra.demo import seq_at
 
-    versions = [r["value"] for r in tail(settings, "models", idle_s=2.0) if "value" in r]
+    versions = [r["value"] for r in tail(settings, "models") if "value" in r]
     versions = [v for v in versions if v["model"] == settings.model_name]
-    alerts = [r["value"] for r in tail(settings, "drift-alerts", idle_s=2.0) if "value" in r]
-    dead_letters = sum(1 for _ in tail(settings, "dead-letter", idle_s=1.0))
+    alerts = [r["value"] for r in tail(settings, "drift-alerts") if "value" in r]
+    dead_letters = sum(1 for _ in tail(settings, "dead-letter"))
     metric_versions = [v for v in versions if v["metric_value"] is not None]
     last_metric = metric_versions[-1] if metric_versions else None
     served = sorted(traffic.versions_seen)

@@ -31,7 +31,7 @@ from online_training.profile import build_profile
 from schemas import codec
 from streams import processor
 from streams.deadletter import KafkaDeadLetters
-from streams.kafka import make_consumer, make_producer, make_transactional_producer, reader_from_beginning
+from streams.kafka import make_consumer, make_producer, make_transactional_producer, read_to_end
 from streams.processor import Incoming
 from streams.topics import TOPICS, topic
 
@@ -214,32 +214,20 @@ class TrainerStep:
         )
 
 
-def latest_version(settings: CommonSettings, idle_s: float = 1.5) -> dict[str, Any] | None:
-    """The newest committed version of the model on the models topic, read from the beginning.
-
-    Reads until the topic has been quiet for ``idle_s`` (reported end offsets are not relied on).
-    """
-    consumer = reader_from_beginning(settings, topic(settings, "models"), TOPICS["models"].partitions)
+def latest_version(settings: CommonSettings) -> dict[str, Any] | None:
+    """The newest committed version of the model on the models topic, read from the beginning."""
     latest: dict[str, Any] | None = None
-    quiet_since = time.monotonic()
-    try:
-        while time.monotonic() - quiet_since < idle_s:
-            msgs = consumer.consume(500, 0.2)
-            for msg in msgs:
-                if msg.error() is not None:
-                    continue
-                quiet_since = time.monotonic()
-                try:
-                    record = codec.decode(msg.value() or b"", "model_version")
-                except Exception:
-                    log.warning("undecodable record on %s offset %s", msg.topic(), msg.offset())
-                    continue
-                if record["model"] == settings.model_name and (
-                    latest is None or record["version"] > latest["version"]
-                ):
-                    latest = record
-    finally:
-        consumer.close()
+    name = topic(settings, "models")
+    for msg in read_to_end(settings, name, TOPICS["models"].partitions):
+        try:
+            record = codec.decode(msg.value() or b"", "model_version")
+        except Exception:
+            log.warning("undecodable record on %s offset %s", name, msg.offset())
+            continue
+        if record["model"] == settings.model_name and (
+            latest is None or record["version"] > latest["version"]
+        ):
+            latest = record
     return latest
 
 

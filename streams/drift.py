@@ -29,7 +29,6 @@ from types import FrameType
 from typing import Any, Protocol
 
 import redis
-from confluent_kafka import KafkaError
 from prometheus_client import Counter, Gauge
 from pydantic import Field
 
@@ -40,7 +39,7 @@ from schemas import codec
 from schemas.records import DriftAlert, Histogram
 from streams import processor
 from streams.deadletter import KafkaDeadLetters
-from streams.kafka import make_consumer, make_transactional_producer, reader_from_beginning
+from streams.kafka import make_consumer, make_transactional_producer, read_to_end
 from streams.topics import TOPICS, topic
 
 log = logging.getLogger(__name__)
@@ -221,11 +220,11 @@ class _Monitor:
 
 def _seed(monitor: _Monitor, source: _Monitor) -> None:
     """Fill ``monitor``'s windows with ``source``'s. The live windows are the model's recent inputs whichever
-    reference they are compared with, so a new reference need not wait for its windows to refill. Score
-    windows start empty: they were scored by another version."""
+    reference they are compared with, so a new reference need not wait for its windows to refill. Scores
+    given by another version are not carried over: they say nothing about this version's scores."""
+    same_version = monitor.reference.version == source.reference.version
     for name, detector in monitor.detectors.items():
-        # scores are the old version's, not comparable with the new reference's
-        if name in source.detectors and name != SCORE:
+        if name in source.detectors and (name != SCORE or same_version):
             for value in source.detectors[name].live_values():
                 detector.update(value)
 
@@ -476,43 +475,19 @@ def replay_references(settings: DriftSettings, step: DriftStep, *, timeout_s: fl
     Returns how many model versions were read.
     """
     name = topic(settings, "models")
-    partitions = TOPICS["models"].partitions
-    consumer = reader_from_beginning(settings, name, partitions, **{"enable.partition.eof": True})
-    at_end: set[int] = set()
     read = 0
-    deadline = time.monotonic() + timeout_s
     try:
-        while len(at_end) < partitions:
-            if time.monotonic() > deadline:
+        for msg in read_to_end(settings, name, TOPICS["models"].partitions, timeout_s=timeout_s):
+            try:
+                step.handle(processor.decode_message(msg, "model_version"))
+            except Exception as exc:  # the group consumer dead-letters it, if it is still ahead of it
                 log.warning(
-                    "replay of %s stopped after %.0f s before its end (%d read)", name, timeout_s, read
+                    "replay %s partition %s offset %s skipped: %s", name, msg.partition(), msg.offset(), exc
                 )
-                break
-            for msg in consumer.consume(500, 0.2):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        at_end.add(msg.partition() or 0)
-                    elif err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
-                        log.info("no %s topic yet: nothing to replay", name)
-                        return read
-                    elif err.fatal():
-                        raise StreamError(f"fatal error replaying {name}: {err}")
-                    continue
-                try:
-                    step.handle(processor.decode_message(msg, "model_version"))
-                except Exception as exc:  # the group consumer dead-letters it, if it is still ahead of it
-                    log.warning(
-                        "replay %s partition %s offset %s skipped: %s",
-                        name,
-                        msg.partition(),
-                        msg.offset(),
-                        exc,
-                    )
-                    continue
-                read += 1
-    finally:
-        consumer.close()
+                continue
+            read += 1
+    except StreamError as exc:
+        log.warning("replay of %s incomplete (%d read): %s", name, read, exc)
     log.info("replayed %d model versions from %s", read, name)
     return read
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 
 from infra.errors import StreamError
 from infra.settings import CommonSettings
@@ -54,6 +55,36 @@ def reader_from_beginning(
     consumer = Consumer(config)
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
     return consumer
+
+
+def read_to_end(
+    settings: CommonSettings, topic: str, partitions: int, *, timeout_s: float = 30.0
+) -> Iterator[Message]:
+    """Every record of ``topic`` from the beginning up to its current end, then stop.
+
+    The end is where each partition reports EOF, which the client derives from the high watermark in
+    fetch responses, not from a listed end offset. A topic that does not exist yet has no records.
+    Raises StreamError if the end is not reached within ``timeout_s``.
+    """
+    consumer = reader_from_beginning(settings, topic, partitions, **{"enable.partition.eof": True})
+    at_end: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(at_end) < partitions:
+            if time.monotonic() > deadline:
+                raise StreamError(f"{topic}: end not reached within {timeout_s:.0f} s")
+            for msg in consumer.consume(500, 0.2):
+                err = msg.error()
+                if err is None:
+                    yield msg
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    at_end.add(msg.partition() or 0)
+                elif err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+                    return
+                elif err.fatal():
+                    raise StreamError(f"fatal error reading {topic}: {err}")
+    finally:
+        consumer.close()
 
 
 def messages(consumer: Consumer, *, batch: int = 500, timeout: float = 0.2) -> Iterator[list[Message]]:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import base64
-import time
 from collections.abc import Iterator
 from typing import Any
+
+from confluent_kafka import Message
 
 from infra.errors import StreamError
 from infra.settings import CommonSettings
 from schemas import codec
-from streams.kafka import reader_from_beginning
+from streams.kafka import messages, read_to_end, reader_from_beginning
 from streams.topics import TOPICS, topic
 
 
@@ -24,44 +25,43 @@ def _printable(value: Any) -> Any:
     return value
 
 
+def decoded(msg: Message, record: str | None) -> dict[str, Any]:
+    """A record with its position, decoded; dead letters with their headers and the raw value."""
+    out: dict[str, Any] = {
+        "partition": msg.partition(),
+        "offset": msg.offset(),
+        "key": (msg.key() or b"").decode(errors="replace"),
+    }
+    raw = msg.value() or b""
+    if record is None:
+        headers: list[tuple[str, bytes | None]] = msg.headers() or []  # type: ignore[assignment]
+        out["headers"] = {k: (v or b"").decode(errors="replace") for k, v in headers}
+        out["value"] = _printable(raw)
+    else:
+        try:
+            out["value"] = _printable(codec.decode(raw, record))
+        except Exception as exc:
+            out["error"] = str(exc)
+    return out
+
+
 def tail(
-    settings: CommonSettings, name: str, *, max_records: int | None = None, idle_s: float = 2.0
+    settings: CommonSettings, name: str, *, max_records: int | None = None, follow: bool = False
 ) -> Iterator[dict[str, Any]]:
     """Yield records of topic ``name`` (short name) from the beginning, decoded, with their position.
 
-    Stops after ``max_records`` or once nothing arrived for ``idle_s`` seconds (0 follows forever).
-    Dead letters are shown with their headers and the raw value.
+    Stops at the topic's current end, or after ``max_records``; with ``follow`` it waits for more.
     """
     if name not in TOPICS:
         raise StreamError(f"unknown topic {name!r}; one of {', '.join(TOPICS)}")
     spec = TOPICS[name]
-    consumer = reader_from_beginning(settings, topic(settings, name), spec.partitions)
-    seen = 0
-    last = time.monotonic()
-    try:
-        while max_records is None or seen < max_records:
-            msg = consumer.poll(0.2)
-            if msg is None or msg.error() is not None:
-                if idle_s and time.monotonic() - last > idle_s:
-                    return
-                continue
-            last = time.monotonic()
-            seen += 1
-            out: dict[str, Any] = {
-                "partition": msg.partition(),
-                "offset": msg.offset(),
-                "key": (msg.key() or b"").decode(errors="replace"),
-            }
-            raw = msg.value() or b""
-            if spec.record is None:
-                headers: list[tuple[str, bytes | None]] = msg.headers() or []  # type: ignore[assignment]
-                out["headers"] = {k: (v or b"").decode(errors="replace") for k, v in headers}
-                out["value"] = _printable(raw)
-            else:
-                try:
-                    out["value"] = _printable(codec.decode(raw, spec.record))
-                except Exception as exc:
-                    out["error"] = str(exc)
-            yield out
-    finally:
-        consumer.close()
+    full = topic(settings, name)
+    if follow:
+        consumer = reader_from_beginning(settings, full, spec.partitions)
+        source: Iterator[Message] = (m for batch in messages(consumer) for m in batch)
+    else:
+        source = read_to_end(settings, full, spec.partitions)
+    for seen, msg in enumerate(source, 1):
+        yield decoded(msg, spec.record)
+        if max_records is not None and seen >= max_records:
+            return

@@ -92,7 +92,7 @@ def test_learns_publishes_and_resumes_exactly(settings: Any) -> None:
     stop = threading.Event()
     thread = threading.Thread(target=trainer.run, args=(s, stop), daemon=True)
     thread.start()
-    assert wait_until(lambda: latest_version(s, idle_s=0.3) is not None, 20)  # the bootstrap version
+    assert wait_until(lambda: latest_version(s) is not None, 20)  # the bootstrap version
     rng = random.Random(4)
     producer = make_producer(s)
     n = 1000
@@ -112,10 +112,10 @@ def test_learns_publishes_and_resumes_exactly(settings: Any) -> None:
         )
     producer.produce(topic(s, "labels"), key=b"c", value=b"\xc3\x01garbage")
     producer.flush(10)
-    assert wait_until(lambda: (latest_version(s, idle_s=0.3) or {}).get("trained_on") == n, 60)
+    assert wait_until(lambda: (latest_version(s) or {}).get("trained_on") == n, 60)
     stop.set()
     thread.join(20)
-    versions = [r["value"] for r in tail(s, "models", idle_s=1.0)]
+    versions = [r["value"] for r in tail(s, "models")]
     assert [v["version"] for v in versions] == list(range(1, len(versions) + 1))
     assert len(versions) >= 3  # the bootstrap, then at least one per batch of >= 200 labels
     assert [v["trained_on"] for v in versions] == sorted(v["trained_on"] for v in versions)
@@ -123,7 +123,7 @@ def test_learns_publishes_and_resumes_exactly(settings: Any) -> None:
     assert last["feature_names"] == list(FEATURE_NAMES)
     assert last["metric_value"] is not None and last["metric_value"] > 0.9  # the classes are separable
     assert last["reference"]["size"] == 1000 and last["reference"]["prediction"] is not None
-    letters = list(tail(s, "dead-letter", idle_s=1.0))
+    letters = list(tail(s, "dead-letter"))
     assert len(letters) == 1 and letters[0]["headers"]["tide.stage"] == "trainer"
     # a restarted trainer resumes from the last version and learns nothing twice
     step = trainer.restore_or_bootstrap(s, Collect(), redis.Redis.from_url(s.redis_url))  # type: ignore[arg-type]

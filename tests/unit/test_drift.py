@@ -365,3 +365,16 @@ def test_missing_features_count_as_zero_like_the_profile(settings: DriftSettings
     step.handle(_incoming("model_version", _model_version("fraud", 1, rows, list(rng.random(2000)))))
     _feed(step, "fraud", 1, [{"amount": float(a)} for a in rng.normal(50, 10, 2000)], rng.random(2000), 0)
     assert producer.produced == []
+
+
+def test_a_new_version_starts_its_score_window_empty(settings: DriftSettings) -> None:
+    rng = np.random.default_rng(5)
+    step = DriftStep(settings, FakeProducer(), "a")
+    _publish(step, rng, "fraud", 1, 1000)
+    _feed(step, "fraud", 1, _rows(rng, 300), rng.random(300), 0)
+    _publish(step, rng, "fraud", 2, 1000)
+    _feed(step, "fraud", 2, _rows(rng, 1), rng.random(1), 300)
+    monitor = step._models["fraud"].monitors[2]
+    sizes = {name: d.n for name, d in monitor.detectors.items()}
+    assert sizes.pop(SCORE) == 1  # version 1's scores are not version 2's
+    assert set(sizes.values()) == {301}  # inputs are inputs, whichever version scores them
