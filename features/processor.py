@@ -19,6 +19,7 @@ from prometheus_client import Counter, Histogram
 from features.definitions import VIEWS, FeatureView
 from features.settings import FeatureSettings
 from features.store import RedisOnlineStore
+from infra.metrics import serve_metrics
 from schemas import codec
 from streams.deadletter import DeadLetter, KafkaDeadLetters
 from streams.kafka import make_producer
@@ -139,10 +140,7 @@ def build_app(settings: FeatureSettings) -> faust.App:
 
 def run(settings: FeatureSettings) -> None:
     """Run the processor until interrupted (the faust worker handles signals)."""
-    if settings.features_metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.features_metrics_port, addr="127.0.0.1")
+    serve_metrics(settings)
     app = build_app(settings)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     worker.execute_from_commandline()

@@ -11,4 +11,3 @@ class FeatureSettings(CommonSettings):
     features_group: str = "tide-features"
     features_batch: int = Field(default=1000, ge=1)
     features_batch_ms: int = Field(default=50, ge=1)
-    features_metrics_port: int | None = Field(default=None, ge=0, le=65535)

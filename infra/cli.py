@@ -88,6 +88,17 @@ def cmd_produce(args: argparse.Namespace) -> int:
     settings = load(CommonSettings)
     if args.file:
         stats = produce_file(settings, Path(args.file))
+    elif args.score_url:
+        from streams.traffic import TrafficConfig, drive
+
+        cfg = TrafficConfig(
+            events=args.count,
+            rate=args.rate,
+            drift_at=args.drift_at,
+            label_delay=args.label_delay,
+            seed=args.seed,
+        )
+        stats = asyncio.run(drive(cfg, settings, args.score_url.rstrip("/"))).summary()
     else:
         stats = produce_generated(
             settings,
@@ -98,7 +109,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     _emit(stats)
-    return 1 if stats.get("rejected") else 0
+    return 1 if stats.get("rejected") or stats.get("non_2xx") else 0
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -231,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--drift-at", type=int, default=None, help="inject drift from this record index on")
     pr.add_argument("--label-delay", type=int, default=200, help="labels arrive this many events later")
     pr.add_argument("--seed", type=int, default=7)
+    pr.add_argument(
+        "--score-url",
+        help="scoring service base URL (e.g. http://127.0.0.1:8000): score each event there before producing "
+        "it, as an application would at authorisation; the prediction log is what the trainer learns from",
+    )
 
     tl = add(
         "tail",

@@ -9,29 +9,23 @@ Drift is injected part-way. At the end it reads the topics back and writes ``rep
 from __future__ import annotations
 
 import asyncio
-import bisect
 import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import redis.asyncio as aioredis
 
-from features.definitions import CARD_ACTIVITY
-from features.store import entity_key
 from infra.embedded import EmbeddedStack, StackInfo, free_port
 from infra.errors import StackError
 from infra.processes import Services, wait_until
 from infra.report import build_report, write_plot
 from infra.settings import CommonSettings
-from online_training.model import REQUEST_FIELDS
-from streams.generator import GeneratorConfig, TransactionGenerator
-from streams.produce import EventProducer
 from streams.topics import ensure_topics
+from streams.traffic import Traffic, TrafficConfig, drive
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +51,18 @@ class DemoConfig:
     def drift_at(self) -> int:
         return int(self.events * self.drift_fraction)
 
-
-@dataclass
-class Traffic:
-    """What the driver did and saw."""
-
-    seq_of: dict[str, int] = field(default_factory=dict)  # event id -> record index
-    sent_at: list[float] = field(default_factory=list)  # wall time each event was produced
-    events: list[dict[str, Any]] = field(default_factory=list)  # scored events, in order
-    warmup: list[dict[str, Any]] = field(default_factory=list)  # produced before scoring began
-    latencies_ms: list[float] = field(default_factory=list)
-    statuses: dict[int, int] = field(default_factory=dict)
-    versions_seen: list[tuple[int, int]] = field(default_factory=list)  # (seq, version)
-    freshness_ms: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    labels: int = 0
-    elapsed_s: float = 0.0
+    @property
+    def traffic(self) -> TrafficConfig:
+        return TrafficConfig(
+            events=self.events,
+            rate=self.rate,
+            drift_at=self.drift_at,
+            label_delay=self.label_delay,
+            warmup_events=self.warmup_events,
+            concurrency=self.concurrency,
+            probe_every=self.probe_every,
+            seed=self.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -83,121 +73,6 @@ class DemoContext:
     stack: StackInfo
     traffic: Traffic
     serve_url: str
-
-
-async def _score(client: httpx.AsyncClient, url: str, event: dict[str, Any], traffic: Traffic) -> None:
-    body = {
-        "entity": event["card_id"],
-        "event_id": event["event_id"],
-        "features": {k: event[k] for k in REQUEST_FIELDS},
-    }
-    started = time.perf_counter()
-    try:
-        resp = await client.post(url, json=body)
-    except httpx.HTTPError as exc:
-        traffic.statuses[0] = traffic.statuses.get(0, 0) + 1
-        traffic.errors.append(f"{type(exc).__name__}: {exc}")
-        return
-    traffic.latencies_ms.append((time.perf_counter() - started) * 1000)
-    traffic.statuses[resp.status_code] = traffic.statuses.get(resp.status_code, 0) + 1
-    if resp.status_code == 200:
-        traffic.versions_seen.append((int(event["seq"]), int(resp.json()["version"])))
-    elif len(traffic.errors) < 20:
-        traffic.errors.append(f"{resp.status_code}: {resp.text[:200]}")
-
-
-class FreshnessProbe:
-    """Measures event time to visible in the store for sampled events, polling them all in one pipeline."""
-
-    def __init__(self, r: aioredis.Redis, namespace: str, traffic: Traffic, timeout_s: float = 5.0) -> None:
-        self._r, self._ns, self._traffic, self._timeout = r, namespace, traffic, timeout_s
-        self._pending: list[tuple[str, int]] = []  # (store key, event time)
-        self.running = True
-
-    def watch(self, entity: str, event_ts: int) -> None:
-        self._pending.append((entity_key(CARD_ACTIVITY, entity, self._ns), event_ts))
-
-    async def run(self) -> None:
-        while self.running or self._pending:
-            if self._pending:
-                pending, self._pending = self._pending, []
-                async with self._r.pipeline(transaction=False) as pipe:
-                    for key, _ in pending:
-                        pipe.hget(key, "ts")
-                    newest = await pipe.execute()
-                now_ms = time.time() * 1000
-                for (key, ts), seen in zip(pending, newest, strict=True):
-                    if seen is not None and int(float(seen)) >= ts:
-                        self._traffic.freshness_ms.append(now_ms - ts)
-                    elif now_ms - ts < self._timeout * 1000:
-                        self._pending.append((key, ts))
-                    else:
-                        self._traffic.errors.append(f"freshness probe timed out for {key}")
-            await asyncio.sleep(0.002)
-
-
-async def drive(cfg: DemoConfig, settings: CommonSettings, serve_url: str) -> Traffic:
-    """Warm the feature store up, then send ``cfg.events`` transactions at ``cfg.rate``: score each one,
-    produce it, and produce the labels that have come due."""
-    traffic = Traffic()
-    gen = TransactionGenerator(
-        GeneratorConfig(drift_at=cfg.warmup_events + cfg.drift_at, label_delay=cfg.label_delay, seed=cfg.seed)
-    )
-    producer = EventProducer(settings)
-    # Warm-up: card history exists before scoring starts, as it would in a running system (these events
-    # are not scored, so their labels are not sent).
-    for _ in range(cfg.warmup_events):
-        event, _ = gen.next()
-        traffic.warmup.append(event)
-        producer.send_event(event)
-    producer.flush()
-    warmup = {e["event_id"] for e in traffic.warmup}
-    r = aioredis.Redis.from_url(settings.redis_url)
-    probe = FreshnessProbe(r, settings.topic_prefix, traffic)
-    probing = asyncio.create_task(probe.run())
-    slots = asyncio.Semaphore(cfg.concurrency)
-    tasks: set[asyncio.Task[None]] = set()
-    url = f"{serve_url}/v1/models/{settings.model_name}/score"
-
-    async def scored(event: dict[str, Any]) -> None:
-        try:
-            await _score(client, url, event, traffic)
-        finally:
-            slots.release()
-
-    def send_labels(labels: list[dict[str, Any]]) -> None:
-        for label in labels:
-            if label["event_id"] not in warmup:
-                producer.send_label(label)
-                traffic.labels += 1
-
-    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-    async with httpx.AsyncClient(timeout=10.0, limits=limits) as client:
-        started = time.perf_counter()
-        for i in range(cfg.events):
-            lag = started + i / cfg.rate - time.perf_counter()
-            if lag > 0:
-                await asyncio.sleep(lag)
-            event, labels = gen.next()
-            traffic.seq_of[str(event["event_id"])] = i
-            traffic.events.append(event)
-            await slots.acquire()
-            task = asyncio.create_task(scored(event))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            producer.send_event(event)
-            traffic.sent_at.append(time.time())
-            if i % cfg.probe_every == 0:
-                probe.watch(str(event["card_id"]), int(event["ts"]))  # type: ignore[call-overload]
-            send_labels(labels)
-        await asyncio.gather(*tasks)
-        send_labels(gen.drain())
-        producer.flush()
-        traffic.elapsed_s = time.perf_counter() - started
-    probe.running = False
-    await probing
-    await r.aclose()
-    return traffic
 
 
 def _ready(url: str) -> bool:
@@ -239,7 +114,7 @@ def run_demo(cfg: DemoConfig, inspect: Callable[[DemoContext], None] | None = No
             log.info(
                 "loop ready; sending %d events at %.0f/s, drift at %d", cfg.events, cfg.rate, cfg.drift_at
             )
-            traffic = asyncio.run(drive(cfg, settings, serve_url))
+            traffic = asyncio.run(drive(cfg.traffic, settings, serve_url))
             time.sleep(3.0)  # let the processors finish the tail of the stream
             metrics_text = httpx.get(f"{serve_url}/metrics", timeout=5.0).text
             if inspect is not None:
@@ -253,8 +128,3 @@ def run_demo(cfg: DemoConfig, inspect: Callable[[DemoContext], None] | None = No
     write_plot(report, cfg.out_dir / "loop.png")
     (cfg.out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def seq_at(traffic: Traffic, wall_ms: int) -> int:
-    """The index of the last event produced at or before ``wall_ms``."""
-    return max(bisect.bisect_right(traffic.sent_at, wall_ms / 1000) - 1, 0)

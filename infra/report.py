@@ -7,22 +7,16 @@ import itertools
 import re
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import redis
 
 from infra.settings import CommonSettings
 from streams.drift import stats_key
 from streams.tail import tail
+from streams.traffic import percentiles
 
 if TYPE_CHECKING:
-    from infra.demo import DemoConfig, Traffic
-
-
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p99": None}
-    p50, p99 = np.percentile(np.asarray(values), [50, 99])
-    return {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
+    from infra.demo import DemoConfig
+    from streams.traffic import Traffic
 
 
 def metric_value(metrics_text: str, name: str, labels: str = "") -> float | None:
@@ -53,8 +47,6 @@ def _drift_points(settings: CommonSettings, traffic: Traffic) -> list[dict[str, 
 def build_report(
     cfg: DemoConfig, settings: CommonSettings, traffic: Traffic, metrics_text: str
 ) -> dict[str, Any]:
-    from infra.demo import seq_at
-
     versions = [r["value"] for r in tail(settings, "models") if "value" in r]
     versions = [v for v in versions if v["model"] == settings.model_name]
     alerts = [r["value"] for r in tail(settings, "drift-alerts") if "value" in r]
@@ -63,8 +55,7 @@ def build_report(
     last_metric = metric_versions[-1] if metric_versions else None
     served = sorted(traffic.versions_seen)
     client_swaps = sum(1 for (_, a), (_, b) in itertools.pairwise(served) if b != a)
-    requests = sum(traffic.statuses.values())
-    non_2xx = sum(n for status, n in traffic.statuses.items() if not 200 <= status < 300)
+    client = traffic.summary()
     drift_alerts = []
     for alert in alerts:
         seq = traffic.seq_of.get(alert.get("trigger_event_id") or "")
@@ -82,7 +73,7 @@ def build_report(
     report: dict[str, Any] = {
         "events_produced": len(traffic.events),
         "labels_produced": traffic.labels,
-        "events_per_s": round(len(traffic.events) / traffic.elapsed_s, 1) if traffic.elapsed_s else None,
+        "events_per_s": client["events_per_s"],
         "feature_freshness_ms": percentiles(traffic.freshness_ms),
         "model_versions_published": len(versions),
         "model_swaps": int(
@@ -93,9 +84,9 @@ def build_report(
         if last_metric
         else None,
         "serving": {
-            "requests": requests,
-            "non_2xx": non_2xx,
-            "latency_ms": percentiles(traffic.latencies_ms),
+            "requests": client["requests"],
+            "non_2xx": client["non_2xx"],
+            "latency_ms": client["latency_ms"],
         },
         "drift_injected_at": cfg.drift_at,
         "drift_alerts": drift_alerts,
@@ -105,7 +96,7 @@ def build_report(
             "versions": [
                 {
                     "version": v["version"],
-                    "seq": seq_at(traffic, v["created_ts"]),
+                    "seq": traffic.seq_at(v["created_ts"]),
                     "metric": v["metric_value"],
                     "trained_on": v["trained_on"],
                 }
@@ -120,8 +111,8 @@ def build_report(
         report["events_produced"]
         and len(versions) >= 2
         and report["model_swaps"] >= 1
-        and non_2xx == 0
-        and requests == len(traffic.events)
+        and client["non_2xx"] == 0
+        and client["requests"] == len(traffic.events)
         and drift_alerts
         and not before
     )

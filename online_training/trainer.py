@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import Field
 
 from infra.errors import TrainingError
+from infra.metrics import serve_metrics
 from infra.settings import CommonSettings
 from online_training import model as fraud_model
 from online_training.profile import build_profile
@@ -254,6 +255,7 @@ def run(settings: TrainerSettings, stop: threading.Event | None = None) -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+    serve_metrics(settings)
     join_store = redis.Redis.from_url(settings.redis_url)
     producer = make_transactional_producer(settings, f"{settings.topic_prefix}{settings.trainer_group}")
     step = restore_or_bootstrap(settings, producer, join_store)

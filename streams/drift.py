@@ -33,6 +33,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import Field
 
 from infra.errors import StreamError
+from infra.metrics import serve_metrics
 from infra.settings import CommonSettings
 from online_training.profile import SCORE, as_number, psi
 from schemas import codec
@@ -514,6 +515,7 @@ def run(settings: DriftSettings, stop: threading.Event | None = None) -> None:
     """Run the drift scorer until ``stop`` is set (or SIGTERM/SIGINT when run in the main thread)."""
     stop = stop if stop is not None else threading.Event()
     restore = _stop_on_signals(stop)
+    serve_metrics(settings)
     client = redis.Redis.from_url(settings.redis_url)
     try:
         producer = make_transactional_producer(settings, transactional_id(settings))

@@ -494,18 +494,20 @@ def test_serve_port_host_and_health_check(monkeypatch: pytest.MonkeyPatch, tmp_p
         assert "curl" not in test and "wget" not in test, "python:3.11-slim has neither curl nor wget"
 
 
-def test_feature_metrics_port_is_not_published(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # features/processor.py binds its metrics server to 127.0.0.1: publishing it would reach nothing.
+def test_processor_metrics_are_scrapable_in_the_network_and_health_checked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     for name in TIDE_SERVICES:
-        if _command(SERVICES[name])[0] != "features":
+        if _command(SERVICES[name])[0] not in ("features", "train", "drift"):
             continue
         with monkeypatch.context() as mp:
             settings = _effective_settings(name, mp, tmp_path)
-        port = settings.features_metrics_port
+        port = settings.metrics_port
+        assert port is not None, f"{name}: no TIDE_METRICS_PORT, so no metrics and no health endpoint"
+        assert settings.metrics_host == "0.0.0.0", f"{name}: metrics on {settings.metrics_host} are unreachable"
         assert port not in {p[2] for p in _ports(SERVICES[name])}, f"{name}: metrics port {port} is published"
         test = _healthcheck_test(SERVICES[name])
-        if test and port is not None and "/metrics" in test:
-            assert f":{port}/metrics" in test, f"{name}: healthcheck polls another port than {port}"
+        assert test and f":{port}/metrics" in test, f"{name}: healthcheck does not poll its metrics port {port}"
 
 
 def test_no_port_published_beyond_localhost() -> None:
