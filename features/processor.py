@@ -17,6 +17,7 @@ import faust
 from prometheus_client import Counter, Histogram
 
 from features.definitions import VIEWS, FeatureView
+from features.faust_transport import app_class
 from features.settings import FeatureSettings
 from features.store import RedisOnlineStore
 from infra.metrics import serve_metrics
@@ -69,7 +70,7 @@ class FeatureFolder:
 
 def build_app(settings: FeatureSettings) -> faust.App:
     """A faust app with one agent per feature view."""
-    app = faust.App(
+    app = app_class(settings.features_fetch_max_wait_ms)(
         settings.features_group,
         broker=f"kafka://{settings.kafka_bootstrap}",
         value_serializer="raw",

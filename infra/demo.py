@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoConfig:
-    duration_s: float = 90.0
+    duration_s: float = 75.0
     rate: float = 300.0  # events per second
     out_dir: Path = Path("out/demo")
     drift_fraction: float = 0.6  # drift starts at this share of the events

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from infra.settings import CommonSettings
+from online_training.profile import SCORE
 from streams.drift import stats_key
 from streams.tail import tail
 from streams.traffic import percentiles
@@ -134,7 +135,8 @@ def write_plot(report: dict[str, Any], path: Any) -> None:
     axes[0].set_title("Tide demo: online metric, drift statistic and model versions")
     points = timeline["drift"]
     for feature in sorted({f for p in points for f in p["psi"]}):
-        axes[1].plot([p["seq"] for p in points], [p["psi"].get(feature) for p in points], label=feature)
+        label = "score" if feature == SCORE else feature  # matplotlib hides labels starting with "_"
+        axes[1].plot([p["seq"] for p in points], [p["psi"].get(feature) for p in points], label=label)
     for alert in report["drift_alerts"]:
         if alert["at_record"] is not None:
             axes[1].axvline(alert["at_record"], color="red", alpha=0.3)

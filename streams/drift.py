@@ -73,7 +73,7 @@ class DriftSettings(CommonSettings):
     drift_psi_threshold: float = Field(default=0.25, gt=0)
     drift_rearm_ratio: float = Field(default=0.5, ge=0, le=1)
     drift_group: str = Field(default="tide-drift", pattern=r"^[A-Za-z0-9._-]+$")
-    drift_min_reference: int = Field(default=500, ge=1)  # smaller reference profiles are ignored
+    drift_min_reference: int = Field(default=1000, ge=1)  # smaller reference profiles are ignored
 
 
 class PsiDriftDetector:
@@ -416,6 +416,8 @@ class DriftStep:
         event_id: str | None = record.get("event_id")
         point: StatsFields = {"ts": now_ms, "version": ref.version, "trigger_event_id": event_id or ""}
         for name, detector in monitor.detectors.items():
+            if not detector.window_full:  # a part-filled window's PSI is mostly sampling noise
+                continue
             value = detector.statistic
             DRIFT_STATISTIC.labels(ref.model, name).set(value)
             point[name] = value

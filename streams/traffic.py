@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
+import orjson
 import redis.asyncio as aioredis
 
 from features.definitions import CARD_ACTIVITY
-from features.store import entity_key
+from features.store import entity_key, offsets_key
+from infra.errors import StreamError
 from infra.settings import CommonSettings
 from online_training.model import REQUEST_FIELDS
 from streams.generator import GeneratorConfig, TransactionGenerator
@@ -29,6 +31,9 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
         return {"p50": None, "p99": None}
     p50, p99 = np.percentile(np.asarray(values), [50, 99])
     return {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
+
+
+_JSON = {"content-type": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,9 @@ class Traffic:
         return max(bisect.bisect_right(self.sent_at, wall_ms / 1000) - 1, 0)
 
 
-async def _score(client: httpx.AsyncClient, url: str, event: dict[str, Any], traffic: Traffic) -> None:
+async def _score(
+    client: aiohttp.ClientSession, url: str, index: int, event: dict[str, Any], traffic: Traffic
+) -> None:
     body = {
         "entity": event["card_id"],
         "event_id": event["event_id"],
@@ -83,17 +90,30 @@ async def _score(client: httpx.AsyncClient, url: str, event: dict[str, Any], tra
     }
     started = time.perf_counter()
     try:
-        resp = await client.post(url, json=body)
-    except httpx.HTTPError as exc:
+        async with client.post(url, data=orjson.dumps(body), headers=_JSON) as resp:
+            payload = await resp.read()
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
         traffic.statuses[0] = traffic.statuses.get(0, 0) + 1
         traffic.errors.append(f"{type(exc).__name__}: {exc}")
         return
     traffic.latencies_ms.append((time.perf_counter() - started) * 1000)
-    traffic.statuses[resp.status_code] = traffic.statuses.get(resp.status_code, 0) + 1
-    if resp.status_code == 200:
-        traffic.versions_seen.append((int(event["seq"]), int(resp.json()["version"])))
+    traffic.statuses[status] = traffic.statuses.get(status, 0) + 1
+    if status == 200:
+        traffic.versions_seen.append((index, int(orjson.loads(payload)["version"])))
     elif len(traffic.errors) < 20:
-        traffic.errors.append(f"{resp.status_code}: {resp.text[:200]}")
+        traffic.errors.append(f"{status}: {payload[:200].decode(errors='replace')}")
+
+
+async def _applied(r: aioredis.Redis, namespace: str, events: int, timeout_s: float = 60.0) -> None:
+    """Wait until the feature processor has applied ``events`` records of a fresh events topic."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        offsets = await r.hvals(offsets_key(CARD_ACTIVITY, namespace))
+        if sum(int(o) + 1 for o in offsets) >= events:
+            return
+        await asyncio.sleep(0.05)
+    raise StreamError(f"the feature processor did not apply {events} warm-up events in {timeout_s:.0f} s")
 
 
 class FreshnessProbe:
@@ -147,15 +167,17 @@ async def drive(cfg: TrafficConfig, settings: CommonSettings, serve_url: str) ->
     producer.flush()
     warmup = {e["event_id"] for e in traffic.warmup}
     r = aioredis.Redis.from_url(settings.redis_url)
+    if cfg.warmup_events:
+        await _applied(r, settings.topic_prefix, cfg.warmup_events)
     probe = FreshnessProbe(r, settings.topic_prefix, traffic)
     probing = asyncio.create_task(probe.run())
     slots = asyncio.Semaphore(cfg.concurrency)
     tasks: set[asyncio.Task[None]] = set()
     url = f"{serve_url}/v1/models/{settings.model_name}/score"
 
-    async def scored(event: dict[str, Any]) -> None:
+    async def scored(index: int, event: dict[str, Any]) -> None:
         try:
-            await _score(client, url, event, traffic)
+            await _score(client, url, index, event, traffic)
         finally:
             slots.release()
 
@@ -165,8 +187,10 @@ async def drive(cfg: TrafficConfig, settings: CommonSettings, serve_url: str) ->
                 producer.send_label(label)
                 traffic.labels += 1
 
-    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-    async with httpx.AsyncClient(timeout=10.0, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=cfg.concurrency)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=10.0)
+    ) as client:
         started = time.perf_counter()
         for i in range(cfg.events):
             lag = started + i / cfg.rate - time.perf_counter() if cfg.rate > 0 else 0.0
@@ -176,7 +200,7 @@ async def drive(cfg: TrafficConfig, settings: CommonSettings, serve_url: str) ->
             traffic.seq_of[str(event["event_id"])] = i
             traffic.events.append(event)
             await slots.acquire()
-            task = asyncio.create_task(scored(event))
+            task = asyncio.create_task(scored(i, event))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             producer.send_event(event)

@@ -504,10 +504,14 @@ def test_processor_metrics_are_scrapable_in_the_network_and_health_checked(
             settings = _effective_settings(name, mp, tmp_path)
         port = settings.metrics_port
         assert port is not None, f"{name}: no TIDE_METRICS_PORT, so no metrics and no health endpoint"
-        assert settings.metrics_host == "0.0.0.0", f"{name}: metrics on {settings.metrics_host} are unreachable"
+        assert settings.metrics_host == "0.0.0.0", (
+            f"{name}: metrics on {settings.metrics_host} are unreachable"
+        )
         assert port not in {p[2] for p in _ports(SERVICES[name])}, f"{name}: metrics port {port} is published"
         test = _healthcheck_test(SERVICES[name])
-        assert test and f":{port}/metrics" in test, f"{name}: healthcheck does not poll its metrics port {port}"
+        assert test and f":{port}/metrics" in test, (
+            f"{name}: healthcheck does not poll its metrics port {port}"
+        )
 
 
 def test_no_port_published_beyond_localhost() -> None:
