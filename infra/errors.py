@@ -63,3 +63,12 @@ class RequestError(ServingError):
         super().__init__(message)
         self.field = field
         self.status = status
+
+
+class Unavailable(ServingError):
+    """The service cannot score right now (HTTP 5xx): no model yet, the feature store is slow or down."""
+
+    def __init__(self, message: str, *, status: int = 503, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after

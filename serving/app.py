@@ -30,12 +30,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from features.store import RedisOnlineStore
-from infra.errors import RequestError
+from infra.errors import RequestError, Unavailable
 from infra.settings import load
 from serving import scoring
 from serving.predlog import PredictionLog
 from serving.registry import ModelFollower, ModelRegistry
-from serving.scoring import FeatureReader, PredictionSink, Unavailable
+from serving.scoring import FeatureReader, PredictionSink
 from serving.settings import ServeSettings
 from serving.validation import parse_body
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from features.definitions import CARD_ACTIVITY, FeatureView
 from features.store import FeatureRow
-from infra.errors import ServingError
+from infra.errors import Unavailable
 from serving.features import assemble
 from serving.runtime import LoadedModel
 from serving.validation import ScoreRequest
@@ -34,15 +34,6 @@ class PredictionSink(Protocol):
     """Where served predictions go (:class:`serving.predlog.PredictionLog` is one). Must not block."""
 
     def log(self, record: Mapping[str, Any]) -> None: ...
-
-
-class Unavailable(ServingError):
-    """The service cannot score right now (HTTP 5xx): no model yet, the feature store is slow or down."""
-
-    def __init__(self, message: str, *, status: int = 503, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
 
 
 async def read_features(
