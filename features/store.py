@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from features import tiles
 from features.definitions import FeatureView
 
-_APPLY = """
+APPLY_SCRIPT = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or '-1'
 if cur ~= ARGV[2] then return tonumber(cur) end
 local ttl, now, i = ARGV[4], ARGV[5], 6
@@ -58,7 +58,7 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return -2
 """
-_APPLIED = -2
+APPLIED = -2  # what APPLY_SCRIPT returns on success (otherwise: the stored position)
 
 Status = Literal["present", "missing", "expired"]
 
@@ -91,6 +91,41 @@ def offsets_key(view: FeatureView, namespace: str = "") -> str:
     return f"{namespace}tide:f:{view.name}:offsets"
 
 
+def apply_command(
+    view: FeatureView,
+    namespace: str,
+    source: str,
+    records: Sequence[tuple[int, Mapping[str, Any]]],
+    expected_position: int,
+) -> tuple[list[str], list[Any], int] | None:
+    """Keys and arguments of :data:`APPLY_SCRIPT` for ``(position, event)`` records of one ``source``.
+
+    ``source`` names an ordered input (``topic:partition`` for Kafka); positions are its offsets. Records
+    at or below ``expected_position`` are left out; None when nothing is left. Any client (asyncio, sync,
+    a Flink operator) runs the script with these, so every writer keeps the same layout and guarantees.
+    """
+    fresh = [(o, e) for o, e in records if o > expected_position]
+    if not fresh:
+        return None
+    new_position = max(o for o, _ in fresh)
+    deltas = tiles.batch_deltas(view, (e for _, e in fresh))
+    keys = [offsets_key(view, namespace)]
+    args: list[Any] = [
+        source,
+        str(expected_position),
+        str(new_position),
+        view.window_ms + 2 * view.tile_ms,
+        int(time.time() * 1000),
+    ]
+    for entity, delta in deltas.items():
+        keys.append(entity_key(view, entity, namespace))
+        fields = [(f"{t}:{k}", v) for t, p in delta.tiles.items() for k, v in p.items()]
+        args += [delta.newest_ms, tiles.first_tile(view, delta.newest_ms), len(fields)]
+        for name, value in fields:
+            args += [name, repr(value)]
+    return keys, args, new_position
+
+
 def parse_tiles(raw: Mapping[bytes | str, bytes | str]) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = {}
     for k, v in raw.items():
@@ -117,7 +152,7 @@ class RedisOnlineStore:
     def __init__(self, client: aioredis.Redis, namespace: str = "") -> None:
         self.client = client
         self.namespace = namespace
-        self._apply = client.register_script(_APPLY)
+        self._apply = client.register_script(APPLY_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "") -> RedisOnlineStore:
@@ -143,27 +178,12 @@ class RedisOnlineStore:
         Returns the partition's applied offset afterwards. If another writer moved the offset meanwhile,
         nothing is written and the stored offset is returned so the caller can skip what is done.
         """
-        fresh = [(o, e) for o, e in records if o > expected_offset]
-        if not fresh:
+        command = apply_command(view, self.namespace, f"{topic}:{partition}", records, expected_offset)
+        if command is None:
             return expected_offset
-        new_offset = max(o for o, _ in fresh)
-        deltas = tiles.batch_deltas(view, (e for _, e in fresh))
-        keys = [offsets_key(view, self.namespace)]
-        args: list[Any] = [
-            f"{topic}:{partition}",
-            str(expected_offset),
-            str(new_offset),
-            view.window_ms + 2 * view.tile_ms,
-            int(time.time() * 1000),
-        ]
-        for entity, delta in deltas.items():
-            keys.append(entity_key(view, entity, self.namespace))
-            fields = [(f"{t}:{k}", v) for t, p in delta.tiles.items() for k, v in p.items()]
-            args += [delta.newest_ms, tiles.first_tile(view, delta.newest_ms), len(fields)]
-            for name, value in fields:
-                args += [name, repr(value)]
+        keys, args, new_offset = command
         result = int(await self._apply(keys=keys, args=args))
-        return new_offset if result == _APPLIED else result
+        return new_offset if result == APPLIED else result
 
     async def read(
         self, view: FeatureView, entities: Sequence[str], now_ms: int | None = None
