@@ -1,17 +1,18 @@
-"""The Redis online store: per-entity tile hashes, written atomically with the source offsets.
+"""The Redis online store: per-entity tile hashes, written atomically with the source positions.
 
-Layout (one hash per entity and view; one hash of applied offsets per view)::
+Layout (``ns`` is the deployment's namespace, its topic prefix, so deployments can share one Redis)::
 
-    {ns}tide:f:{view}:{entity}   {tile}:n -> count, {tile}:s:{field} -> sum, ts -> newest event time,
-                             seen -> wall time of the last write, lo -> lowest tile kept
-    {ns}tide:f:{view}:offsets    {topic}:{partition} -> last applied source offset
+    {ns}tide:f:{view}:{entity}             hash  {tile}:{slot} -> partial aggregate slot
+                                                 (see features.aggregations), ts -> newest event time,
+                                                 seen -> wall time of the last write, lo -> lowest tile
+    {ns}tide:f:{view}:{entity}:{tile}:d:F  HyperLogLog of field F's distinct values in a tile
+    {ns}tide:f:{view}:offsets              hash  {source} -> last applied position,
+                                                 {source}:wm -> that source's watermark
 
-``ns`` is the deployment's namespace (its topic prefix), so several deployments can share one Redis.
-
-A batch is applied by one Lua script that checks the partition's stored offset, adds the partials and
-advances the offset in one atomic step. Records at or below the stored offset are skipped before the
-call, so a replay after a crash or a rebalance never counts an event twice (exactly-once effect on top
-of at-least-once delivery).
+A batch of one source (a Kafka ``topic:partition``) is applied by one Lua script that checks the
+source's stored position, folds the partials in and advances the position and watermark in one atomic
+step. Records at or below the stored position are left out before the call, so a replay after a crash
+or a rebalance never counts an event twice (exactly-once effect on top of at-least-once delivery).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
 import redis.asyncio as aioredis
 
 from features import tiles
@@ -29,17 +31,35 @@ from features.definitions import FeatureView
 APPLY_SCRIPT = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or '-1'
 if cur ~= ARGV[2] then return tonumber(cur) end
-local ttl, now, i = ARGV[4], ARGV[5], 6
+local ttl, tile_ttl, now, i = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], 8
 for k = 2, #KEYS do
   local key = KEYS[k]
-  local ts, cutoff, nf = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local ts, cutoff, nops = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   i = i + 3
   local lo = nil
-  for j = 1, nf do
-    redis.call('HINCRBYFLOAT', key, ARGV[i], ARGV[i + 1])
-    local t = tonumber(string.match(ARGV[i], '^(%d+):'))
+  for j = 1, nops do
+    local op, f, v = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    local t = tonumber(string.match(f, '^(%d+):'))
     if lo == nil or t < lo then lo = t end
-    i = i + 2
+    if op == 'a' then
+      redis.call('HINCRBYFLOAT', key, f, v)
+    elseif op == '<' or op == '>' then
+      local c = redis.call('HGET', key, f)
+      local better = (not c) or (op == '<' and tonumber(v) < tonumber(c))
+      if (not better) and op == '>' then better = tonumber(v) > tonumber(c) end
+      if better then redis.call('HSET', key, f, v) end
+    elseif op == 'L' then
+      local c = redis.call('HGET', key, f .. ':t')
+      if (not c) or tonumber(v) >= tonumber(c) then
+        redis.call('HSET', key, f .. ':t', v, f .. ':v', ARGV[i + 3])
+      end
+      i = i + 1
+    elseif op == 'P' then
+      local hll = key .. ':' .. f
+      redis.call('PFADD', hll, v)
+      if tile_ttl > 0 then redis.call('PEXPIRE', hll, tile_ttl) end
+    end
+    i = i + 3
   end
   local old_ts = tonumber(redis.call('HGET', key, 'ts') or '0')
   if ts > old_ts then redis.call('HSET', key, 'ts', ts) end
@@ -53,9 +73,9 @@ for k = 2, #KEYS do
     lo = cutoff
   end
   redis.call('HSET', key, 'lo', lo, 'seen', now)
-  redis.call('PEXPIRE', key, ttl)
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[1] .. ':wm', ARGV[4])
 return -2
 """
 APPLIED = -2  # what APPLY_SCRIPT returns on success (otherwise: the stored position)
@@ -65,21 +85,29 @@ Status = Literal["present", "missing", "expired"]
 
 @dataclass(frozen=True)
 class FeatureRow:
-    """One entity's feature values from one view, with where they stand in time."""
+    """One entity's feature values from one view, with where they stand in time.
+
+    ``status`` is ``missing`` when the store has nothing for the entity and ``expired`` when its newest
+    event is older than the view's TTL; both carry the declared defaults, never stale values.
+    """
 
     entity: str
-    values: dict[str, float]
+    view: str
+    values: dict[str, Any]
     status: Status
     newest_event_ms: int | None  # event time of the newest event in the store for this entity
     age_ms: int | None  # now - newest_event_ms
+    window: dict[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "entity": self.entity,
+            "view": self.view,
             "values": self.values,
             "status": self.status,
             "newest_event_ms": self.newest_event_ms,
             "age_ms": self.age_ms,
+            "window": self.window,
         }
 
 
@@ -91,59 +119,107 @@ def offsets_key(view: FeatureView, namespace: str = "") -> str:
     return f"{namespace}tide:f:{view.name}:offsets"
 
 
+def _ops(tile: int, partial: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """Script operations for one tile's partial: (op, field, value[, value])."""
+    out: list[tuple[Any, ...]] = []
+    for slot, value in partial.items():
+        field = f"{tile}:{slot}"
+        if slot.startswith(("min:", "max:")):
+            out.append(("<" if slot.startswith("min:") else ">", field, repr(value)))
+        elif slot.startswith("last:"):
+            out.append(("L", field, value[0], orjson.dumps(value[1])))
+        elif slot.startswith("d:"):
+            out += [("P", field, element) for element in sorted(value)]
+        else:
+            out.append(("a", field, repr(value)))
+    return out
+
+
 def apply_command(
     view: FeatureView,
     namespace: str,
     source: str,
-    records: Sequence[tuple[int, Mapping[str, Any]]],
+    events: Sequence[Mapping[str, Any]],
     expected_position: int,
-) -> tuple[list[str], list[Any], int] | None:
-    """Keys and arguments of :data:`APPLY_SCRIPT` for ``(position, event)`` records of one ``source``.
+    new_position: int,
+    watermark: int,
+) -> tuple[list[str], list[Any]]:
+    """Keys and arguments of :data:`APPLY_SCRIPT`: fold ``events`` and move ``source`` from
+    ``expected_position`` to ``new_position`` and ``watermark``.
 
-    ``source`` names an ordered input (``topic:partition`` for Kafka); positions are its offsets. Records
-    at or below ``expected_position`` are left out; None when nothing is left. Any client (asyncio, sync,
-    a Flink operator) runs the script with these, so every writer keeps the same layout and guarantees.
+    ``source`` names an ordered input (``topic:partition`` for Kafka) whose positions are its offsets.
+    ``events`` are the on-time events between the two positions (late ones are the caller's, see
+    :func:`features.tiles.split_late`). Any client (asyncio, sync, a Flink operator) runs the script with
+    these, so every writer keeps the same layout and guarantees.
     """
-    fresh = [(o, e) for o, e in records if o > expected_position]
-    if not fresh:
-        return None
-    new_position = max(o for o, _ in fresh)
-    deltas = tiles.batch_deltas(view, (e for _, e in fresh))
+    deltas = tiles.batch_deltas(view, events)
     keys = [offsets_key(view, namespace)]
     args: list[Any] = [
         source,
         str(expected_position),
         str(new_position),
-        view.window_ms + 2 * view.tile_ms,
+        str(watermark),
+        tiles.retention_ms(view) or 0,
+        tiles.tile_retention_ms(view) or 0,
         int(time.time() * 1000),
     ]
     for entity, delta in deltas.items():
         keys.append(entity_key(view, entity, namespace))
-        fields = [(f"{t}:{k}", v) for t, p in delta.tiles.items() for k, v in p.items()]
-        args += [delta.newest_ms, tiles.first_tile(view, delta.newest_ms), len(fields)]
-        for name, value in fields:
-            args += [name, repr(value)]
-    return keys, args, new_position
+        ops = [op for tile, partial in delta.tiles.items() for op in _ops(tile, partial)]
+        args += [delta.newest_ms, tiles.first_tile(view, delta.newest_ms), len(ops)]
+        for op in ops:
+            args += op
+    return keys, args
 
 
-def parse_tiles(raw: Mapping[bytes | str, bytes | str]) -> dict[int, dict[str, float]]:
-    out: dict[int, dict[str, float]] = {}
+def parse_tiles(raw: Mapping[bytes | str, bytes | str]) -> dict[int, dict[str, Any]]:
+    """Tiles' partials from an entity hash (distinct counts live in HyperLogLogs, not here)."""
+    out: dict[int, dict[str, Any]] = {}
+    lasts: dict[tuple[int, str], list[Any]] = {}
     for k, v in raw.items():
         key = k.decode() if isinstance(k, bytes) else k
-        tile, sep, part = key.partition(":")
-        if sep and tile.isdigit():
-            out.setdefault(int(tile), {})[part] = float(v)
+        tile_text, sep, slot = key.partition(":")
+        if not (sep and tile_text.isdigit()):
+            continue
+        tile = int(tile_text)
+        if slot.startswith("last:"):
+            base, _, part = slot.rpartition(":")
+            pair = lasts.setdefault((tile, base), [0, None])
+            if part == "t":
+                pair[0] = int(float(v))
+            else:
+                pair[1] = orjson.loads(v)
+        else:
+            out.setdefault(tile, {})[slot] = float(v)
+    for (tile, base), (ts, value) in lasts.items():
+        out.setdefault(tile, {})[base] = (ts, value)
     return out
 
 
-def row_from_hash(view: FeatureView, entity: str, raw: Mapping[Any, Any], now_ms: int) -> FeatureRow:
+def _distinct_fields(view: FeatureView) -> list[str]:
+    return sorted({str(a.field) for a in view.aggregations if a.kind == "distinct"})
+
+
+def row_from_hash(
+    view: FeatureView,
+    entity: str,
+    raw: Mapping[Any, Any],
+    now_ms: int,
+    distinct: Mapping[str, int] | None = None,
+) -> FeatureRow:
+    window = view.describe()
     if not raw:
-        return FeatureRow(entity, tiles.values(view, {}), "missing", None, None)
+        return FeatureRow(
+            entity, view.name, tiles.window_values(view, {}, now_ms), "missing", None, None, window
+        )
     newest = int(float(raw.get(b"ts") or raw.get("ts") or 0))
-    merged_tiles = parse_tiles(raw)
-    in_window = tiles.window_values(view, merged_tiles, now_ms)
-    expired = newest < tiles.first_tile(view, now_ms)
-    return FeatureRow(entity, in_window, "expired" if expired else "present", newest, now_ms - newest)
+    age = now_ms - newest
+    if view.ttl_ms is not None and age > view.ttl_ms:
+        return FeatureRow(
+            entity, view.name, tiles.window_values(view, {}, now_ms), "expired", newest, age, window
+        )
+    values = tiles.window_values(view, parse_tiles(raw), now_ms, distinct)
+    return FeatureRow(entity, view.name, values, "present", newest, age, window)
 
 
 class RedisOnlineStore:
@@ -161,37 +237,59 @@ class RedisOnlineStore:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def applied_offset(self, view: FeatureView, topic: str, partition: int) -> int:
-        raw = await self.client.hget(offsets_key(view, self.namespace), f"{topic}:{partition}")
-        return int(raw) if raw is not None else -1
+    async def ping(self) -> bool:
+        return bool(await self.client.ping())
+
+    async def position(self, view: FeatureView, source: str) -> tuple[int, int]:
+        """A source's applied position and watermark (-1, -1 when nothing was applied)."""
+        pos, wm = await self.client.hmget(offsets_key(view, self.namespace), [source, f"{source}:wm"])
+        return (int(pos) if pos is not None else -1, int(wm) if wm is not None else tiles.NO_WATERMARK)
 
     async def apply(
         self,
         view: FeatureView,
-        topic: str,
-        partition: int,
-        records: Sequence[tuple[int, Mapping[str, Any]]],
-        expected_offset: int,
-    ) -> int:
-        """Apply ``(offset, event)`` records above ``expected_offset`` atomically.
+        source: str,
+        events: Sequence[Mapping[str, Any]],
+        expected_position: int,
+        new_position: int,
+        watermark: int,
+    ) -> bool:
+        """Fold ``events`` and advance ``source`` atomically (see :func:`apply_command`).
 
-        Returns the partition's applied offset afterwards. If another writer moved the offset meanwhile,
-        nothing is written and the stored offset is returned so the caller can skip what is done.
+        Returns False, writing nothing, if the stored position is not ``expected_position`` (another
+        writer moved it): the caller re-reads it and skips what is done.
         """
-        command = apply_command(view, self.namespace, f"{topic}:{partition}", records, expected_offset)
-        if command is None:
-            return expected_offset
-        keys, args, new_offset = command
-        result = int(await self._apply(keys=keys, args=args))
-        return new_offset if result == APPLIED else result
+        keys, args = apply_command(
+            view, self.namespace, source, events, expected_position, new_position, watermark
+        )
+        return int(await self._apply(keys=keys, args=args)) == APPLIED
+
+    async def read_many(
+        self, views: Sequence[FeatureView], entities: Sequence[str], now_ms: int | None = None
+    ) -> dict[str, list[FeatureRow]]:
+        """Current values of many views for many entities, in one round trip."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        async with self.client.pipeline(transaction=False) as pipe:
+            for view in views:
+                window = tiles.window_tiles(view, now)
+                for entity in entities:
+                    key = entity_key(view, entity, self.namespace)
+                    pipe.hgetall(key)
+                    for f in _distinct_fields(view):
+                        pipe.pfcount(*(f"{key}:{t}:d:{f}" for t in window))
+            results = iter(await pipe.execute())
+        out: dict[str, list[FeatureRow]] = {}
+        for view in views:
+            rows = []
+            for entity in entities:
+                raw = next(results)
+                distinct = {f: int(next(results)) for f in _distinct_fields(view)}
+                rows.append(row_from_hash(view, entity, raw, now, distinct))
+            out[view.name] = rows
+        return out
 
     async def read(
         self, view: FeatureView, entities: Sequence[str], now_ms: int | None = None
     ) -> list[FeatureRow]:
-        """Current values for many entities in one round trip."""
-        now = int(time.time() * 1000) if now_ms is None else now_ms
-        async with self.client.pipeline(transaction=False) as pipe:
-            for entity in entities:
-                pipe.hgetall(entity_key(view, entity, self.namespace))
-            raws = await pipe.execute()
-        return [row_from_hash(view, e, raw, now) for e, raw in zip(entities, raws, strict=True)]
+        """Current values of one view for many entities in one round trip."""
+        return (await self.read_many([view], entities, now_ms))[view.name]

@@ -153,9 +153,11 @@ def cmd_features(args: argparse.Namespace) -> int:
                         "source": view.source,
                         "aggregation": agg.kind,
                         "field": agg.field,
-                        "window_ms": view.window_ms,
-                        "tile_ms": view.tile_ms,
+                        **({"q": agg.q} if agg.q is not None else {}),
+                        "window": view.describe(),
                         "event_time": view.event_time,
+                        "allowed_lateness_ms": view.allowed_lateness_ms,
+                        "ttl_ms": view.ttl_ms,
                         "default": agg.default,
                     }
                 )
@@ -168,9 +170,8 @@ def cmd_features(args: argparse.Namespace) -> int:
         async def read() -> dict[str, Any]:
             store = RedisOnlineStore.from_url(settings.redis_url, settings.topic_prefix)
             try:
-                return {
-                    name: (await store.read(view, [args.entity]))[0].as_dict() for name, view in VIEWS.items()
-                }
+                rows = await store.read_many(list(VIEWS.values()), [args.entity])
+                return {name: found[0].as_dict() for name, found in rows.items()}
             finally:
                 await store.close()
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from infra.settings import CommonSettings
+if TYPE_CHECKING:  # plain data at run time: the Flink job imports this without the service stack
+    from infra.settings import CommonSettings
 
 
 @dataclass(frozen=True)

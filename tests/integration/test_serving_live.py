@@ -96,9 +96,10 @@ async def test_serve_follow_score_log_and_swap(serve_settings: ServeSettings) ->
     store = RedisOnlineStore.from_url(serve_settings.redis_url, serve_settings.topic_prefix)
     now = int(time.time() * 1000)
     events = [
-        (i, {"card_id": entity, "amount": a, "ts": now - 5_000 + i}) for i, a in enumerate((10.0, 30.0))
+        {"card_id": entity, "amount": a, "merchant_id": m, "ts": now - 5_000 + i}
+        for i, (a, m) in enumerate(((10.0, "m1"), (30.0, "m2")))
     ]
-    await store.apply(CARD_ACTIVITY, f"{serve_settings.topic_prefix}events", 0, events, -1)
+    assert await store.apply(CARD_ACTIVITY, f"{serve_settings.topic_prefix}events:0", events, -1, 1, now)
     await store.close()
 
     v1, v2 = model_record(1, seed=1), model_record(2, seed=3)
@@ -123,6 +124,9 @@ async def test_serve_follow_score_log_and_swap(serve_settings: ServeSettings) ->
             "txn_count_1h": 2.0,
             "amount_sum_1h": 40.0,
             "amount_mean_1h": 20.0,
+            "amount_max_1h": 30.0,
+            "amount_std_1h": 10.0,
+            "merchants_1h": 2.0,
         }
         assert 0.0 <= out["score"] <= 1.0 and 4_000 <= out["feature_age_ms"] < 60_000
 

@@ -1,122 +1,241 @@
-"""Window math and feature definitions."""
+"""Feature definitions, mergeable aggregations, window math and lateness (pure code)."""
 
 from __future__ import annotations
 
+import math
 import random
+import statistics
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from features import tiles
-from features.definitions import CARD_ACTIVITY, Aggregation, FeatureView
-from features.store import row_from_hash
+from features import aggregations, tiles
+from features.definitions import CARD_ACTIVITY, VIEWS, Aggregation, FeatureView, load
+from features.store import parse_tiles, row_from_hash
 from infra.errors import FeatureError
 
-VIEW = CARD_ACTIVITY
-HOUR, MIN = 3_600_000, 60_000
+HOUR, MIN, DAY = 3_600_000, 60_000, 86_400_000
+START = 1_700_000_000_000
+
+ALL_KINDS = FeatureView(
+    name="all_kinds",
+    entity="card_id",
+    source="events",
+    event_time="ts",
+    window_ms=HOUR,
+    tile_ms=MIN,
+    aggregations=(
+        Aggregation("n", "count"),
+        Aggregation("total", "sum", "amount"),
+        Aggregation("avg", "mean", "amount"),
+        Aggregation("lo", "min", "amount", None),
+        Aggregation("hi", "max", "amount", None),
+        Aggregation("sd", "stddev", "amount"),
+        Aggregation("latest", "last", "category", None),
+        Aggregation("merchants", "distinct", "merchant_id"),
+        Aggregation("p90", "quantile", "amount", None, 0.9),
+        Aggregation("p50", "quantile", "amount", None, 0.5),
+    ),
+)
 
 
-def events(n: int, seed: int = 1, start: int = 1_700_000_000_000) -> list[dict[str, object]]:
+def events(n: int, seed: int = 1, span: int = 2 * HOUR, cards: int = 5) -> list[dict[str, object]]:
     rng = random.Random(seed)
     return [
         {
-            "card_id": f"c{rng.randrange(5)}",
-            "amount": round(rng.uniform(1, 500), 2),
-            "ts": start + rng.randrange(2 * HOUR),
+            "card_id": f"c{rng.randrange(cards)}",
+            "amount": round(rng.lognormvariate(3, 1), 2),
+            "merchant_id": f"m{rng.randrange(40)}",
+            "category": rng.choice(["grocery", "fuel", "travel"]),
+            "ts": START + rng.randrange(span),
         }
         for _ in range(n)
     ]
 
 
-def test_tile_boundaries() -> None:
-    assert tiles.tile_of(MIN * 5 + 1, MIN) == MIN * 5
-    assert tiles.tile_of(MIN * 5, MIN) == MIN * 5
-    # the window ending at now holds exactly window/tile tiles, the current one included
-    now = 10 * HOUR + 30_000
-    assert tiles.tile_of(now, MIN) - tiles.first_tile(VIEW, now) == HOUR - MIN
-
-
-def test_merge_is_associative_and_commutative() -> None:
-    rng = random.Random(3)
-    parts = [tiles.partial_of(VIEW, {"amount": rng.uniform(0, 100)}) for _ in range(30)]
-    left = tiles.merge([tiles.merge(parts[:10]), tiles.merge(parts[10:])])
-    right = tiles.merge([parts[0], tiles.merge(parts[1:20]), tiles.merge(parts[20:])])
-    shuffled = parts[:]
-    rng.shuffle(shuffled)
-    for other in (right, tiles.merge(shuffled)):
-        assert other.keys() == left.keys()
-        for k in left:
-            assert other[k] == pytest.approx(left[k], rel=1e-12)
-
-
-def test_window_values_match_brute_force() -> None:
-    evs = events(500)
-    now = 1_700_000_000_000 + 2 * HOUR
-    deltas = tiles.batch_deltas(VIEW, evs)
-    for card, delta in deltas.items():
-        got = tiles.window_values(VIEW, delta.tiles, now)
-        lo = tiles.first_tile(VIEW, now)
-        inside = [e["amount"] for e in evs if e["card_id"] == card and lo <= e["ts"] <= now]
-        assert got["txn_count_1h"] == len(inside)
-        assert got["amount_sum_1h"] == pytest.approx(sum(inside))
-        assert got["amount_mean_1h"] == pytest.approx(sum(inside) / len(inside))
-
-
-def test_batches_split_anywhere_give_the_same_tiles() -> None:
-    evs = events(300, seed=9)
-    whole = tiles.batch_deltas(VIEW, evs)
-    a, b = tiles.batch_deltas(VIEW, evs[:137]), tiles.batch_deltas(VIEW, evs[137:])
-    for card, delta in whole.items():
-        merged: dict[int, dict[str, float]] = {}
-        for part in (a, b):
-            for t, p in part[card].tiles.items() if card in part else ():
-                merged[t] = tiles.merge([merged.get(t, {}), p])
-        assert merged.keys() == delta.tiles.keys()
-        for t in merged:
-            assert merged[t]["n"] == delta.tiles[t]["n"]
-            assert merged[t]["s:amount"] == pytest.approx(delta.tiles[t]["s:amount"])
-
-
-def test_missing_and_expired_rows_are_never_present() -> None:
-    now = 10 * HOUR
-    missing = row_from_hash(VIEW, "nobody", {}, now)
-    assert missing.status == "missing" and missing.values["txn_count_1h"] == 0
-    old_tile = now - 2 * HOUR
-    expired = row_from_hash(VIEW, "old", {b"ts": str(old_tile).encode(), f"{old_tile}:n".encode(): b"3"}, now)
-    assert expired.status == "expired"
-    assert expired.values == {"txn_count_1h": 0.0, "amount_sum_1h": 0.0, "amount_mean_1h": 0.0}
-    fresh_tile = tiles.tile_of(now, MIN)
-    row = row_from_hash(
-        VIEW,
-        "x",
-        {
-            b"ts": str(now - 5).encode(),
-            f"{fresh_tile}:n".encode(): b"2",
-            f"{fresh_tile}:s:amount".encode(): b"30",
-        },
-        now,
-    )
-    assert row.status == "present" and row.values["amount_mean_1h"] == 15.0 and row.age_ms == 5
+def brute_force(evs: list[dict[str, object]], q: float) -> dict[str, object]:
+    amounts = [float(e["amount"]) for e in evs]  # type: ignore[arg-type]
+    rank = max(math.ceil(q * len(amounts)), 1)
+    newest = max(evs, key=lambda e: e["ts"])  # type: ignore[arg-type, return-value]
+    return {
+        "n": len(evs),
+        "total": sum(amounts),
+        "avg": statistics.fmean(amounts),
+        "lo": min(amounts),
+        "hi": max(amounts),
+        "sd": statistics.pstdev(amounts),
+        "latest": newest["category"],
+        "merchants": len({e["merchant_id"] for e in evs}),
+        "quantile": sorted(amounts)[rank - 1],
+    }
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("view", "now", "first", "last"),
     [
-        ({"window_ms": 90_000, "tile_ms": 60_000}, "multiple of tile_ms"),
-        ({"aggregations": (Aggregation("a", "count"), Aggregation("a", "count"))}, "unique"),
-        ({"aggregations": (Aggregation("m", "mean"),)}, "'m'"),
-        ({"aggregations": (Aggregation("m", "median", "amount"),)}, "unknown kind"),  # type: ignore[arg-type]
+        (ALL_KINDS, 10 * HOUR + 30_000, 9 * HOUR + MIN, 10 * HOUR),
+        (replace(ALL_KINDS, kind="tumbling", window_ms=DAY, tile_ms=DAY), 3 * DAY + 5, 3 * DAY, 3 * DAY),
+        (replace(ALL_KINDS, kind="lifetime", window_ms=0, tile_ms=0), 3 * DAY + 5, 0, 0),
     ],
 )
-def test_invalid_definitions_name_the_problem(kwargs: dict[str, object], message: str) -> None:
-    base: dict[str, object] = {
-        "name": "v",
-        "entity": "card_id",
-        "source": "events",
-        "event_time": "ts",
-        "window_ms": HOUR,
-        "tile_ms": MIN,
-        "aggregations": (Aggregation("n", "count"),),
+def test_window_tiles_per_kind(view: FeatureView, now: int, first: int, last: int) -> None:
+    window = tiles.window_tiles(view, now)
+    assert (window[0], window[-1]) == (first, last)
+    assert tiles.tile_of(view, now) == last
+
+
+def test_merge_is_associative_and_commutative_for_every_slot() -> None:
+    rng = random.Random(3)
+    parts = [aggregations.partial_of(ALL_KINDS, e) for e in events(60, seed=4)]
+    left = aggregations.merge([aggregations.merge(parts[:20]), aggregations.merge(parts[20:])])
+    right = aggregations.merge([parts[0], aggregations.merge(parts[1:45]), aggregations.merge(parts[45:])])
+    shuffled = parts[:]
+    rng.shuffle(shuffled)
+    for other in (right, aggregations.merge(shuffled)):
+        assert other.keys() == left.keys()
+        for k, v in left.items():
+            if isinstance(v, float):
+                assert other[k] == pytest.approx(v, rel=1e-12), k
+            else:
+                assert other[k] == v, k
+
+
+def test_every_aggregation_matches_brute_force() -> None:
+    evs = events(800)
+    now = START + 2 * HOUR
+    lo = tiles.first_tile(ALL_KINDS, now)
+    for card, delta in tiles.batch_deltas(ALL_KINDS, evs).items():
+        got = tiles.window_values(ALL_KINDS, delta.tiles, now)
+        inside = [e for e in evs if e["card_id"] == card and lo <= e["ts"] <= now]  # type: ignore[operator]
+        want = brute_force(inside, 0.9)
+        for name in ("n", "total", "avg", "lo", "hi", "sd"):
+            assert got[name] == pytest.approx(want[name], rel=1e-9), name
+        assert got["merchants"] == want["merchants"]
+        assert got["latest"] == want["latest"]
+        # the sketch's quantile lies within ALPHA (relative) of the true one
+        assert got["p90"] == pytest.approx(want["quantile"], rel=aggregations.ALPHA * 1.01)
+        assert got["p50"] == pytest.approx(
+            brute_force(inside, 0.5)["quantile"], rel=aggregations.ALPHA * 1.01
+        )
+
+
+def test_empty_window_serves_declared_defaults() -> None:
+    values = tiles.window_values(ALL_KINDS, {}, START)
+    assert values["n"] == 0 and values["total"] == 0.0 and values["merchants"] == 0.0
+    assert values["lo"] is None and values["latest"] is None and values["p90"] is None
+
+
+def test_lateness_is_decided_in_partition_order() -> None:
+    view = replace(ALL_KINDS, allowed_lateness_ms=10_000)
+    records = [
+        (0, {"ts": 100_000}),
+        (1, {"ts": 95_000}),
+        (2, {"ts": 80_000}),
+        (3, {"ts": 130_000}),
+        (4, {"ts": 119_999}),
+        (5, {"ts": 120_000}),
+    ]
+    on_time, late, watermark = tiles.split_late(view, records, tiles.NO_WATERMARK)
+    assert [p for p, _ in on_time] == [0, 1, 3, 5]
+    assert [(p, by) for p, _, by in late] == [(2, 10_000), (4, 1)]
+    assert watermark == 130_000
+    # the same records split anywhere decide the same
+    a_on, a_late, wm = tiles.split_late(view, records[:3], tiles.NO_WATERMARK)
+    b_on, b_late, wm = tiles.split_late(view, records[3:], wm)
+    assert a_on + b_on == on_time and a_late + b_late == late and wm == watermark
+
+
+def test_store_rows_missing_expired_present() -> None:
+    view = replace(CARD_ACTIVITY, ttl_ms=DAY)
+    now = 10 * DAY
+    missing = row_from_hash(view, "nobody", {}, now)
+    assert missing.status == "missing" and missing.values["txn_count_1h"] == 0
+    stale_tile = tiles.tile_of(view, now - 2 * DAY)
+    expired = row_from_hash(
+        view, "old", {b"ts": str(now - 2 * DAY).encode(), f"{stale_tile}:n".encode(): b"3"}, now
+    )
+    assert expired.status == "expired" and expired.values["txn_count_1h"] == 0
+    tile = tiles.tile_of(view, now)
+    raw = {
+        b"ts": str(now - 5).encode(),
+        f"{tile}:n".encode(): b"2",
+        f"{tile}:s:amount".encode(): b"30",
+        f"{tile}:last:category:t".encode(): b"7",
+        f"{tile}:last:category:v".encode(): b'"fuel"',
     }
-    with pytest.raises(FeatureError, match=message) as err:
-        FeatureView(**{**base, **kwargs})  # type: ignore[arg-type]
-    assert "'v'" in str(err.value)
+    row = row_from_hash(view, "x", raw, now, {"merchant_id": 2})
+    assert row.status == "present" and row.age_ms == 5
+    assert row.values["amount_mean_1h"] == 15.0 and row.values["merchants_1h"] == 2.0
+    assert parse_tiles(raw)[tile]["last:category"] == (7, "fuel")
+    # idle for longer than the window but within the TTL: a real zero, not a missing value
+    idle = row_from_hash(view, "idle", {b"ts": str(now - 3 * HOUR).encode()}, now)
+    assert idle.status == "present" and idle.values["txn_count_1h"] == 0
+
+
+def test_shipped_definitions_load() -> None:
+    assert {"card_activity", "card_daily", "card_profile"} <= set(VIEWS)
+    kinds = {a.kind for v in VIEWS.values() for a in v.aggregations}
+    assert kinds == {"count", "sum", "mean", "max", "min", "stddev", "distinct", "quantile", "last"}
+
+
+BASE = """
+[[view]]
+name = "v"
+entity = "card_id"
+source = "events"
+event_time = "ts"
+window = "1h"
+tile = "1m"
+features = [ {FEATURE} ]
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            BASE.replace("{FEATURE}", '{ name = "a", agg = "median", field = "amount" }'),
+            "unknown aggregation",
+        ),
+        (BASE.replace("{FEATURE}", '{ name = "a", agg = "sum", field = "amountt" }'), "'amountt' is not in"),
+        (
+            BASE.replace("{FEATURE}", '{ name = "a", agg = "mean", field = "category" }'),
+            "needs a numeric field",
+        ),
+        (
+            BASE.replace("{FEATURE}", '{ name = "a", agg = "quantile", field = "amount" }'),
+            "q between 0 and 1",
+        ),
+        (
+            BASE.replace("{FEATURE}", '{ name = "a", agg = "count", colour = "red" }'),
+            "unknown keys ['colour']",
+        ),
+        (
+            BASE.replace("{FEATURE}", '{ name = "a", agg = "count" }, { name = "a", agg = "count" }'),
+            "repeated",
+        ),
+        (
+            BASE.replace('"1h"', '"1 hour"').replace("{FEATURE}", '{ name = "a", agg = "count" }'),
+            "not a duration",
+        ),
+        (
+            BASE.replace('"1m"', '"7m"').replace("{FEATURE}", '{ name = "a", agg = "count" }'),
+            "multiple of tile",
+        ),
+        (
+            BASE.replace('"card_id"', '"card"').replace("{FEATURE}", '{ name = "a", agg = "count" }'),
+            "entity 'card'",
+        ),
+        (
+            BASE.replace('"events"', '"dead-letter"').replace("{FEATURE}", '{ name = "a", agg = "count" }'),
+            "source",
+        ),
+    ],
+)
+def test_invalid_definitions_name_view_feature_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "views.toml"
+    path.write_text(text)
+    with pytest.raises(FeatureError, match="feature view 'v'") as err:
+        load(path)
+    assert message in str(err.value)

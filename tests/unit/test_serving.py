@@ -31,7 +31,14 @@ from serving.settings import ServeSettings
 
 MODEL = "fraud"
 FEATURES = {"amount": 12.5, "category": "grocery", "country": "US", "card_present": True}
-ONLINE = {"txn_count_1h": 3.0, "amount_sum_1h": 60.0, "amount_mean_1h": 20.0}
+ONLINE = {
+    "txn_count_1h": 3.0,
+    "amount_sum_1h": 60.0,
+    "amount_mean_1h": 20.0,
+    "amount_max_1h": 30.0,
+    "amount_std_1h": 8.0,
+    "merchants_1h": 2.0,
+}
 
 
 # --- doubles and builders ----------------------------------------------------------------------------------
@@ -59,9 +66,12 @@ class FakeStore:
         for entity in entities:
             values = self.rows.get(entity)
             if values is None:
-                out.append(FeatureRow(entity, tiles.values(CARD_ACTIVITY, {}), "missing", None, None))
+                empty = tiles.window_values(CARD_ACTIVITY, {}, 0)
+                out.append(FeatureRow(entity, view.name, empty, "missing", None, None, view.describe()))
             else:
-                out.append(FeatureRow(entity, dict(values), "present", 1_000, 250))
+                out.append(
+                    FeatureRow(entity, view.name, dict(values), "present", 1_000, 250, view.describe())
+                )
         return out
 
     async def ping(self) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from features.definitions import VIEWS
 from infra import cli
 from infra.errors import ConfigError
 from infra.settings import CommonSettings, load
@@ -65,4 +66,5 @@ def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_features_list_prints_every_definition(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["features", "list"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert {r["feature"] for r in rows} == {"txn_count_1h", "amount_sum_1h", "amount_mean_1h"}
+    assert [r["feature"] for r in rows] == [a.name for v in VIEWS.values() for a in v.aggregations]
+    assert all(r["window"]["kind"] in ("sliding", "tumbling", "lifetime") for r in rows)

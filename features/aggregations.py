@@ -1,0 +1,143 @@
+"""Aggregations as mergeable partials: what one event contributes, how partials merge, what they mean.
+
+A partial is a flat dict of named slots. Each slot's name says how it merges (all of them associative
+and commutative, so tiles may be written in any order and merged in any grouping):
+
+====================  ==============================================  ==================
+slot                  holds                                           merges by
+====================  ==============================================  ==================
+``n``                 event count                                     addition
+``s:F`` / ``q:F``     sum / sum of squares of field F                 addition
+``min:F`` / ``max:F`` extreme of F                                    min / max
+``h:F:B``             events whose F falls in log-bucket B            addition
+``last:F``            (event time, value) of the newest F             the later time wins
+``d:F``               the distinct values of F (HyperLogLog in Redis)  union
+====================  ==============================================  ==================
+
+Quantiles come from the log-bucket histogram (a DDSketch-style sketch): every value in bucket B lies
+within a relative error of ``ALPHA`` of the bucket's representative value, whatever the distribution.
+Distinct counts are exact here and approximate (HyperLogLog, ~0.8 % standard error) in Redis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from features.definitions import FeatureView
+
+ALPHA = 0.01  # relative accuracy of quantiles
+GAMMA = (1 + ALPHA) / (1 - ALPHA)
+_LOG_GAMMA = math.log(GAMMA)
+ZERO_BUCKET = "z"  # values <= 0 (amounts, counts); the sketch is for non-negative quantities
+
+Partial = dict[str, Any]
+
+
+def bucket_of(value: float) -> str:
+    return ZERO_BUCKET if value <= 0 else str(math.ceil(math.log(value) / _LOG_GAMMA))
+
+
+def bucket_value(bucket: str) -> float:
+    """The representative value of a bucket (within ALPHA of every value in it)."""
+    if bucket == ZERO_BUCKET:
+        return 0.0
+    b = int(bucket)
+    return 2 * GAMMA**b / (GAMMA + 1)
+
+
+def partial_of(view: FeatureView, event: Mapping[str, Any]) -> Partial:
+    """The partial one event contributes to its tile."""
+    p: Partial = {"n": 1.0}
+    ts = int(event[view.event_time])
+    for agg in view.aggregations:
+        f = agg.field
+        if f is None:
+            continue
+        value = event[f]
+        if agg.kind in ("sum", "mean", "stddev"):
+            p["s:" + f] = float(value)
+            if agg.kind == "stddev":
+                p["q:" + f] = float(value) ** 2
+        elif agg.kind in ("min", "max"):
+            p[f"{agg.kind}:{f}"] = float(value)
+        elif agg.kind == "quantile":
+            p[f"h:{f}:{bucket_of(float(value))}"] = 1.0
+        elif agg.kind == "last":
+            p["last:" + f] = (ts, value)
+        elif agg.kind == "distinct":
+            p["d:" + f] = {str(value)}
+    return p
+
+
+def merge_slot(name: str, a: Any, b: Any) -> Any:
+    if name.startswith("min:"):
+        return min(a, b)
+    if name.startswith("max:"):
+        return max(a, b)
+    if name.startswith("last:"):
+        return b if b[0] >= a[0] else a
+    if name.startswith("d:"):
+        return a | b
+    return a + b
+
+
+def merge(partials: Iterable[Mapping[str, Any]]) -> Partial:
+    out: Partial = {}
+    for p in partials:
+        for k, v in p.items():
+            out[k] = merge_slot(k, out[k], v) if k in out else v
+    return out
+
+
+def quantile(histogram: Mapping[str, float], q: float) -> float | None:
+    """The q-quantile of a bucket histogram (lower quantile: the bucket of the ceil(q*n)-th value)."""
+    total = sum(histogram.values())
+    if total <= 0:
+        return None
+    rank = max(math.ceil(q * total), 1)
+    seen = 0.0
+    for bucket in sorted(histogram, key=lambda b: -math.inf if b == ZERO_BUCKET else int(b)):
+        seen += histogram[bucket]
+        if seen >= rank:
+            return bucket_value(bucket)
+    return None  # unreachable
+
+
+def values(
+    view: FeatureView, merged: Mapping[str, Any], distinct: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """Feature values of a merged partial; ``distinct`` overrides the distinct counts (HyperLogLog)."""
+    n = float(merged.get("n", 0.0))
+    out: dict[str, Any] = {}
+    for agg in view.aggregations:
+        f = agg.field
+        if agg.kind == "count":
+            out[agg.name] = n
+        elif n == 0:
+            out[agg.name] = agg.default
+        elif agg.kind == "sum":
+            out[agg.name] = float(merged.get("s:" + str(f), 0.0))
+        elif agg.kind == "mean":
+            out[agg.name] = float(merged.get("s:" + str(f), 0.0)) / n
+        elif agg.kind == "stddev":
+            mean = float(merged.get("s:" + str(f), 0.0)) / n
+            var = float(merged.get("q:" + str(f), 0.0)) / n - mean * mean
+            out[agg.name] = math.sqrt(max(var, 0.0))  # population standard deviation
+        elif agg.kind in ("min", "max"):
+            out[agg.name] = merged.get(f"{agg.kind}:{f}", agg.default)
+        elif agg.kind == "last":
+            last = merged.get("last:" + str(f))
+            out[agg.name] = agg.default if last is None else last[1]
+        elif agg.kind == "distinct":
+            if distinct is not None:
+                out[agg.name] = float(distinct.get(str(f), 0))
+            else:
+                out[agg.name] = float(len(merged.get("d:" + str(f), ())))
+        elif agg.kind == "quantile":
+            prefix = f"h:{f}:"
+            hist = {k[len(prefix) :]: float(v) for k, v in merged.items() if k.startswith(prefix)}
+            result = quantile(hist, float(agg.q or 0.5))
+            out[agg.name] = agg.default if result is None else result
+    return out
