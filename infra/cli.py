@@ -177,6 +177,11 @@ def cmd_features(args: argparse.Namespace) -> int:
 
         _emit({"entity": args.entity, "views": asyncio.run(read())})
         return 0
+    if args.action == "training-set":
+        from features.training import from_topics
+
+        _emit(from_topics(load(CommonSettings), list(VIEWS.values()), Path(args.out)))
+        return 0
     from features.processor import run
     from features.settings import FeatureSettings
 
@@ -271,11 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     fe = add(
         "features",
         cmd_features,
-        "Run the online feature processor (default), or `list` the definitions, "
-        "or `get ENTITY` to print an entity's current values as JSON.",
+        "Run the online feature processor (default), or `list` the definitions, `get ENTITY` to print an "
+        "entity's current values as JSON, or `training-set --out FILE` to replay the events and labels "
+        "topics into a point-in-time training set (Avro).",
     )
-    fe.add_argument("action", nargs="?", choices=("run", "list", "get"), default="run")
+    fe.add_argument("action", nargs="?", choices=("run", "list", "get", "training-set"), default="run")
     fe.add_argument("entity", nargs="?", help="entity key for `get`")
+    fe.add_argument("--out", default="out/training/training_set.avro", help="`training-set` output (Avro)")
     add(
         "train",
         cmd_train,

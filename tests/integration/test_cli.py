@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fastavro
 import pytest
+
+from infra.settings import CommonSettings
 
 pytestmark = pytest.mark.integration
 
@@ -66,3 +69,23 @@ def test_bad_setting_stops_a_service_with_the_key_named(tmp_path: Path) -> None:
     result = tide("serve", env=env, check=False)
     assert result.returncode == 2
     assert "TIDE_SERVE_WORKERS" in result.stderr
+
+
+def test_training_set_from_topics(settings: CommonSettings, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIDE_")}
+    env |= {
+        "TIDE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "TIDE_REDIS_URL": settings.redis_url,
+        "TIDE_TOPIC_PREFIX": settings.topic_prefix,
+        "TIDE_STATE_DIR": str(tmp_path),
+    }
+    tide("produce", "--count", "400", "--label-delay", "20", env=env)
+    out = tmp_path / "set.avro"
+    summary = lines(tide("features", "training-set", "--out", str(out), env=env))[0]
+    assert summary["rows"] == 400 and summary["events"] == 400
+    with out.open("rb") as fh:
+        rows = list(fastavro.reader(fh))
+    events = [r["value"] for r in lines(tide("tail", "events", env=env))]
+    for row in rows:
+        earlier = sum(1 for e in events if e["card_id"] == row["card_id"] and e["ts"] < row["event_ts"])
+        assert row["txn_count_lifetime"] == earlier
