@@ -153,3 +153,17 @@ def test_late_events_are_dead_lettered_per_view_and_not_counted(
     assert values["card_activity"]["card-late"]["txn_count_1h"] == 2
     assert values["card_profile"]["card-late"]["txn_count_lifetime"] == 3
     assert values["card_profile"]["card-late"]["last_category"] == "fuel"
+
+
+def test_rebalances_between_two_workers_stay_exact(settings: CommonSettings, services: Services) -> None:
+    gen = TransactionGenerator(GeneratorConfig(cards=150, seed=8))
+    services.start("worker-a", "features")
+    events = produce(settings, gen, 2000)
+    services.start("worker-b", "features")  # joins: partitions move while records flow
+    for _ in range(3):
+        events += produce(settings, gen, 1000)
+        time.sleep(1.0)
+    services.stop("worker-a")  # leaves cleanly: its partitions move to worker-b
+    events += produce(settings, gen, 1000)
+    assert_exact(settings, events, timeout=90)
+    assert services.check_alive() == []
