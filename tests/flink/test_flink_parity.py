@@ -1,0 +1,232 @@
+"""Parity: the Flink job writes the same Redis tiles as the single-machine path, and replays are no-ops.
+
+The same events (TransactionGenerator, fixed seed and clock, 3 % of them delayed by up to 9 minutes so
+some are late for a 5-minute allowed lateness and none for a 1-hour one, plus one undecodable line) go
+(a) through :meth:`RedisOnlineStore.apply` in batches of one fake source partition, as the faust
+processor folds them, under namespace ``A:``, and (b) through the Flink job on a local mini-cluster
+(parallelism 2, 16 buckets) under ``B:``. Every key of every view is compared field by field.
+
+Exactness: every field is equal as a string except the float sums (``s:``, ``q:`` slots and anything
+else summed with HINCRBYFLOAT), which the two paths add in different groupings (batches of 500 per
+partition vs. per-bucket flushes), so they agree to a relative 1e-9, not bit for bit. Counts are sums of
+1.0 and come out exact. HyperLogLogs are compared by PFCOUNT. Only ``seen`` (wall time of the last
+write) and the offsets hash (position sources are named differently) are left out of the raw comparison;
+the positions and watermarks are checked on their own.
+
+Runs in .venv-flink (`make test-flink`), never in the main test run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from features import tiles
+from features.definitions import VIEWS
+from features.store import RedisOnlineStore, offsets_key
+from schemas import codec
+from streams.generator import GeneratorConfig, TransactionGenerator
+
+ROOT = Path(__file__).resolve().parents[2]
+DAY_MS = 86_400_000
+START_MS = (1_700_000_000_000 // DAY_MS + 1) * DAY_MS - 50 * 60_000  # 50 minutes before a UTC midnight
+EVENTS = 6000  # one per second: 100 minutes, across midnight and beyond a 1-hour window
+BAD_LINE = 17  # an undecodable line: a dead letter on both paths, its position still taken
+BATCH = 500  # the single-machine path's batch
+VIEWS_OF_SOURCE = [v for v in VIEWS.values() if v.source == "events"]
+REL = 1e-9
+
+
+def generate() -> list[dict[str, Any]]:
+    clock_s = [START_MS / 1000]
+
+    def clock() -> float:
+        clock_s[0] += 1.0
+        return clock_s[0]
+
+    generator = TransactionGenerator(GeneratorConfig(cards=300, seed=11), clock=clock)
+    jitter = random.Random(5)
+    events = []
+    for _ in range(EVENTS):
+        event, _ = generator.next()
+        if jitter.random() < 0.03:
+            event["ts"] = int(event["ts"]) - jitter.randint(1, 9 * 60) * 1000  # type: ignore[call-overload]
+        events.append(event)
+    return events
+
+
+def write_input(path: Path, events: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """Writes the JSONL input; returns the decodable ``(position, event)`` records, as Kafka gives them."""
+    lines = [json.dumps(e) for e in events]
+    lines.insert(BAD_LINE, '{"event_id": "truncated')
+    path.write_text("\n".join(lines) + "\n")
+    return [
+        (i, codec.decode(codec.encode("event", json.loads(line)), "event"))
+        for i, line in enumerate(lines)
+        if i != BAD_LINE
+    ]
+
+
+async def fold_single_machine(url: str, namespace: str, records: list[tuple[int, dict[str, Any]]]) -> None:
+    """What features.processor.FeatureFolder does for one partition (it needs faust, not in this venv)."""
+    store = RedisOnlineStore.from_url(url, namespace)
+    source = "parity:0"
+    try:
+        for start in range(0, len(records), BATCH):
+            chunk = records[start : start + BATCH]
+            last = chunk[-1][0]
+            for view in VIEWS_OF_SOURCE:
+                position, watermark = await store.position(view, source)
+                todo = [(o, e) for o, e in chunk if o > position]
+                on_time, _late, new_watermark = tiles.split_late(view, todo, watermark)
+                applied = await store.apply(
+                    view, source, [e for _, e in on_time], position, last, new_watermark
+                )
+                assert applied, f"{view.name}: the store refused batch {start}"
+    finally:
+        await store.close()
+
+
+def run_flink(input_path: Path, url: str, namespace: str) -> dict[str, Any]:
+    cmd = [
+        sys.executable, "-m", "features.flink.job", "--input", str(input_path), "--input-name", "parity",
+        "--redis-url", url, "--namespace", namespace, "--parallelism", "2", "--buckets", "16",
+        "--batch", "256", "--log-level", "WARNING",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"the Flink job failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def snapshot(client: redis.Redis, namespace: str) -> dict[str, Any]:
+    """Every key of the views under ``namespace`` (prefix removed), except the offsets hashes."""
+    offsets = {offsets_key(v, namespace) for v in VIEWS.values()}
+    out: dict[str, Any] = {}
+    for raw_key in client.scan_iter(match=f"{namespace}tide:f:*", count=1000):
+        key = raw_key.decode()
+        if key in offsets:
+            continue
+        kind = client.type(raw_key)
+        if kind == b"hash":
+            fields = client.hgetall(raw_key)
+            out[key[len(namespace) :]] = {f.decode(): v.decode() for f, v in fields.items() if f != b"seen"}
+        else:
+            assert kind == b"string", f"{key}: unexpected {kind!r}"  # a HyperLogLog
+            out[key[len(namespace) :]] = ("pfcount", client.pfcount(raw_key))
+    return out
+
+
+def same_value(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        x, y = float(a), float(b)
+    except ValueError:
+        return False
+    return math.isclose(x, y, rel_tol=REL)
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    problems = [f"only in A: {k}" for k in sorted(a.keys() - b.keys())]
+    problems += [f"only in B: {k}" for k in sorted(b.keys() - a.keys())]
+    for key in sorted(a.keys() & b.keys()):
+        x, y = a[key], b[key]
+        if not isinstance(x, dict) or not isinstance(y, dict):
+            if x != y:
+                problems.append(f"{key}: {x} != {y}")
+            continue
+        if x.keys() != y.keys():
+            problems.append(f"{key}: fields {sorted(x.keys() ^ y.keys())} in one only")
+        problems += [
+            f"{key} {f}: {x[f]} != {y[f]}" for f in sorted(x.keys() & y.keys()) if not same_value(x[f], y[f])
+        ]
+    return problems
+
+
+@pytest.fixture(scope="module")
+def runs(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    events = generate()
+    path = tmp_path_factory.mktemp("flink") / "parity.jsonl"
+    records = write_input(path, events)
+    asyncio.run(fold_single_machine(redis_url, "A:", records))
+    first = run_flink(path, redis_url, "B:")
+    client = redis.Redis.from_url(redis_url)
+    after_first = snapshot(client, "B:")
+    second = run_flink(path, redis_url, "B:")  # a replay of the same input
+    return {
+        "records": records,
+        "url": redis_url,
+        "client": client,
+        "first": first,
+        "second": second,
+        "after_first": after_first,
+    }
+
+
+def test_the_input_exercises_late_events_and_windows(runs: dict[str, Any]) -> None:
+    records = runs["records"]
+    ts = [int(e["ts"]) for _, e in records]
+    assert max(ts) - min(ts) > 90 * 60_000, "the events must span more than the 1-hour window"
+    assert len({t // DAY_MS for t in ts}) == 2, "the events must cross a UTC midnight (tumbling days)"
+    late = {v.name: len(tiles.split_late(v, records, tiles.NO_WATERMARK)[1]) for v in VIEWS_OF_SOURCE}
+    assert any(late.values()) and not all(late.values()), f"late events per view: {late}"
+
+
+def test_raw_redis_hashes_match_field_by_field(runs: dict[str, Any]) -> None:
+    client = runs["client"]
+    a, b = snapshot(client, "A:"), snapshot(client, "B:")
+    assert len(a) > 300, "too few keys for the comparison to mean anything"
+    problems = differences(a, b)
+    assert not problems, f"{len(problems)} differences, first ones:\n" + "\n".join(problems[:20])
+
+
+def test_feature_values_read_the_same(runs: dict[str, Any]) -> None:
+    entities = sorted({str(e["card_id"]) for _, e in runs["records"]})
+    newest = max(int(e["ts"]) for _, e in runs["records"])
+
+    async def read(namespace: str, now_ms: int) -> dict[str, list[Any]]:
+        store = RedisOnlineStore.from_url(runs["url"], namespace)
+        try:
+            return await store.read_many(VIEWS_OF_SOURCE, entities, now_ms)
+        finally:
+            await store.close()
+
+    for now_ms in (newest, newest + 30 * 60_000, newest + 2 * 3_600_000):
+        a, b = asyncio.run(read("A:", now_ms)), asyncio.run(read("B:", now_ms))
+        for view in VIEWS_OF_SOURCE:
+            for row_a, row_b in zip(a[view.name], b[view.name], strict=True):
+                assert (row_a.status, row_a.newest_event_ms) == (row_b.status, row_b.newest_event_ms)
+                for name, x in row_a.values.items():
+                    y = row_b.values[name]
+                    ok = math.isclose(x, y, rel_tol=REL, abs_tol=1e-6) if isinstance(x, float) else x == y
+                    assert ok, f"{view.name} {row_a.entity} {name} at {now_ms}: {x!r} != {y!r}"
+
+
+def test_positions_and_watermarks(runs: dict[str, Any]) -> None:
+    client: redis.Redis = runs["client"]
+    last = runs["records"][-1][0]
+    for view in VIEWS_OF_SOURCE:
+        a = {k.decode(): int(v) for k, v in client.hgetall(offsets_key(view, "A:")).items()}
+        b = {k.decode(): int(v) for k, v in client.hgetall(offsets_key(view, "B:")).items()}
+        assert a == {"parity:0": last, "parity:0:wm": a["parity:0:wm"]}
+        positions = {k: v for k, v in b.items() if not k.endswith(":wm")}
+        assert positions and all(k.startswith("flink:parity:0:") for k in positions), sorted(b)
+        assert max(positions.values()) == last
+        # each bucket's watermark is the partition's as of that bucket's last record
+        assert max(v for k, v in b.items() if k.endswith(":wm")) == a["parity:0:wm"]
+
+
+def test_stats_and_replay_is_a_no_op(runs: dict[str, Any]) -> None:
+    first, second = runs["first"], runs["second"]
+    assert first["records"] > 0 and first["applied"] > 0 and first["refused"] == 0
+    assert second["applied"] == 0 and second["events"] == 0, second
+    assert not differences(runs["after_first"], snapshot(runs["client"], "B:"))
