@@ -41,3 +41,6 @@ fmt: install
 
 clean:
 	rm -rf $(VENV) out .tide .pytest_cache .mypy_cache .ruff_cache
+
+include infra/flink.mk
+include infra/bench.mk

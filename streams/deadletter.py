@@ -7,39 +7,17 @@ where the record came from, so it can be inspected (``tide tail dead-letter``) a
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from confluent_kafka import Producer
 from prometheus_client import Counter
 
+from streams.letters import DeadLetter
+
 log = logging.getLogger(__name__)
 
 DEAD_LETTERS = Counter("tide_dead_letters_total", "Records sent to the dead-letter topic", ["stage"])
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    stage: str
-    error: str
-    error_type: str
-    key: bytes | None
-    value: bytes | None
-    source_topic: str
-    partition: int
-    offset: int
-
-    def headers(self) -> list[tuple[str, str | bytes | None]]:
-        return [
-            ("tide.stage", self.stage.encode()),
-            ("tide.error", self.error[:2000].encode()),
-            ("tide.error_type", self.error_type.encode()),
-            ("tide.source.topic", self.source_topic.encode()),
-            ("tide.source.partition", str(self.partition).encode()),
-            ("tide.source.offset", str(self.offset).encode()),
-            ("tide.ts", str(int(time.time() * 1000)).encode()),
-        ]
 
 
 class DeadLetterSink(Protocol):

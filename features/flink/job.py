@@ -61,6 +61,7 @@ from features import tiles
 from features.definitions import VIEWS, FeatureView
 from features.store import APPLIED, APPLY_SCRIPT, apply_command, offsets_key
 from schemas import codec
+from streams.letters import DeadLetter
 from streams.topics import TOPICS
 
 log = logging.getLogger(__name__)
@@ -136,16 +137,8 @@ def dead_letter(
     where: tuple[str, int, int],
 ) -> dict[str, Any]:
     topic, partition, offset = where
-    # Header names as streams.deadletter.DeadLetter writes them (that module needs confluent-kafka).
-    headers = {
-        "tide.stage": stage,
-        "tide.error": error[:2000],
-        "tide.error_type": error_type,
-        "tide.source.topic": topic,
-        "tide.source.partition": str(partition),
-        "tide.source.offset": str(offset),
-        "tide.ts": str(int(time.time() * 1000)),
-    }
+    letter = DeadLetter(stage, error, error_type, key, value, topic, partition, offset)
+    headers = {k: v.decode() if isinstance(v, bytes) else v for k, v in letter.headers()}
     return {"key": key, "value": value, "headers": headers}
 
 
