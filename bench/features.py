@@ -977,7 +977,7 @@ def print_summary(r: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.features", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
-    parser.add_argument("--events", type=int, default=150_000, help="N events pre-filled (default 150000)")
+    parser.add_argument("--events", type=int, default=100_000, help="N events pre-filled (default 100000)")
     parser.add_argument("--entities", type=int, default=100_000, help="distinct entities (default 100000)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per throughput figure (default 3)")
     parser.add_argument("--fresh-seconds", type=float, default=20.0, help="freshness run length (default 20)")

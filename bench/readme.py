@@ -23,7 +23,9 @@ def _n(value: float | None) -> str:
 
 
 def _x(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}x" if value < 0.1 else f"{value:.2f}x"
 
 
 def render_features(r: dict[str, Any]) -> str:
@@ -51,8 +53,9 @@ def render_features(r: dict[str, Any]) -> str:
         f"Tide {_x(ratio['tide_vs_quix'])} | Tide ≥ 2x: {met['vs_quix']} |",
         "",
         f"Freshness (event time → visible in Redis) with events produced at {_n(fresh['achieved_rate'])}/s "
-        f"(half of Tide's throughput): p50 **{fresh['p50']} ms**, p99 **{fresh['p99']} ms** "
-        f"({fresh['samples']} samples; goal p99 < 300 ms: {met['freshness_p99_ms']}).",
+        f"(half of Tide's throughput): p50 **{_n(fresh['p50'])} ms**, p99 "
+        f"**{_n(fresh['p99'])} ms** ({fresh['samples']:,} samples; "
+        f"goal p99 < 300 ms: {met['freshness_p99_ms']}).",
         "",
         "Semantics differ where the engines do: Tide merges per-tile partials at read time and applies "
         "each batch with its offsets atomically in Redis (exactly-once effect, state readable by serving); "

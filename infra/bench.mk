@@ -4,7 +4,7 @@
 
 BENCH_VENV   := .venv-bench
 BENCH_STAMP  := $(BENCH_VENV)/.installed
-BENCH_EVENTS ?= 150000
+BENCH_EVENTS ?= 100000
 BENCH_REPS   ?= 3
 BENCH_ARGS   ?=
 
