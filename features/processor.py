@@ -10,6 +10,7 @@ committed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -74,30 +75,33 @@ class FeatureFolder:
         self._state: dict[tuple[str, str], tuple[int, int]] = {}  # (view, source) -> (position, watermark)
 
     async def fold(self, topic_name: str, partition: int, records: Sequence[Incoming]) -> None:
+        """Fold one partition's batch into every view (the views' writes run concurrently)."""
+        await asyncio.gather(*(self._fold_view(view, topic_name, partition, records) for view in self.views))
+
+    async def _fold_view(
+        self, view: FeatureView, topic_name: str, partition: int, records: Sequence[Incoming]
+    ) -> None:
         source = f"{topic_name}:{partition}"
         last = records[-1].offset
-        for view in self.views:
-            started = time.perf_counter()
-            for _ in range(5):
-                key = (view.name, source)
-                if key not in self._state:
-                    self._state[key] = await self.store.position(view, source)
-                position, watermark = self._state[key]
-                todo = [r for r in records if r.offset > position]
-                if not todo:
-                    break
-                on_time, late, new_watermark = tiles.split_late(
-                    view, [(r.offset, r.event) for r in todo], watermark
-                )
-                if await self.store.apply(
-                    view, source, [e for _, e in on_time], position, last, new_watermark
-                ):
-                    self._state[key] = (last, new_watermark)
-                    self._dead_letter_late(view, topic_name, partition, todo, late)
-                    self._observe(view, on_time)
-                    break
-                del self._state[key]  # moved by another writer: re-read and skip what it applied
-            WRITE_LATENCY.labels(view.name).observe(time.perf_counter() - started)
+        started = time.perf_counter()
+        key = (view.name, source)
+        for _ in range(5):
+            if key not in self._state:
+                self._state[key] = await self.store.position(view, source)
+            position, watermark = self._state[key]
+            todo = [r for r in records if r.offset > position]
+            if not todo:
+                break
+            on_time, late, new_watermark = tiles.split_late(
+                view, [(r.offset, r.event) for r in todo], watermark
+            )
+            if await self.store.apply(view, source, [e for _, e in on_time], position, last, new_watermark):
+                self._state[key] = (last, new_watermark)
+                self._dead_letter_late(view, topic_name, partition, todo, late)
+                self._observe(view, on_time)
+                break
+            del self._state[key]  # moved by another writer: re-read and skip what it applied
+        WRITE_LATENCY.labels(view.name).observe(time.perf_counter() - started)
 
     def _dead_letter_late(
         self,
@@ -186,8 +190,10 @@ def build_app(settings: FeatureSettings) -> faust.App:
                     by_partition[(msg.topic, msg.partition)].append(
                         Incoming(msg.offset, event, msg.key, msg.value)
                     )
+                await asyncio.gather(
+                    *(folder.fold(t, p, records) for (t, p), records in by_partition.items())
+                )
                 for (topic_name, partition), records in by_partition.items():
-                    await folder.fold(topic_name, partition, records)
                     LAG.labels(topic_name, str(partition)).set(
                         max(0, app.consumer.highwater(TP(topic_name, partition)) - records[-1].offset - 1)
                     )

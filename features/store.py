@@ -28,41 +28,41 @@ import redis.asyncio as aioredis
 from features import tiles
 from features.definitions import FeatureView
 
+# ARGV: source, expected position, new position, watermark, entity TTL ms (0: none), tile TTL ms, now,
+# and one JSON document: [[entity key, newest event time, oldest tile kept, [[op, field, value...]...]]...]
+# (one argument instead of thousands: packing them was most of a batch's cost). Values travel as strings:
+# Lua numbers would be formatted with 14 significant digits.
 APPLY_SCRIPT = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or '-1'
 if cur ~= ARGV[2] then return tonumber(cur) end
-local ttl, tile_ttl, now, i = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], 8
-for k = 2, #KEYS do
-  local key = KEYS[k]
-  local ts, cutoff, nops = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  i = i + 3
+local ttl, tile_ttl, now = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+for _, e in ipairs(cjson.decode(ARGV[8])) do
+  local key, ts, cutoff = e[1], tonumber(e[2]), tonumber(e[3])
   local lo = nil
-  for j = 1, nops do
-    local op, f, v = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  for _, op in ipairs(e[4]) do
+    local kind, f, v = op[1], op[2], op[3]
     local t = tonumber(string.match(f, '^(%d+):'))
     if lo == nil or t < lo then lo = t end
-    if op == 'a' then
+    if kind == 'a' then
       redis.call('HINCRBYFLOAT', key, f, v)
-    elseif op == '<' or op == '>' then
+    elseif kind == '<' or kind == '>' then
       local c = redis.call('HGET', key, f)
-      local better = (not c) or (op == '<' and tonumber(v) < tonumber(c))
-      if (not better) and op == '>' then better = tonumber(v) > tonumber(c) end
+      local better = (not c) or (kind == '<' and tonumber(v) < tonumber(c))
+      if (not better) and kind == '>' then better = tonumber(v) > tonumber(c) end
       if better then redis.call('HSET', key, f, v) end
-    elseif op == 'L' then
+    elseif kind == 'L' then
       local c = redis.call('HGET', key, f .. ':t')
       if (not c) or tonumber(v) >= tonumber(c) then
-        redis.call('HSET', key, f .. ':t', v, f .. ':v', ARGV[i + 3])
+        redis.call('HSET', key, f .. ':t', v, f .. ':v', op[4])
       end
-      i = i + 1
-    elseif op == 'P' then
+    elseif kind == 'P' then
       local hll = key .. ':' .. f
       redis.call('PFADD', hll, v)
       if tile_ttl > 0 then redis.call('PEXPIRE', hll, tile_ttl) end
     end
-    i = i + 3
   end
   local old_ts = tonumber(redis.call('HGET', key, 'ts') or '0')
-  if ts > old_ts then redis.call('HSET', key, 'ts', ts) end
+  if ts > old_ts then redis.call('HSET', key, 'ts', e[2]) end
   local old_lo = tonumber(redis.call('HGET', key, 'lo') or '-1')
   if old_lo >= 0 and old_lo < lo then lo = old_lo end
   if lo < cutoff then
@@ -72,7 +72,7 @@ for k = 2, #KEYS do
     end
     lo = cutoff
   end
-  redis.call('HSET', key, 'lo', lo, 'seen', now)
+  redis.call('HSET', key, 'lo', string.format('%d', lo), 'seen', now)
   if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[1] .. ':wm', ARGV[4])
@@ -119,15 +119,15 @@ def offsets_key(view: FeatureView, namespace: str = "") -> str:
     return f"{namespace}tide:f:{view.name}:offsets"
 
 
-def _ops(tile: int, partial: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+def _ops(tile: int, partial: Mapping[str, Any]) -> list[tuple[str, ...]]:
     """Script operations for one tile's partial: (op, field, value[, value])."""
-    out: list[tuple[Any, ...]] = []
+    out: list[tuple[str, ...]] = []
     for slot, value in partial.items():
         field = f"{tile}:{slot}"
         if slot.startswith(("min:", "max:")):
             out.append(("<" if slot.startswith("min:") else ">", field, repr(value)))
         elif slot.startswith("last:"):
-            out.append(("L", field, value[0], orjson.dumps(value[1])))
+            out.append(("L", field, str(value[0]), orjson.dumps(value[1]).decode()))
         elif slot.startswith("d:"):
             out += [("P", field, element) for element in sorted(value)]
         else:
@@ -163,12 +163,16 @@ def apply_command(
         tiles.tile_retention_ms(view) or 0,
         int(time.time() * 1000),
     ]
-    for entity, delta in deltas.items():
-        keys.append(entity_key(view, entity, namespace))
-        ops = [op for tile, partial in delta.tiles.items() for op in _ops(tile, partial)]
-        args += [delta.newest_ms, tiles.first_tile(view, delta.newest_ms), len(ops)]
-        for op in ops:
-            args += op
+    payload = [
+        [
+            entity_key(view, entity, namespace),
+            str(delta.newest_ms),
+            str(tiles.first_tile(view, delta.newest_ms)),
+            [op for tile, partial in delta.tiles.items() for op in _ops(tile, partial)],
+        ]
+        for entity, delta in deltas.items()
+    ]
+    args.append(orjson.dumps(payload))
     return keys, args
 
 
