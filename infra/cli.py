@@ -292,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
         "drift", cmd_drift, "Run the drift scorer: compare live inputs and scores with the model's reference."
     )
     de = add("demo", cmd_demo, "Run the whole loop on the embedded stack and write a report to out/demo/.")
-    de.add_argument("--duration", type=float, default=75.0, help="seconds of traffic (default 75)")
-    de.add_argument("--rate", type=float, default=300.0, help="events per second (default 300)")
+    de.add_argument("--duration", type=float, default=90.0, help="seconds of traffic (default 90)")
+    de.add_argument("--rate", type=float, default=200.0, help="events per second (default 200)")
     de.add_argument("--out", default="out/demo", help="report directory")
     return p
 

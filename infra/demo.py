@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoConfig:
-    duration_s: float = 75.0
-    rate: float = 300.0  # events per second
+    duration_s: float = 90.0
+    rate: float = 200.0  # events per second
     out_dir: Path = Path("out/demo")
     drift_fraction: float = 0.6  # drift starts at this share of the events
     label_delay: int = 200
