@@ -4,11 +4,11 @@ measurements, and a plot of the online metric, the drift statistic and the model
 from __future__ import annotations
 
 import itertools
-import re
 from typing import TYPE_CHECKING, Any
 
 import redis
 
+from infra.metrics import metric_value
 from infra.settings import CommonSettings
 from online_training.profile import SCORE
 from streams.drift import stats_key
@@ -18,13 +18,6 @@ from streams.traffic import percentiles
 if TYPE_CHECKING:
     from infra.demo import DemoConfig
     from streams.traffic import Traffic
-
-
-def metric_value(metrics_text: str, name: str, labels: str = "") -> float | None:
-    """A sample's value from Prometheus text exposition."""
-    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else r"(\{[^}]*\})?") + r" (\S+)"
-    match = re.search(r"^" + pattern + r"$", metrics_text, re.MULTILINE)
-    return float(match.groups()[-1]) if match else None
 
 
 def _drift_points(settings: CommonSettings, traffic: Traffic) -> list[dict[str, Any]]:

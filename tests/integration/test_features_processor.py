@@ -8,11 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from features import tiles
 from features.definitions import VIEWS
 from features.store import FeatureRow, RedisOnlineStore
+from infra.embedded import free_port
+from infra.metrics import metric_value
 from infra.processes import Services, wait_until
 from infra.settings import CommonSettings
 from streams.generator import GeneratorConfig, TransactionGenerator
@@ -144,7 +147,8 @@ def test_late_events_are_dead_lettered_per_view_and_not_counted(
     for e in events:
         out.send_event(e)
     out.flush()
-    services.start("features", "features")
+    port = free_port()
+    services.start("features", "features", env={"TIDE_METRICS_PORT": str(port)})
     assert wait_until(lambda: len(list(tail(settings, "dead-letter"))) == 2, 30)
     letters = [r["headers"] for r in tail(settings, "dead-letter")]
     assert sorted(h["tide.stage"] for h in letters) == ["features.card_activity", "features.card_daily"]
@@ -153,6 +157,15 @@ def test_late_events_are_dead_lettered_per_view_and_not_counted(
     assert values["card_activity"]["card-late"]["txn_count_1h"] == 2
     assert values["card_profile"]["card-late"]["txn_count_lifetime"] == 3
     assert values["card_profile"]["card-late"]["last_category"] == "fuel"
+    # what it did is on its metrics endpoint, per view
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for view, folded in (("card_activity", 2), ("card_daily", 2), ("card_profile", 3)):
+        assert metric_value(metrics, "tide_feature_events_total", f'view="{view}"') == folded
+        assert metric_value(metrics, "tide_feature_freshness_seconds_count", f'view="{view}"') == folded
+        assert metric_value(metrics, "tide_feature_redis_write_seconds_count", f'view="{view}"') >= 1
+    late = metric_value(metrics, "tide_feature_late_events_total", 'fate="dead_letter",view="card_activity"')
+    assert late == 1
+    assert "tide_feature_consumer_lag{" in metrics
 
 
 def test_rebalances_between_two_workers_stay_exact(settings: CommonSettings, services: Services) -> None:
