@@ -39,6 +39,7 @@ local ttl, tile_ttl, now = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 for _, e in ipairs(cjson.decode(ARGV[8])) do
   local key, ts, cutoff = e[1], tonumber(e[2]), tonumber(e[3])
   local lo = nil
+  local hlls = {}
   for _, op in ipairs(e[4]) do
     local kind, f, v = op[1], op[2], op[3]
     local t = tonumber(string.match(f, '^(%d+):'))
@@ -58,12 +59,16 @@ for _, e in ipairs(cjson.decode(ARGV[8])) do
     elseif kind == 'P' then
       local hll = key .. ':' .. f
       redis.call('PFADD', hll, v)
-      if tile_ttl > 0 then redis.call('PEXPIRE', hll, tile_ttl) end
+      hlls[hll] = true
     end
   end
-  local old_ts = tonumber(redis.call('HGET', key, 'ts') or '0')
-  if ts > old_ts then redis.call('HSET', key, 'ts', e[2]) end
-  local old_lo = tonumber(redis.call('HGET', key, 'lo') or '-1')
+  if tile_ttl > 0 then
+    for hll in pairs(hlls) do redis.call('PEXPIRE', hll, tile_ttl) end
+  end
+  local old = redis.call('HMGET', key, 'ts', 'lo')
+  local new_ts = e[2]
+  if old[1] and tonumber(old[1]) >= ts then new_ts = old[1] end
+  local old_lo = tonumber(old[2] or '-1')
   if old_lo >= 0 and old_lo < lo then lo = old_lo end
   if lo < cutoff then
     for _, f in ipairs(redis.call('HKEYS', key)) do
@@ -72,7 +77,7 @@ for _, e in ipairs(cjson.decode(ARGV[8])) do
     end
     lo = cutoff
   end
-  redis.call('HSET', key, 'lo', string.format('%d', lo), 'seen', now)
+  redis.call('HSET', key, 'ts', new_ts, 'lo', string.format('%d', lo), 'seen', now)
   if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[1] .. ':wm', ARGV[4])
