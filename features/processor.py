@@ -51,7 +51,7 @@ LAG = Gauge(
 
 
 @dataclass(frozen=True)
-class Incoming:
+class SourceRecord:
     """One source record: its position, the decoded event and the raw bytes (for dead letters)."""
 
     offset: int
@@ -74,12 +74,12 @@ class FeatureFolder:
         self.dlq = dlq
         self._state: dict[tuple[str, str], tuple[int, int]] = {}  # (view, source) -> (position, watermark)
 
-    async def fold(self, topic_name: str, partition: int, records: Sequence[Incoming]) -> None:
+    async def fold(self, topic_name: str, partition: int, records: Sequence[SourceRecord]) -> None:
         """Fold one partition's batch into every view (the views' writes run concurrently)."""
         await asyncio.gather(*(self._fold_view(view, topic_name, partition, records) for view in self.views))
 
     async def _fold_view(
-        self, view: FeatureView, topic_name: str, partition: int, records: Sequence[Incoming]
+        self, view: FeatureView, topic_name: str, partition: int, records: Sequence[SourceRecord]
     ) -> None:
         source = f"{topic_name}:{partition}"
         last = records[-1].offset
@@ -108,7 +108,7 @@ class FeatureFolder:
         view: FeatureView,
         topic_name: str,
         partition: int,
-        todo: Sequence[Incoming],
+        todo: Sequence[SourceRecord],
         late: Sequence[tuple[int, Any, int]],
     ) -> None:
         if not late:
@@ -168,7 +168,7 @@ def build_app(settings: FeatureSettings) -> faust.App:
             async for batch in stream.take_events(
                 settings.features_batch, within=settings.features_batch_ms / 1000
             ):
-                by_partition: dict[tuple[str, int], list[Incoming]] = defaultdict(list)
+                by_partition: dict[tuple[str, int], list[SourceRecord]] = defaultdict(list)
                 for ev in batch:
                     msg = ev.message
                     try:
@@ -188,7 +188,7 @@ def build_app(settings: FeatureSettings) -> faust.App:
                         )
                         continue
                     by_partition[(msg.topic, msg.partition)].append(
-                        Incoming(msg.offset, event, msg.key, msg.value)
+                        SourceRecord(msg.offset, event, msg.key, msg.value)
                     )
                 await asyncio.gather(
                     *(folder.fold(t, p, records) for (t, p), records in by_partition.items())
