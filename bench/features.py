@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -74,56 +74,19 @@ def generate(n: int, entities: int, seed: int = 7) -> Iterator[dict[str, Any]]:
         yield event
 
 
-class Sender:
-    """Produces encoded events keyed by card and remembers the last offset delivered per partition."""
-
-    def __init__(self, settings: Any, **overrides: Any) -> None:
-        from schemas import codec
-        from streams.kafka import make_producer
-        from streams.topics import topic
-
-        self._encode = codec.encode
-        self._producer = make_producer(settings, **overrides)
-        self.topic = topic(settings, "events")
-        self.last_offset: dict[int, int] = {}
-        self.failed = 0
-
-    def _delivered(self, err: Any, msg: Any) -> None:
-        if err is not None:
-            self.failed += 1
-            return
-        p, o = msg.partition(), msg.offset()
-        if o > self.last_offset.get(p, -1):
-            self.last_offset[p] = o
-
-    def send(self, event: Mapping[str, Any]) -> None:
-        payload = self._encode("event", event, validate=False)  # generator output: trusted
-        while True:
-            try:
-                self._producer.produce(
-                    self.topic, payload, str(event[KEY_FIELD]).encode(), on_delivery=self._delivered
-                )
-                break
-            except BufferError:
-                self._producer.poll(0.05)
-        self._producer.poll(0)
-
-    def flush(self) -> None:
-        if self._producer.flush(60) or self.failed:
-            raise RuntimeError(f"produce failed: {self.failed} failed deliveries")
-
-
 def prefill(settings: Any, n: int, entities: int) -> dict[str, Any]:
-    sender = Sender(settings, **{"linger.ms": 20, "batch.num.messages": 10000})
+    from streams.produce import EventProducer
+
+    sender = EventProducer(settings, validate=False, **{"linger.ms": 20, "batch.num.messages": 10000})
     started = time.perf_counter()
     for event in generate(n, entities):
-        sender.send(event)
+        sender.send_event(event)
     sender.flush()
     seconds = time.perf_counter() - started
     produced = sum(o + 1 for o in sender.last_offset.values())
     if produced != n:  # offsets are dense from 0 on a fresh topic; anything else would skew the counts
         raise RuntimeError(f"{n} events sent but the delivered offsets account for {produced}")
-    return {"topic": sender.topic, "final_offsets": sender.last_offset, "seconds": round(seconds, 2)}
+    return {"topic": sender.events_topic, "final_offsets": sender.last_offset, "seconds": round(seconds, 2)}
 
 
 # --- (a) ceilings -----------------------------------------------------------------------------------------
@@ -436,8 +399,9 @@ def run_freshness(
     """Produce at ``rate`` for ``seconds`` to a fresh topic while one ``tide features`` runs; sample
     events and time event time → visible in Redis. The processor is warmed up (joined, first batch
     applied) before the clock starts."""
-    from infra.processes import Services
+    from infra.processes import Services, wait_until
     from infra.settings import CommonSettings, load
+    from streams.produce import EventProducer
     from streams.topics import ensure_topics
 
     settings = load(
@@ -450,7 +414,7 @@ def run_freshness(
     _redis(info.redis_url).flushall()
     services = Services(tide_env(info, FRESH_PREFIX, "bench-fresh", run_dir / "fresh"), run_dir / "logs")
     proc = services.start("fresh", "features")
-    sender = Sender(settings)  # the project's producer settings (linger 5 ms) as a real producer would
+    sender = EventProducer(settings, validate=False)  # the project's producer settings (linger 5 ms)
     poller = VisibilityPoller(info.redis_url, views, FRESH_PREFIX)
     poller.start()
     events = generate(10**9, 100_000, seed=11)
@@ -460,14 +424,14 @@ def run_freshness(
         while True:
             probe = next(events)
             poller.watch(probe)
-            sender.send(probe)
-            sender._producer.flush(1)
+            sender.send_event(probe)
+            sender.flush(10)
             time.sleep(0.1)
             if poller.latencies_ms:
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"freshness: processor not applying:\n{services.log_tail('fresh')}")
-        _wait(lambda: poller.pending == 0, 10)
+        wait_until(lambda: poller.pending == 0, 10, interval=0.05)
         poller.latencies_ms.clear()
         for v in poller.per_view_ms.values():
             v.clear()
@@ -482,10 +446,10 @@ def run_freshness(
             if i % every == 0:
                 event["ts"] = int(time.time() * 1000)  # the event's time is when it is sent
                 poller.watch(event)
-            sender.send(event)
+            sender.send_event(event)
         elapsed = time.perf_counter() - started
         sender.flush()
-        _wait(lambda: poller.pending == 0, 15)
+        wait_until(lambda: poller.pending == 0, 15, interval=0.05)
         missing = poller.pending
     finally:
         poller.stopping.set()
@@ -511,15 +475,6 @@ def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
     return round(values[min(len(values) - 1, math.ceil(q / 100 * len(values)) - 1)], 1)
-
-
-def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 # --- (c) Quix Streams ------------------------------------------------------------------------------------

@@ -100,12 +100,6 @@ def messages(consumer: Consumer, *, batch: int = 500, timeout: float = 0.2) -> I
         yield good
 
 
-def delivery_error_raiser(err: Any, msg: Message) -> None:
-    """Delivery callback for producers whose every record must land."""
-    if err is not None:
-        raise StreamError(f"delivery to {msg.topic()} failed: {err}")
-
-
 def make_transactional_producer(
     settings: CommonSettings, transactional_id: str, **overrides: Any
 ) -> Producer:

@@ -25,23 +25,31 @@ log = logging.getLogger(__name__)
 
 
 class EventProducer:
-    """Sends events and labels, keyed by card so one card's records stay in order on one partition."""
+    """Sends events and labels, keyed by card so one card's records stay in order on one partition.
 
-    def __init__(self, settings: CommonSettings) -> None:
-        self._producer = make_producer(settings)
-        self._events = topic(settings, "events")
+    ``validate=False`` skips the schema check on encode, for trusted (generated) records only.
+    ``last_offset`` holds the highest delivered events offset per partition.
+    """
+
+    def __init__(self, settings: CommonSettings, *, validate: bool = True, **producer_config: Any) -> None:
+        self._producer = make_producer(settings, **producer_config)
+        self._validate = validate
+        self.events_topic = topic(settings, "events")
         self._labels = topic(settings, "labels")
         self.events = 0
         self.labels = 0
         self.failed = 0
+        self.last_offset: dict[int, int] = {}
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
             self.failed += 1
             log.error("delivery to %s failed: %s", msg.topic(), err)
+        elif msg.topic() == self.events_topic and msg.offset() > self.last_offset.get(msg.partition(), -1):
+            self.last_offset[msg.partition()] = msg.offset()
 
     def send_event(self, event: Mapping[str, Any]) -> None:
-        self._send(self._events, "event", event)
+        self._send(self.events_topic, "event", event)
         self.events += 1
 
     def send_label(self, label: Mapping[str, Any]) -> None:
@@ -49,7 +57,7 @@ class EventProducer:
         self.labels += 1
 
     def _send(self, topic_name: str, record: str, value: Mapping[str, Any]) -> None:
-        payload = codec.encode(record, value)
+        payload = codec.encode(record, value, validate=self._validate)
         while True:
             try:
                 self._producer.produce(

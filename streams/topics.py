@@ -37,12 +37,6 @@ def topic(settings: CommonSettings, name: str) -> str:
     return settings.topic_prefix + TOPICS[name].name
 
 
-def record_of(settings: CommonSettings, full_name: str) -> str | None:
-    """The record type carried by a full topic name."""
-    short = full_name.removeprefix(settings.topic_prefix)
-    return TOPICS[short].record
-
-
 def ensure_topics(settings: CommonSettings, *, replication_factor: int = 1) -> None:
     """Create every topic of the loop with its partition count (existing topics are kept)."""
     from streams.admin import create_topics
