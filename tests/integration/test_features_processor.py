@@ -111,7 +111,8 @@ def test_values_exact_and_malformed_records_dead_lettered(
     assert wait_until(lambda: len(list(tail(settings, "dead-letter"))) == 1, 10)
     letters = list(tail(settings, "dead-letter"))
     assert letters[0]["headers"]["tide.stage"] == "features"
-    assert "magic" in letters[0]["headers"]["tide.error"].lower() or letters[0]["headers"]["tide.error"]
+    assert "not an Avro single-object payload" in letters[0]["headers"]["tide.error"]
+    assert letters[0]["headers"]["tide.error_type"] == "SchemaError"
     assert letters[0]["headers"]["tide.source.topic"] == topic(settings, "events")
     assert not services.check_alive()
 
