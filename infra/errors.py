@@ -10,7 +10,9 @@ TideError
 ├── TrainingError          online_training: a learner or model artifact could not be built
 └── ServingError           serving: a model could not be loaded or a request not scored
     ├── ModelLoadError         an artifact failed to load or warm up; the old model stays
-    └── RequestError           a scoring request is invalid (HTTP 4xx; names the field)
+    ├── RequestError           a scoring request is invalid (HTTP 4xx; names the field)
+    │   └── DeploymentError        a deployment action is invalid (names the field)
+    └── Unavailable            the service cannot score now (HTTP 5xx: no model, slow feature store)
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ class RequestError(ServingError):
         super().__init__(message)
         self.field = field
         self.status = status
+
+
+class DeploymentError(RequestError):
+    pass
 
 
 class Unavailable(ServingError):
