@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
@@ -42,7 +42,12 @@ def make_consumer(settings: CommonSettings, group_id: str, **overrides: Any) -> 
 def reader_from_beginning(
     settings: CommonSettings, topic: str, partitions: int, **overrides: Any
 ) -> Consumer:
-    """A group-less consumer assigned to every partition of ``topic`` from offset 0.
+    """A group-less consumer assigned to every partition of ``topic`` from offset 0."""
+    return replay_reader(settings, {topic: partitions}, **overrides)
+
+
+def replay_reader(settings: CommonSettings, topics: Mapping[str, int], **overrides: Any) -> Consumer:
+    """A group-less consumer assigned to every partition of each topic (name -> partitions) from offset 0.
 
     Serving nodes use it to replay state topics (models, deployments): each node must see every record.
     """
@@ -53,7 +58,9 @@ def reader_from_beginning(
     }
     config.update(overrides)
     consumer = Consumer(config)
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+    consumer.assign(
+        [TopicPartition(name, p, OFFSET_BEGINNING) for name, count in topics.items() for p in range(count)]
+    )
     return consumer
 
 
