@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from pydantic import Field
 
 from infra.settings import CommonSettings
+from serving.auth import ApiKey
 
 
 class ServeSettings(CommonSettings):
+    # API keys, hashed: a JSON list of {"name", "sha256", "roles": ["score"|"admin", ...]} (`tide keys new`),
+    # and/or a file holding the same JSON. None configured: auth is off (warned at start-up).
+    serve_api_keys: list[ApiKey] = Field(default_factory=list)
+    serve_api_keys_file: Path | None = None
+    # GET /metrics: open to anyone, only to "admin" keys, or not served at all.
+    serve_metrics_auth: Literal["public", "admin", "off"] = "public"
+    # A request body that has not fully arrived after this long answers 408 (slow clients cut off).
+    serve_body_timeout_s: float = Field(default=5.0, gt=0)
     serve_host: str = "127.0.0.1"
     serve_port: int = Field(default=8000, ge=0, le=65535)
     serve_workers: int = Field(default=1, ge=1)
