@@ -2,8 +2,9 @@
 
 Routes::
 
-    POST /v1/models/{name}/score   score one instance or a batch ({"instances": [...]})
-    GET  /v1/models                loaded models
+    POST /v1/models/{name}/score        score one instance or a batch ({"instances": [...]})
+    GET  /v1/models                     loaded versions, aliases and traffic split of every model
+    POST /v1/models/{name}/deployments  promote / canary / shadow / rollback / follow (202)
     GET  /healthz                  the process is up
     GET  /readyz                   a model is loaded for settings.model_name and Redis answers
     GET  /metrics                  Prometheus metrics (default registry)
@@ -25,19 +26,21 @@ from typing import Any
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from features.store import RedisOnlineStore
-from infra.errors import RequestError, Unavailable
+from infra.errors import RequestError, StreamError, Unavailable
 from infra.settings import load
 from serving import scoring
+from serving.deployments import deployment_record, publish_deployment
 from serving.predlog import PredictionLog
 from serving.registry import ModelFollower, ModelRegistry
 from serving.scoring import FeatureReader, PredictionSink
 from serving.settings import ServeSettings
-from serving.validation import parse_body
+from serving.validation import parse_body, parse_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,14 @@ REQUEST_LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 
+FIRST_ANSWER_DELAY = Histogram(
+    "tide_model_first_answer_delay_seconds",
+    "Time from a model version's creation to its first answer on this worker (publish to first answer)",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+)
+
 REQUEST_ID_HEADER = "x-request-id"
+DEPLOYMENT_FIELDS = frozenset({"action", "version", "weight", "reason"})
 RETRY_AFTER_S = 1  # what a 503 tells clients to wait
 
 
@@ -70,6 +80,8 @@ def error_response(
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+# Publishes a validated deployment record (to the deployments topic, in production).
+Deployer = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def instrumented(route: str, handler: Handler) -> Handler:
@@ -134,8 +146,11 @@ class ScoringService:
         registry: ModelRegistry | None,
         store: FeatureReader | None,
         predlog: PredictionSink | None,
+        deployer: Deployer | None = None,
     ) -> None:
         self.settings = settings
+        self.deployer = deployer or self._publish_deployment
+        self._answered: set[tuple[str, int]] = set()
         self.owns_registry = registry is None
         self.registry = registry or ModelRegistry(known=[settings.model_name])
         self.store = store
@@ -178,27 +193,60 @@ class ScoringService:
         if not self.registry.is_known(name):
             raise RequestError(f"unknown model {name!r}", status=404)
         instances, batch = parse_body(await read_body(request, self.settings.serve_max_body_bytes))
-        model = self.registry.get(name)  # read once: a swap from here on does not affect this request
-        if model is None:
+        routing = self.registry.routing(name)  # read once: a swap from here on does not affect this request
+        if routing is None:
             raise Unavailable(f"model {name!r} has no version loaded yet", retry_after=RETRY_AFTER_S)
         if self.store is None or self.predlog is None:
             raise Unavailable("service is not started", retry_after=RETRY_AFTER_S)
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         ids = [f"{request_id}-{i}" for i in range(len(instances))] if batch else [request_id]
-        results = await scoring.score(
-            model,
-            instances,
-            store=self.store,
-            predlog=self.predlog,
-            timeout_s=self.settings.serve_request_timeout_s,
-            request_ids=ids,
-            started=started,
+        rows = await scoring.read_features(
+            self.store, [i.entity for i in instances], self.settings.serve_request_timeout_s
         )
-        body = {"request_id": request_id, "predictions": results} if batch else results[0]
-        return ORJSONResponse(body, headers={"X-Request-ID": request_id})
+        scored = scoring.score(routing, instances, rows, ids)
+        scoring.log_predictions(self.predlog, scored, (time.perf_counter() - started) * 1000)
+        self._first_answers(scored)
+        items = [scoring.response_item(s) for s in scored]
+        body = {"request_id": request_id, "predictions": items} if batch else items[0]
+        mirror = None
+        if routing.shadow is not None:  # after the response is sent: a shadow never delays or changes it
+            mirror = BackgroundTask(scoring.shadow, routing.shadow, scored, self.predlog)
+        return ORJSONResponse(body, headers={"X-Request-ID": request_id}, background=mirror)
+
+    def _first_answers(self, scored: list[scoring.Scored]) -> None:
+        for s in scored:
+            key = (s.model.name, s.model.version)
+            if key not in self._answered:
+                self._answered.add(key)
+                FIRST_ANSWER_DELAY.observe(max(time.time() - s.model.published_ts / 1000, 0.0))
 
     async def list_models(self, request: Request) -> Response:
-        return ORJSONResponse({"models": [m.describe() for m in self.registry.models()]})
+        return ORJSONResponse({"models": self.registry.describe()})
+
+    async def deploy(self, request: Request) -> Response:
+        """Publish a traffic change for a model; every node applies it when it reads it back (202)."""
+        name = request.path_params["name"]
+        if not self.registry.is_known(name):
+            raise RequestError(f"unknown model {name!r}", status=404)
+        body = parse_json_object(await read_body(request, self.settings.serve_max_body_bytes))
+        extra = sorted(body.keys() - DEPLOYMENT_FIELDS)
+        if extra:
+            raise RequestError(
+                f"unknown field; allowed: {', '.join(sorted(DEPLOYMENT_FIELDS))}", field=extra[0]
+            )
+        if "action" not in body:
+            raise RequestError("is required", field="action")
+        record = deployment_record(
+            name, body["action"], body.get("version"), body.get("weight", 0.0), body.get("reason")
+        )
+        await self.deployer(record)
+        return ORJSONResponse({"deployment": record}, status_code=202)
+
+    async def _publish_deployment(self, record: dict[str, Any]) -> None:
+        try:
+            await asyncio.to_thread(publish_deployment, self.settings, record)
+        except StreamError as exc:
+            raise Unavailable(str(exc), retry_after=RETRY_AFTER_S) from exc
 
     async def healthz(self, request: Request) -> Response:
         return ORJSONResponse({"status": "ok"})
@@ -230,6 +278,7 @@ def create_app(
     registry: ModelRegistry | None = None,
     store: FeatureReader | None = None,
     predlog: PredictionSink | None = None,
+    deployer: Deployer | None = None,
 ) -> Starlette:
     """The scoring app. Without ``settings`` they are read from ``TIDE_*`` (uvicorn factory mode).
 
@@ -237,10 +286,11 @@ def create_app(
     built, started and stopped by the app's lifespan (an injected ``registry`` gets no follower).
     """
     settings = settings or load(ServeSettings)
-    service = ScoringService(settings, registry, store, predlog)
+    service = ScoringService(settings, registry, store, predlog, deployer)
     routes = [
         Route("/v1/models/{name}/score", instrumented("score", service.score), methods=["POST"]),
         Route("/v1/models", instrumented("models", service.list_models), methods=["GET"]),
+        Route("/v1/models/{name}/deployments", instrumented("deploy", service.deploy), methods=["POST"]),
         Route("/healthz", instrumented("healthz", service.healthz), methods=["GET"]),
         Route("/readyz", instrumented("readyz", service.readyz), methods=["GET"]),
         Route("/metrics", instrumented("metrics", service.metrics), methods=["GET"]),

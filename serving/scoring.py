@@ -1,27 +1,28 @@
-"""Scoring one request: online features in one round trip, one model object, one logged prediction each.
+"""Scoring one request: online features in one round trip, one routing, one logged prediction each.
 
-The model is read from the registry once by the caller and passed in, so a hot swap during the request
-never mixes versions within it.
+The routing (champion, canary, shadow) is read from the registry once by the caller and passed in, so a
+hot swap or a deployment during the request never mixes policies within it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from features.definitions import CARD_ACTIVITY, FeatureView
 from features.store import FeatureRow
 from infra.errors import Unavailable
+from serving.deployments import ARM_SHADOW, Routing
 from serving.features import assemble
 from serving.runtime import LoadedModel
 from serving.validation import ScoreRequest
 
 logger = logging.getLogger(__name__)
-
-ARM_CHAMPION = "champion"
 
 
 class FeatureReader(Protocol):
@@ -51,54 +52,80 @@ async def read_features(
     return {row.entity: row for row in rows}
 
 
-async def score(
-    model: LoadedModel,
-    instances: Sequence[ScoreRequest],
-    *,
-    store: FeatureReader,
-    predlog: PredictionSink,
-    timeout_s: float,
-    request_ids: Sequence[str],
-    started: float,
-) -> list[dict[str, Any]]:
-    """Score ``instances`` with ``model``; returns one response item each and logs one prediction each.
+@dataclass(frozen=True)
+class Scored:
+    """One instance as served: what it was scored from and by whom."""
 
-    ``started`` is the request's ``time.perf_counter()`` at arrival; latency is measured from it.
-    """
-    rows = await read_features(store, [i.entity for i in instances], timeout_s)
-    scored = []
-    for inst in instances:
+    request: ScoreRequest
+    request_id: str
+    row: FeatureRow
+    x: dict[str, Any]
+    model: LoadedModel
+    arm: str
+    score: float
+
+
+def score(
+    routing: Routing,
+    instances: Sequence[ScoreRequest],
+    rows: Mapping[str, FeatureRow],
+    request_ids: Sequence[str],
+) -> list[Scored]:
+    """Score each instance with the arm its entity routes to (one routing for the whole request)."""
+    out = []
+    for inst, request_id in zip(instances, request_ids, strict=True):
         row = rows[inst.entity]
         x = assemble(inst.fields, row)
-        scored.append((inst, row, x, model.runtime.predict_one(x)))
-    latency_ms = (time.perf_counter() - started) * 1000
+        model, arm = routing.pick(inst.entity)
+        out.append(Scored(inst, request_id, row, x, model, arm, model.runtime.predict_one(x)))
+    return out
+
+
+def log_predictions(predlog: PredictionSink, scored: Sequence[Scored], latency_ms: float) -> None:
+    """One prediction record per scored instance, with the exact features and the arm that answered."""
     ts = int(time.time() * 1000)
-    out = []
-    for (inst, row, x, value), request_id in zip(scored, request_ids, strict=True):
+    for s in scored:
         predlog.log(
             {
-                "request_id": request_id,
-                "event_id": inst.event_id,
-                "entity": inst.entity,
-                "model": model.name,
-                "version": model.version,
-                "arm": ARM_CHAMPION,
-                "features": x,
-                "score": value,
+                "request_id": s.request_id,
+                "event_id": s.request.event_id,
+                "entity": s.request.entity,
+                "model": s.model.name,
+                "version": s.model.version,
+                "arm": s.arm,
+                "features": s.x,
+                "score": s.score,
                 "latency_ms": latency_ms,
                 "ts": ts,
             }
         )
-        out.append(
-            {
-                "request_id": request_id,
-                "model": model.name,
-                "version": model.version,
-                "score": value,
-                "arm": ARM_CHAMPION,
-                "features": x,
-                "feature_status": row.status,
-                "feature_age_ms": row.age_ms,
-            }
-        )
-    return out
+
+
+def shadow(model: LoadedModel, scored: Sequence[Scored], predlog: PredictionSink) -> None:
+    """Mirror a request to the shadow version: score the same inputs, log them, return nothing.
+
+    Runs after the response has been sent; a shadow failure is logged and never reaches the client.
+    """
+    started = time.perf_counter()
+    try:
+        mirrored = [
+            dataclasses.replace(s, model=model, arm=ARM_SHADOW, score=model.runtime.predict_one(s.x))
+            for s in scored
+        ]
+    except Exception:
+        logger.exception("shadow model %s version %d failed to score", model.name, model.version)
+        return
+    log_predictions(predlog, mirrored, (time.perf_counter() - started) * 1000)
+
+
+def response_item(s: Scored) -> dict[str, Any]:
+    return {
+        "request_id": s.request_id,
+        "model": s.model.name,
+        "version": s.model.version,
+        "arm": s.arm,
+        "score": s.score,
+        "features": s.x,
+        "feature_status": s.row.status,
+        "feature_age_ms": s.row.age_ms,
+    }

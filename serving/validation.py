@@ -26,14 +26,20 @@ class ScoreRequest:
     fields: dict[str, Any]  # the request fields, converted to their schema types
 
 
-def parse_body(body: bytes) -> tuple[list[ScoreRequest], bool]:
-    """The instances of a scoring body and whether it was a batch. Raises :class:`RequestError`."""
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """A body that must be one JSON object. Raises :class:`RequestError` (400 for bad JSON)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise RequestError(f"body is not valid JSON: {exc}", status=400) from None
     if not isinstance(data, dict):
         raise RequestError(f"body must be a JSON object, got {_json_type(data)}")
+    return data
+
+
+def parse_body(body: bytes) -> tuple[list[ScoreRequest], bool]:
+    """The instances of a scoring body and whether it was a batch. Raises :class:`RequestError`."""
+    data = parse_json_object(body)
     if "instances" not in data:
         return [parse_instance(data, "")], False
     extra = sorted(data.keys() - {"instances"})

@@ -145,6 +145,6 @@ async def test_serve_follow_score_log_and_swap(serve_settings: ServeSettings) ->
         await asyncio.sleep(0.5)  # v3 was read before v2 and failed: still v2
         assert registry.get("fraud").version == 2  # type: ignore[union-attr]
         models = (await client.get("/v1/models")).json()["models"]
-        assert [(m["name"], m["version"]) for m in models] == [("fraud", 2)]
+        assert [(m["name"], m["champion"], m["failed"]) for m in models] == [("fraud", 2, [3])]
         metrics = (await client.get("/metrics")).text
         assert 'tide_model_load_failures_total{model="fraud"}' in metrics
