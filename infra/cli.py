@@ -139,6 +139,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _service(ServeSettings, run)
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from serving.deployments import deployment_record, publish_deployment
+
+    settings = load(CommonSettings)
+    model = args.model or settings.model_name
+    record = deployment_record(model, args.action, args.version, args.weight, args.reason)
+    publish_deployment(settings, record)
+    _emit(record)
+    return 0
+
+
 def cmd_features(args: argparse.Namespace) -> int:
     from features.definitions import VIEWS
 
@@ -273,6 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the HTTP scoring service (POST /v1/models/{name}/score); follows the models "
         "topic and hot-swaps versions.",
     )
+    dp = add(
+        "deploy",
+        cmd_deploy,
+        "Change which model version serves: promote VERSION to champion, canary VERSION --weight W "
+        "(sticky per entity; weight 0 ends it), shadow VERSION (mirrored and logged; no version ends it), "
+        "rollback (to the previous champion, or VERSION), follow (the newest version serves). Published "
+        "to the deployments topic; every serving node applies it.",
+    )
+    dp.add_argument("action", choices=("promote", "canary", "shadow", "rollback", "follow"))
+    dp.add_argument("version", nargs="?", type=int, default=None, help="model version the action applies to")
+    dp.add_argument("--weight", type=float, default=0.0, help="canary share of entities in [0, 1]")
+    dp.add_argument("--model", default=None, help="model name (default: TIDE_MODEL_NAME)")
+    dp.add_argument("--reason", default=None, help="why, kept with the record")
     fe = add(
         "features",
         cmd_features,
@@ -305,7 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except TideError as exc:
-        sys.stderr.write(f"tide {args.command}: error: {exc}\n")
+        field = getattr(exc, "field", None)  # request errors name their field apart from the message
+        where = f"{field}: " if field else ""
+        sys.stderr.write(f"tide {args.command}: error: {where}{exc}\n")
         return 2
     except KeyboardInterrupt:
         return 130

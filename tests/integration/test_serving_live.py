@@ -15,7 +15,9 @@ from confluent_kafka import Producer
 
 from features.definitions import CARD_ACTIVITY
 from features.store import RedisOnlineStore
+from infra import cli
 from infra.embedded import StackInfo
+from infra.settings import env_var
 from online_training.model import FEATURE_NAMES, dump, new_model
 from schemas import codec
 from serving.app import create_app
@@ -148,3 +150,74 @@ async def test_serve_follow_score_log_and_swap(serve_settings: ServeSettings) ->
         assert [(m["name"], m["champion"], m["failed"]) for m in models] == [("fraud", 2, [3])]
         metrics = (await client.get("/metrics")).text
         assert 'tide_model_load_failures_total{model="fraud"}' in metrics
+
+
+def predictions_of(settings: ServeSettings, request_id: str, count: int, timeout: float = 15.0) -> list[dict]:
+    """The ``count`` prediction records logged for ``request_id`` (champion and shadow)."""
+    consumer = reader_from_beginning(
+        settings, topic(settings, "predictions"), TOPICS["predictions"].partitions
+    )
+    found: list[dict] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(found) < count:
+            for msg in consumer.consume(500, 0.2):
+                if msg.error() is None:
+                    record = codec.decode(msg.value(), "prediction")
+                    if record["request_id"] == request_id:
+                        found.append(record)
+        return found
+    finally:
+        consumer.close()
+
+
+async def test_deployments_over_the_topic_reach_every_node(
+    serve_settings: ServeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Canary, shadow and rollback published through the deployments topic (over HTTP and by the CLI)
+    route a node's traffic, and a second node following the same topics routes identically."""
+    for name in ("kafka_bootstrap", "topic_prefix"):  # what the CLI reads its settings from
+        monkeypatch.setenv(env_var(name), str(getattr(serve_settings, name)))
+    publish(serve_settings, *(model_record(v, seed=v) for v in (1, 2, 3)))
+    app, other = create_app(serve_settings), create_app(serve_settings)
+    registry: ModelRegistry = app.state.registry
+    async with (
+        app.router.lifespan_context(app),
+        other.router.lifespan_context(other),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tide") as client,
+    ):
+        await asyncio.to_thread(registry.wait_for, "fraud", 3, 30.0)
+        resp = await client.post(
+            "/v1/models/fraud/deployments", json={"action": "canary", "version": 2, "weight": 0.3}
+        )
+        assert resp.status_code == 202, resp.text
+        await asyncio.to_thread(registry.wait_until, "fraud", lambda r: r.canary is not None, 30.0)
+        arms = []
+        for start in range(0, 2000, 250):
+            batch = {
+                "instances": [{"entity": f"c{i}", "features": FEATURES} for i in range(start, start + 250)]
+            }
+            resp = await client.post("/v1/models/fraud/score", json=batch)
+            assert resp.status_code == 200, resp.text
+            arms += [(p["arm"], p["version"]) for p in resp.json()["predictions"]]
+        assert set(arms) == {("champion", 3), ("canary", 2)}
+        assert sum(arm == "canary" for arm, _ in arms) / len(arms) == pytest.approx(0.3, abs=0.04)
+
+        assert cli.main(["deploy", "shadow", "1", "--reason", "try v1 on live traffic"]) == 0
+        await asyncio.to_thread(registry.wait_until, "fraud", lambda r: r.shadow is not None, 30.0)
+        resp = await client.post("/v1/models/fraud/score", json={"entity": "c1", "features": FEATURES})
+        out = resp.json()
+        assert out["version"] in (2, 3) and out["arm"] in ("champion", "canary")
+        logged = await asyncio.to_thread(predictions_of, serve_settings, out["request_id"], 2)
+        assert sorted((r["arm"], r["version"]) for r in logged) == sorted(
+            [(out["arm"], out["version"]), ("shadow", 1)]
+        )
+
+        assert cli.main(["deploy", "rollback"]) == 0  # following the newest (3): back to 2, canary ends
+        routing = await asyncio.to_thread(
+            registry.wait_until, "fraud", lambda r: r.champion.version == 2, 30.0
+        )
+        assert routing.canary is None and routing.shadow is not None
+        await asyncio.to_thread(
+            other.state.registry.wait_until, "fraud", lambda r: r.describe() == routing.describe(), 30.0
+        )
