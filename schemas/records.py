@@ -79,7 +79,7 @@ class Prediction(TypedDict):
 class Histogram(TypedDict):
     """A histogram: counts[i] values fell in [edges[i], edges[i + 1]).
 
-    Avro ``tide.Histogram``, version 1.
+    Avro ``tide.Histogram``, version 2.
     """
 
     # What was counted: a feature name, or prediction.
@@ -93,7 +93,7 @@ class Histogram(TypedDict):
 class ReferenceProfile(TypedDict):
     """Distributions seen in training, the baseline drift is measured against.
 
-    Avro ``tide.ReferenceProfile``, version 1.
+    Avro ``tide.ReferenceProfile``, version 2.
     """
 
     # Number of examples the profile was built from.
@@ -107,7 +107,7 @@ class ReferenceProfile(TypedDict):
 class ModelVersion(TypedDict):
     """A trained model snapshot published to the model registry.
 
-    Avro ``tide.ModelVersion``, version 1.
+    Avro ``tide.ModelVersion``, version 2.
     """
 
     # Model name.
@@ -118,7 +118,7 @@ class ModelVersion(TypedDict):
     flavor: str
     # The artifact itself; may be empty when artifact_uri is set.
     artifact: bytes
-    # Where the artifact is stored when it is not inline; null when inline.
+    # Where the artifact is stored (file:// or http(s)://) when it is not inline; null when inline.
     artifact_uri: NotRequired[str | None]
     # Hex SHA-256 of the artifact bytes.
     sha256: str
@@ -134,6 +134,11 @@ class ModelVersion(TypedDict):
     reference: NotRequired[ReferenceProfile | None]
     # When this version was created, ms since the Unix epoch (UTC).
     created_ts: int
+    # Ed25519 signature of the version's statement (model, version, flavor, sha256, feature_names;
+    # infra/signing.py); null when unsigned.
+    signature: NotRequired[bytes | None]
+    # The signing key: first 16 hex digits of the SHA-256 of its raw public key; null when unsigned.
+    key_id: NotRequired[str | None]
 
 
 class Deployment(TypedDict):

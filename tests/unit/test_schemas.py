@@ -75,6 +75,8 @@ REALISTIC: dict[str, dict[str, Any]] = {
             "prediction": {"name": "prediction", "edges": [0.0, 0.5, 1.0], "counts": [11_800, 200]},
         },
         "created_ts": 1_718_000_000_000,
+        "signature": bytes(range(64)),  # v2: an Ed25519 signature is 64 bytes
+        "key_id": "0123456789abcdef",
     },
     "deployment": {
         "model": "fraud",
