@@ -24,17 +24,19 @@ from confluent_kafka import Producer
 from prometheus_client import Counter, Gauge
 from pydantic import Field
 
-from infra.errors import TrainingError
+from infra.artifacts import record_artifact
+from infra.errors import ModelLoadError, TrainingError
 from infra.metrics import serve_metrics
 from infra.settings import CommonSettings
 from online_training import model as fraud_model
 from online_training.profile import build_profile
-from schemas import codec
+from online_training.publish import latest_record, publish_model_version, signer_of
+from online_training.settings import PublishSettings
 from streams import processor
 from streams.deadletter import KafkaDeadLetters
-from streams.kafka import make_consumer, make_producer, make_transactional_producer, read_to_end
+from streams.kafka import make_consumer, make_producer, make_transactional_producer
 from streams.processor import Incoming
-from streams.topics import TOPICS, topic
+from streams.topics import topic
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ METRIC = Gauge(
 SERVED_ARMS = ("champion", "canary")  # shadow predictions were not what the caller received
 
 
-class TrainerSettings(CommonSettings):
+class TrainerSettings(PublishSettings):
     trainer_group: str = "tide-trainer"
     trainer_publish_every: int = Field(default=500, ge=1)
     # A quiet stream still publishes what was learnt since the last version after this long.
@@ -99,7 +101,6 @@ class TrainerStep:
         self.trained_on = trained_on
         self._producer = producer
         self._redis = join_store
-        self._models_topic = topic(settings, "models")
         self._predictions: dict[str, dict[str, Any]] = {}
         self._labels: dict[str, bool] = {}
         self._since_publish = 0
@@ -174,31 +175,24 @@ class TrainerStep:
         ys, ps = zip(*self._recent, strict=True) if self._recent else ((), ())
         return rolling_auc(list(ys), list(ps))
 
-    def version_record(self) -> dict[str, Any]:
-        blob, digest = fraud_model.dump(self.model)
-        rows = list(self._reference)
-        scores = [self.model.predict_proba_one(x).get(True, 0.0) for x in rows]
-        return {
-            "model": self.model_name,
-            "version": self.version,
-            "flavor": "river",
-            "artifact": blob,
-            "artifact_uri": None,
-            "sha256": digest,
-            "feature_names": list(fraud_model.FEATURE_NAMES),
-            "metric_name": f"roc_auc_last_{self.settings.trainer_metric_window}",
-            "metric_value": self.metric(),
-            "trained_on": self.trained_on,
-            "reference": build_profile(rows, scores, fraud_model.PROFILED) if rows else None,
-            "created_ts": int(time.time() * 1000),
-        }
-
     def publish(self, producer: Producer | None = None) -> None:
         """Produce the next version (to the step's transactional producer unless another is given)."""
         self.version += 1
-        record = self.version_record()
-        (producer or self._producer).produce(
-            self._models_topic, key=self.model_name.encode(), value=codec.encode("model_version", record)
+        blob, _ = fraud_model.dump(self.model)
+        rows = list(self._reference)
+        scores = [self.model.predict_proba_one(x).get(True, 0.0) for x in rows]
+        record = publish_model_version(
+            self.settings,
+            model=self.model_name,
+            version=self.version,
+            flavor="river",
+            artifact=blob,
+            feature_names=fraud_model.FEATURE_NAMES,
+            metric_name=f"roc_auc_last_{self.settings.trainer_metric_window}",
+            metric_value=self.metric(),
+            trained_on=self.trained_on,
+            reference=build_profile(rows, scores, fraud_model.PROFILED) if rows else None,
+            producer=producer or self._producer,
         )
         self._since_publish = 0
         self._published_at = time.monotonic()
@@ -217,19 +211,7 @@ class TrainerStep:
 
 def latest_version(settings: CommonSettings) -> dict[str, Any] | None:
     """The newest committed version of the model on the models topic, read from the beginning."""
-    latest: dict[str, Any] | None = None
-    name = topic(settings, "models")
-    for msg in read_to_end(settings, name, TOPICS["models"].partitions):
-        try:
-            record = codec.decode(msg.value() or b"", "model_version")
-        except Exception:
-            log.warning("undecodable record on %s offset %s", name, msg.offset())
-            continue
-        if record["model"] == settings.model_name and (
-            latest is None or record["version"] > latest["version"]
-        ):
-            latest = record
-    return latest
+    return latest_record(settings, settings.model_name)
 
 
 def restore_or_bootstrap(
@@ -238,7 +220,10 @@ def restore_or_bootstrap(
     """Resume from the newest published version, or publish version 1 (untrained) so serving can start."""
     latest = latest_version(settings)
     if latest is not None and latest["flavor"] == "river":
-        model = fraud_model.load(latest["artifact"], latest["sha256"])
+        try:
+            model = fraud_model.load(record_artifact(latest), latest["sha256"])
+        except ModelLoadError as exc:
+            raise TrainingError(f"cannot resume from version {latest['version']}: {exc}") from exc
         log.info("resuming model=%s from version %d", settings.model_name, latest["version"])
         return TrainerStep(settings, producer, join_store, model, latest["version"], latest["trained_on"])
     step = TrainerStep(settings, producer, join_store)
@@ -256,6 +241,7 @@ def run(settings: TrainerSettings, stop: threading.Event | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     serve_metrics(settings)
+    signer_of(settings)  # a bad signing key fails now, not at the first publish
     join_store = redis.Redis.from_url(settings.redis_url)
     producer = make_transactional_producer(settings, f"{settings.topic_prefix}{settings.trainer_group}")
     step = restore_or_bootstrap(settings, producer, join_store)

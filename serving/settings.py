@@ -28,3 +28,9 @@ class ServeSettings(CommonSettings):
     serve_request_timeout_s: float = Field(default=2.0, gt=0)
     # Prediction-log records queued in the producer while the broker is slow or away; beyond it they drop.
     serve_prediction_buffer: int = Field(default=100_000, ge=1)
+    # PEM file of trusted Ed25519 public keys. Set: only versions signed by one of them load. Unset:
+    # signatures are not checked (logged once). See infra/signing.py.
+    serve_trusted_keys_file: str | None = None
+    # Bounds on fetching an artifact by URI (artifact_uri), per model version.
+    serve_artifact_timeout_s: float = Field(default=10.0, gt=0)
+    serve_artifact_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)

@@ -1,0 +1,180 @@
+"""Publishing model versions: the one way both trainers (and benchmarks) put a version on the models topic.
+
+:func:`publish_model_version` builds the ``model_version`` record, stores the artifact inline (up to
+``artifact_inline_max_bytes``) or in the artifact store by URI, signs it when a signing key is
+configured (:mod:`infra.signing`) and produces it keyed by model name.
+
+Exactly-once: with the caller's transactional producer (the online trainer's), the record is only
+produced; it becomes visible when the caller commits the transaction that also holds the consumed
+offsets. An artifact written to the store for a transaction that then aborts stays as an unreferenced
+file (content-addressed, so a retry rewrites the same name). Without a producer, an idempotent one is
+created, and the call returns once the broker has acknowledged the record.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+
+from infra.artifacts import LocalArtifactStore, sha256_hex
+from infra.errors import TrainingError
+from infra.settings import CommonSettings
+from infra.signing import Signer
+from online_training.settings import PublishSettings
+from schemas import codec
+from streams.kafka import make_producer, read_to_end
+from streams.topics import TOPICS, topic
+
+log = logging.getLogger(__name__)
+
+_DEFAULTS = PublishSettings.model_fields
+FLUSH_TIMEOUT_S = 30.0
+
+
+@functools.lru_cache(maxsize=8)
+def _signer(path: str) -> Signer:
+    return Signer.from_pem_file(Path(path))
+
+
+def signer_of(settings: CommonSettings) -> Signer | None:
+    """The signer ``settings`` configure (loaded once per key file), or None when versions go unsigned."""
+    path = settings.signing_key_file if isinstance(settings, PublishSettings) else None
+    return _signer(path) if path else None
+
+
+def store_of(settings: CommonSettings) -> LocalArtifactStore:
+    """The artifact store ``settings`` configure: ``artifact_store``, else ``<state_dir>/artifacts``."""
+    root = settings.artifact_store if isinstance(settings, PublishSettings) else None
+    return LocalArtifactStore(Path(root) if root else Path(settings.state_dir) / "artifacts")
+
+
+def _inline_max(settings: CommonSettings) -> int:
+    if isinstance(settings, PublishSettings):
+        return settings.artifact_inline_max_bytes
+    default: int = _DEFAULTS["artifact_inline_max_bytes"].default
+    return default
+
+
+def build_record(
+    settings: CommonSettings,
+    *,
+    model: str,
+    version: int,
+    flavor: str,
+    artifact: bytes,
+    feature_names: Sequence[str],
+    metric_name: str = "",
+    metric_value: float | None = None,
+    trained_on: int = 0,
+    reference: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``model_version`` record for an artifact: stored inline or by URI, signed when configured."""
+    digest = sha256_hex(artifact)
+    inline = len(artifact) <= _inline_max(settings)
+    record: dict[str, Any] = {
+        "model": model,
+        "version": int(version),
+        "flavor": flavor,
+        "artifact": artifact if inline else b"",
+        "artifact_uri": None if inline else store_of(settings).put(model, flavor, artifact),
+        "sha256": digest,
+        "feature_names": list(feature_names),
+        "metric_name": metric_name,
+        "metric_value": None if metric_value is None else float(metric_value),
+        "trained_on": int(trained_on),
+        "reference": dict(reference) if reference is not None else None,
+        "created_ts": int(time.time() * 1000),
+        "signature": None,
+        "key_id": None,
+    }
+    signer = signer_of(settings)
+    if signer is not None:
+        record["signature"], record["key_id"] = signer.sign(record)
+    return record
+
+
+def publish_model_version(
+    settings: CommonSettings,
+    *,
+    model: str,
+    version: int,
+    flavor: str,
+    artifact: bytes,
+    feature_names: Sequence[str],
+    metric_name: str = "",
+    metric_value: float | None = None,
+    trained_on: int = 0,
+    reference: Mapping[str, Any] | None = None,
+    producer: Producer | None = None,
+) -> dict[str, Any]:
+    """Build (:func:`build_record`) and produce a model version; returns the record published.
+
+    With ``producer`` (e.g. a transactional one inside its transaction) the record is only produced;
+    without, an idempotent producer is made, and this returns after delivery (TrainingError if not).
+    """
+    record = build_record(
+        settings,
+        model=model,
+        version=version,
+        flavor=flavor,
+        artifact=artifact,
+        feature_names=feature_names,
+        metric_name=metric_name,
+        metric_value=metric_value,
+        trained_on=trained_on,
+        reference=reference,
+    )
+    value = codec.encode("model_version", record)
+    name = topic(settings, "models")
+    if producer is not None:
+        producer.produce(name, key=model.encode(), value=value)
+    else:
+        _produce_and_wait(settings, name, model.encode(), value)
+    log.info(
+        "published model=%s version=%d flavor=%s artifact=%s (%d bytes) %s=%s %s",
+        model,
+        version,
+        flavor,
+        "inline" if record["artifact_uri"] is None else record["artifact_uri"],
+        len(artifact),
+        metric_name or "metric",
+        metric_value,
+        f"signed by {record['key_id']}" if record["key_id"] else "unsigned",
+    )
+    return record
+
+
+def _produce_and_wait(settings: CommonSettings, name: str, key: bytes, value: bytes) -> None:
+    errors: list[str] = []
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    producer = make_producer(settings)
+    producer.produce(name, key=key, value=value, on_delivery=on_delivery)
+    if producer.flush(FLUSH_TIMEOUT_S):
+        raise TrainingError(f"model version not delivered to {name} within {FLUSH_TIMEOUT_S:.0f} s")
+    if errors:
+        raise TrainingError(f"model version not delivered to {name}: {errors[0]}")
+
+
+def latest_record(settings: CommonSettings, model: str) -> dict[str, Any] | None:
+    """The newest committed version of ``model`` on the models topic, read from the beginning."""
+    latest: dict[str, Any] | None = None
+    name = topic(settings, "models")
+    for msg in read_to_end(settings, name, TOPICS["models"].partitions):
+        try:
+            record = codec.decode(msg.value() or b"", "model_version")
+        except Exception:
+            log.warning("undecodable record on %s offset %s", name, msg.offset())
+            continue
+        if record["model"] == model and (latest is None or record["version"] > latest["version"]):
+            latest = record
+    return latest
