@@ -319,7 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--duration", type=float, default=90.0, help="seconds of traffic (default 90)")
     de.add_argument("--rate", type=float, default=200.0, help="events per second (default 200)")
     de.add_argument("--out", default="out/demo", help="report directory")
+    ke = add(
+        "keys",
+        cmd_keys,
+        "`keys new`: make an API key for `tide serve`. Prints the key (shown once, never stored) and the "
+        "entry to add to TIDE_SERVE_API_KEYS or the TIDE_SERVE_API_KEYS_FILE list (only its sha256).",
+    )
+    ke.add_argument("action", choices=("new",))
+    ke.add_argument("--name", required=True, help="the key's name, for logs (e.g. the client's)")
+    ke.add_argument("--roles", default="score", help="comma-separated: score, admin (default score)")
     return p
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from serving.auth import new_key
+
+    key, entry = new_key(args.name, [r.strip() for r in args.roles.split(",") if r.strip()])
+    _emit({"key": key, "entry": entry.model_dump(mode="json")})
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -157,6 +157,29 @@ def default_rules(metrics_auth: str = "public") -> list[Rule]:
     ]
 
 
+class AccessRules:
+    """Resolves the access a request needs: an exact-path rule first (one dict lookup), then the
+    others in order; :data:`AUTHENTICATED` when none matches."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self._exact: dict[str, str] = {}
+        self._patterns: list[Rule] = []
+        for rule in rules:
+            if rule._regex is None and rule.methods is None:
+                self._exact.setdefault(rule.path, rule.access)
+            else:
+                self._patterns.append(rule)
+
+    def access_for(self, method: str, path: str) -> str:
+        access = self._exact.get(path)
+        if access is not None:
+            return access
+        for rule in self._patterns:
+            if rule.matches(method, path):
+                return rule.access
+        return AUTHENTICATED
+
+
 class _Denied(Exception):
     def __init__(self, status: int, reason: str, message: str) -> None:
         super().__init__(message)
@@ -173,37 +196,20 @@ class ApiKeyAuth:
     401 (with ``WWW-Authenticate: Bearer``) when the key is missing or unknown, 403 when it lacks the
     role, 404 for a hidden path; each with a JSON body ``{"error": ...}``. The key's name is put in
     ``scope["state"]["api_key"]`` (``request.state.api_key``) for logs. Lifespan and other scopes pass.
+    ``rules`` default to :func:`default_rules` with metrics public.
     """
 
     def __init__(self, app: Any, keys: Sequence[ApiKey], rules: Sequence[Rule] | None = None) -> None:
         self.app = app
         self._by_digest: dict[str, ApiKey] = {k.sha256: k for k in keys}
-        rules = list(rules) if rules is not None else default_rules()
-        # Exact paths without a method filter resolve with one dict lookup; the rest are tried in order.
-        self._exact: dict[str, str] = {}
-        self._patterns: list[Rule] = []
-        for rule in rules:
-            if rule._regex is None and rule.methods is None:
-                self._exact.setdefault(rule.path, rule.access)
-            else:
-                self._patterns.append(rule)
+        self.rules = AccessRules(default_rules() if rules is None else rules)
+        self.access_for = self.rules.access_for
         self.enabled = bool(self._by_digest)
         if not self.enabled:
             logger.warning(
                 "no API keys configured (TIDE_SERVE_API_KEYS, TIDE_SERVE_API_KEYS_FILE): "
                 "scoring and admin endpoints are open to anyone"
             )
-
-    def access_for(self, method: str, path: str) -> str:
-        """The access ``method path`` needs: an exact rule first, then the others in order, else
-        :data:`AUTHENTICATED`."""
-        access = self._exact.get(path)
-        if access is not None:
-            return access
-        for rule in self._patterns:
-            if rule.matches(method, path):
-                return rule.access
-        return AUTHENTICATED
 
     def check(self, method: str, path: str, headers: Iterable[tuple[bytes, bytes]]) -> ApiKey | None:
         """The key that grants access (None for a public path or with auth off); raises :class:`_Denied`."""
