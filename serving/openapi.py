@@ -1,0 +1,439 @@
+"""The scoring service's OpenAPI 3.1 document, served at ``GET /openapi.json``.
+
+Nothing here is a second copy of a field list: the scoring body's features are the request fields the
+validator checks (:data:`serving.features.REQUEST_FIELD_TYPES`, typed and described by the Avro ``event``
+schema), the batch bound is :data:`serving.validation.MAX_BATCH`, the deployment body and record follow
+the Avro ``deployment`` schema, and statuses are those the app and its middlewares answer with. Which
+routes need which key role follows :func:`serving.auth.default_rules`, so the document and the middleware
+agree on what is public.
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from typing import Any
+
+from features.store import Status
+from schemas import codec
+from serving.auth import PUBLIC, ROLES, AccessRules, default_rules
+from serving.features import REQUEST_FIELD_TYPES
+from serving.settings import ServeSettings
+from serving.validation import MAX_BATCH
+
+OPENAPI_VERSION = "3.1.0"
+ARMS_RETURNED = ("champion", "canary")  # a shadow's answer is logged, never returned
+
+# Avro primitive -> JSON Schema, as serving.validation converts JSON values (an integer is a number).
+_AVRO_TO_JSON: dict[str, dict[str, Any]] = {
+    "double": {"type": "number"},
+    "float": {"type": "number"},
+    "int": {"type": "integer", "format": "int32", "minimum": -(2**31), "maximum": 2**31 - 1},
+    "long": {"type": "integer", "format": "int64", "minimum": -(2**63), "maximum": 2**63 - 1},
+    "boolean": {"type": "boolean"},
+    "string": {"type": "string"},
+}
+
+_SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+_KEYED: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]  # either header
+
+
+def avro_field_schema(field: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON Schema of an Avro record field: a primitive, or a primitive or null (``["null", T]``)."""
+    kind = field["type"]
+    nullable = isinstance(kind, list)
+    if nullable:
+        others = [k for k in kind if k != "null"]
+        if len(others) != 1 or len(kind) != 2:
+            raise TypeError(f"field {field['name']!r}: only [null, primitive] unions are supported")
+        kind = others[0]
+    if not isinstance(kind, str) or kind not in _AVRO_TO_JSON:
+        raise TypeError(f"field {field['name']!r} has type {kind!r}; only primitives are supported")
+    out = copy.deepcopy(_AVRO_TO_JSON[kind])
+    if nullable:
+        out["type"] = [out["type"], "null"]
+    if "doc" in field:
+        out["description"] = field["doc"]
+    return out
+
+
+def _record_fields(record: str) -> dict[str, dict[str, Any]]:
+    return {f["name"]: f for f in codec.schema(record)["fields"]}
+
+
+def features_schema(request_field_types: Mapping[str, str] = REQUEST_FIELD_TYPES) -> dict[str, Any]:
+    """The ``features`` object of a scoring instance: every request field, typed as validation types it."""
+    docs = _record_fields("event")
+    properties = {}
+    for name, kind in request_field_types.items():
+        prop = copy.deepcopy(_AVRO_TO_JSON[kind])
+        if "doc" in docs.get(name, {}):
+            prop["description"] = docs[name]["doc"]
+        properties[name] = prop
+    return {
+        "type": "object",
+        "description": "The event's request fields; the entity's online features are added by the service.",
+        "properties": properties,
+        "required": list(request_field_types),
+        "additionalProperties": False,
+    }
+
+
+def _deployment_body_schema(actions: Sequence[str]) -> dict[str, Any]:
+    fields = _record_fields("deployment")
+    props = {name: avro_field_schema(fields[name]) for name in ("action", "version", "weight", "reason")}
+    props["action"]["enum"] = list(actions)
+    props["version"]["minimum"] = 1
+    props["weight"].update(minimum=0.0, maximum=1.0, default=0.0)
+    return {
+        "type": "object",
+        "properties": props,
+        "required": ["action"],
+        "additionalProperties": False,
+    }
+
+
+def _components(
+    request_field_types: Mapping[str, str], actions: Sequence[str], max_batch: int
+) -> dict[str, Any]:
+    ref = _ref
+    deployment_record = {
+        "type": "object",
+        "description": codec.schema("deployment").get("doc", ""),
+        "properties": {n: avro_field_schema(f) for n, f in _record_fields("deployment").items()},
+        "required": list(_record_fields("deployment")),
+    }
+    return {
+        "Error": {
+            "type": "object",
+            "properties": {
+                "error": {"type": "string", "description": "What is wrong."},
+                "field": {
+                    "type": "string",
+                    "description": "The offending field, e.g. features.amount or instances[3].entity.",
+                },
+            },
+            "required": ["error"],
+        },
+        "Features": features_schema(request_field_types),
+        "Instance": {
+            "type": "object",
+            "properties": {
+                "entity": {"type": "string", "minLength": 1, "description": "The card to score."},
+                "event_id": {
+                    "type": ["string", "null"],
+                    "description": _record_fields("event")["event_id"].get("doc", ""),
+                },
+                "features": ref("Features"),
+            },
+            "required": ["entity", "features"],
+            "additionalProperties": False,
+        },
+        "Batch": {
+            "type": "object",
+            "properties": {
+                "instances": {
+                    "type": "array",
+                    "items": ref("Instance"),
+                    "minItems": 1,
+                    "maxItems": max_batch,
+                }
+            },
+            "required": ["instances"],
+            "additionalProperties": False,
+        },
+        "Prediction": {
+            "type": "object",
+            "properties": {
+                "request_id": {"type": "string"},
+                "model": {"type": "string"},
+                "version": {"type": "integer", "description": "The model version that answered."},
+                "arm": {"type": "string", "enum": list(ARMS_RETURNED)},
+                "score": {"type": "number"},
+                "features": {
+                    "type": "object",
+                    "description": "The exact input scored: request fields and online features.",
+                },
+                "feature_status": {"type": "string", "enum": list(typing.get_args(Status))},
+                "feature_age_ms": {
+                    "type": ["integer", "null"],
+                    "description": "Age of the entity's newest event in the online store.",
+                },
+            },
+            "required": ["request_id", "model", "version", "arm", "score"],
+        },
+        "BatchPrediction": {
+            "type": "object",
+            "properties": {
+                "request_id": {"type": "string"},
+                "predictions": {"type": "array", "items": ref("Prediction")},
+            },
+            "required": ["request_id", "predictions"],
+        },
+        "ModelList": {
+            "type": "object",
+            "properties": {
+                "models": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "description": "A model: its loaded versions, aliases and traffic split.",
+                        "properties": {"name": {"type": "string"}},
+                        "required": ["name"],
+                    },
+                }
+            },
+            "required": ["models"],
+        },
+        "DeploymentRequest": _deployment_body_schema(actions),
+        "DeploymentAccepted": {
+            "type": "object",
+            "properties": {"deployment": deployment_record},
+            "required": ["deployment"],
+        },
+        "Health": {
+            "type": "object",
+            "properties": {"status": {"const": "ok"}},
+            "required": ["status"],
+        },
+        "Ready": {
+            "type": "object",
+            "properties": {
+                "status": {"const": "ready"},
+                "model": {"type": "string"},
+                "version": {"type": "integer"},
+            },
+            "required": ["status"],
+        },
+        "NotReady": {
+            "type": "object",
+            "properties": {
+                "status": {"const": "not ready"},
+                "reasons": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["status", "reasons"],
+        },
+    }
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _json(_ref("Error"), description, headers)
+
+
+_RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+}
+_WWW_AUTHENTICATE = {"WWW-Authenticate": {"schema": {"type": "string"}, "description": 'Bearer realm="tide"'}}
+
+
+def openapi_document(
+    settings: ServeSettings,
+    *,
+    auth_enabled: bool,
+    actions: Sequence[str],
+    models: Sequence[str] | None = None,
+    request_field_types: Mapping[str, str] = REQUEST_FIELD_TYPES,
+    max_batch: int = MAX_BATCH,
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the app built from ``settings``.
+
+    ``auth_enabled``: whether API keys are configured (keyed operations then declare their security and
+    401/403; without keys nothing is enforced, and the document says so). ``actions``: the deployment
+    actions (:data:`serving.deployments.ACTIONS`). ``models``: the model names served (default
+    ``[settings.model_name]``); other names answer 404.
+    """
+    limits = (settings.serve_max_body_bytes, settings.serve_body_timeout_s, settings.serve_request_timeout_s)
+    max_body, body_timeout, request_timeout = limits
+    access = AccessRules(default_rules(settings.serve_metrics_auth))
+    name_param = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "description": "Model name.",
+        "schema": {"type": "string", "enum": sorted(models or [settings.model_name])},
+    }
+
+    def operation(
+        method: str, path: str, op_id: str, summary: str, responses: dict[str, Any], **extra: Any
+    ) -> dict[str, Any]:
+        needs = access.access_for(method.upper(), path)
+        op: dict[str, Any] = {"operationId": op_id, "summary": summary, **extra, "responses": responses}
+        if needs == PUBLIC or not auth_enabled:
+            op["security"] = []
+        else:
+            op["security"] = _KEYED
+            op["x-tide-role"] = needs
+            responses["401"] = _error("The API key is missing or unknown.", _WWW_AUTHENTICATE)
+            if needs in ROLES:
+                responses["403"] = _error(f"The API key lacks the {needs!r} role.")
+        return op
+
+    timeout_504 = _error(
+        f"Not answered within {request_timeout:g} s (or the online-feature read was slower)."
+    )
+    body_errors = {
+        "400": _error("The body is not valid JSON, or Content-Length is invalid."),
+        "404": _error("Unknown model name."),
+        "408": _error(f"The body did not arrive within {body_timeout:g} s (the connection is closed)."),
+        "413": _error(f"The body is larger than {max_body} bytes."),
+        "422": _error("The body does not match the schema; `field` names the offending field."),
+    }
+    score = operation(
+        "post",
+        "/v1/models/{name}/score",
+        "score",
+        "Score one instance or a batch",
+        {
+            "200": _json(
+                {"oneOf": [_ref("Prediction"), _ref("BatchPrediction")]},
+                "One prediction (single instance) or a batch's predictions, in order.",
+                {"X-Request-ID": {"schema": {"type": "string"}, "description": "The request's id."}},
+            ),
+            **body_errors,
+            "503": _error(
+                "No version of the model is loaded yet, or the online store is down.", _RETRY_AFTER
+            ),
+            "504": timeout_504,
+        },
+        description=(
+            'One instance, or a batch `{"instances": [...]}` of 1 to '
+            f"{max_batch}. Each names its entity and carries the event's request fields; the entity's "
+            "online features are read from the store in one round trip. The response names the model "
+            "version and arm (champion or canary) that answered."
+        ),
+        parameters=[
+            name_param,
+            {
+                "name": "X-Request-ID",
+                "in": "header",
+                "required": False,
+                "description": "Id the prediction is logged under (batch items get -0, -1, ...); "
+                "made up when absent.",
+                "schema": {"type": "string"},
+            },
+        ],
+        requestBody={
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"oneOf": [_ref("Instance"), _ref("Batch")]}},
+            },
+        },
+    )
+    deploy = operation(
+        "post",
+        "/v1/models/{name}/deployments",
+        "deploy",
+        "Change which versions serve traffic (admin)",
+        {
+            "202": _json(
+                _ref("DeploymentAccepted"),
+                "Published to the deployments topic; every node applies it when it reads it back.",
+            ),
+            **body_errors,
+            "503": _error("The deployments topic could not be written.", _RETRY_AFTER),
+            "504": timeout_504,
+        },
+        parameters=[name_param],
+        requestBody={
+            "required": True,
+            "content": {"application/json": {"schema": _ref("DeploymentRequest")}},
+        },
+    )
+    paths: dict[str, Any] = {
+        "/v1/models/{name}/score": {"post": score},
+        "/v1/models/{name}/deployments": {"post": deploy},
+        "/v1/models": {
+            "get": operation(
+                "get",
+                "/v1/models",
+                "listModels",
+                "Loaded versions, aliases and traffic split of each model (admin)",
+                {"200": _json(_ref("ModelList"), "Every model served."), "504": timeout_504},
+            )
+        },
+        "/healthz": {
+            "get": operation(
+                "get", "/healthz", "healthz", "The process is up", {"200": _json(_ref("Health"), "Up.")}
+            )
+        },
+        "/readyz": {
+            "get": operation(
+                "get",
+                "/readyz",
+                "readyz",
+                "Ready: a model is loaded and the feature store answers",
+                {
+                    "200": _json(_ref("Ready"), "Ready to score."),
+                    "503": _json(_ref("NotReady"), "Not ready; `reasons` says why."),
+                    "504": timeout_504,
+                },
+            )
+        },
+        "/openapi.json": {
+            "get": operation(
+                "get",
+                "/openapi.json",
+                "openapi",
+                "This document",
+                {"200": _json({"type": "object"}, "The OpenAPI document.")},
+            )
+        },
+    }
+    if settings.serve_metrics_auth != "off":
+        paths["/metrics"] = {
+            "get": operation(
+                "get",
+                "/metrics",
+                "metrics",
+                "Prometheus metrics (all workers of the node)",
+                {
+                    "200": {
+                        "description": "Prometheus text exposition.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "504": timeout_504,
+                },
+            )
+        }
+    auth_note = (
+        "Keyed operations take `Authorization: Bearer <key>` or `X-API-Key: <key>`; `x-tide-role` "
+        "names the role the key needs."
+        if auth_enabled
+        else "No API keys are configured on this service: every operation is open."
+    )
+    doc: dict[str, Any] = {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "Tide scoring service",
+            "version": _version(),
+            "description": "Real-time scoring with online features and hot-swapped models. " + auth_note,
+        },
+        "paths": paths,
+        "components": {"schemas": _components(request_field_types, actions, max_batch)},
+    }
+    if auth_enabled:
+        doc["components"]["securitySchemes"] = copy.deepcopy(_SECURITY_SCHEMES)
+    return doc
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tide-ml")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
