@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_train,
         "Run the online trainer: join labels with served features, learn, publish versions.",
     )
+    from online_training.commands import add_commands
+
+    add_commands(add)  # retrain, signing-key
     add(
         "drift", cmd_drift, "Run the drift scorer: compare live inputs and scores with the model's reference."
     )
