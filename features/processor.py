@@ -1,36 +1,41 @@
-"""The online feature processor: a faust-streaming agent per source topic that folds events into the
-Redis tiles of every view declared on that source.
+"""The online feature processor: a confluent-kafka group consumer that folds each batch of the source
+topics into the Redis tiles of every view declared on that source.
 
-Events are read as raw bytes and decoded with the Avro codec, so a malformed record becomes a dead
-letter (with the reason in its headers) instead of stopping the agent; so does an event later than its
-view's allowed lateness. Each partition's batch is applied to Redis atomically together with its offset
-and watermark (:mod:`features.store`), which makes restarts and rebalances exact whatever faust has
-committed.
+Per batch (``consume`` of up to ``TIDE_FEATURES_BATCH`` records): records are decoded with the Avro codec
+(a malformed one becomes a dead letter, with the reason in its headers, instead of stopping the
+processor), grouped by partition, split into on-time and late events per view and folded into
+per-(entity, view, tile) partials in one pass (:func:`features.tiles.fold_partition`); then every
+partition's batch is applied in one Redis round trip, each atomically with its position and watermark
+(:mod:`features.store`). Late events go to the dead-letter topic with the view and how late they were.
+
+The store's positions are the truth: on assignment each partition is sought to its stored position + 1,
+and a batch whose expected position another worker moved (a rebalance) is refused, re-read and
+redone without what that worker applied. Kafka's group offsets are only committed as a hint for lag
+tools. So restarts, SIGKILLs and rebalances neither lose nor double-count, whatever Kafka committed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import signal
+import threading
 import time
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import faust
-from faust.types import TP
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from features import tiles
 from features.definitions import VIEWS, FeatureView
-from features.faust_transport import app_class
 from features.settings import FeatureSettings
-from features.store import RedisOnlineStore
+from features.store import RedisWriter, apply_command
+from infra.errors import StreamError
 from infra.metrics import serve_metrics
 from schemas import codec
 from streams.deadletter import DeadLetter, DeadLetterSink, KafkaDeadLetters
-from streams.kafka import make_producer
+from streams.kafka import make_consumer, make_producer
 from streams.topics import TOPICS, topic
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,8 @@ LATE = Counter("tide_feature_late_events_total", "Events later than the allowed 
 LAG = Gauge(
     "tide_feature_consumer_lag", "Records behind the partition's high watermark", ["topic", "partition"]
 )
+FRESHNESS_SAMPLES = 16  # events per view and batch observed in the freshness histogram
+MAX_ATTEMPTS = 5  # refusals in a row before a batch is given up on (another writer keeps moving it)
 
 
 @dataclass(frozen=True)
@@ -60,154 +67,221 @@ class SourceRecord:
     value: bytes
 
 
-class FeatureFolder:
-    """Folds the decoded events of one source partition into every view of that source.
+@dataclass
+class PartitionBatch:
+    """One partition's share of a consumed batch: its decoded records and its last offset (undecodable
+    records included: they are dead letters, and their positions are taken)."""
 
-    Per view it keeps the applied position and watermark of each partition (read from the store on first
-    use). They are only a cache: the store's compare-and-set refuses a batch if another worker moved the
+    topic: str
+    partition: int
+    views: list[FeatureView]
+    records: list[SourceRecord] = field(default_factory=list)
+    last: int = -1
+
+    @property
+    def source(self) -> str:
+        return f"{self.topic}:{self.partition}"
+
+
+class FeatureFolder:
+    """Folds partition batches into every view of their source, all partitions in one Redis round trip.
+
+    It caches each partition's applied position and watermark (read from the store when first needed).
+    The cache is only a hint: the store's compare-and-set refuses a batch if another worker moved the
     position (a rebalance), and the retry re-reads it and skips what that worker already applied.
     """
 
-    def __init__(self, store: RedisOnlineStore, views: Sequence[FeatureView], dlq: DeadLetterSink) -> None:
-        self.store = store
-        self.views = list(views)
+    def __init__(self, writer: RedisWriter, dlq: DeadLetterSink) -> None:
+        self.writer = writer
         self.dlq = dlq
-        self._state: dict[tuple[str, str], tuple[int, int]] = {}  # (view, source) -> (position, watermark)
+        self._state: dict[str, tuple[int, int]] = {}  # source partition -> (position, watermark)
 
-    async def fold(self, topic_name: str, partition: int, records: Sequence[SourceRecord]) -> None:
-        """Fold one partition's batch into every view (the views' writes run concurrently)."""
-        await asyncio.gather(*(self._fold_view(view, topic_name, partition, records) for view in self.views))
+    def forget(self, sources: Sequence[str]) -> None:
+        for source in sources:
+            self._state.pop(source, None)
 
-    async def _fold_view(
-        self, view: FeatureView, topic_name: str, partition: int, records: Sequence[SourceRecord]
-    ) -> None:
-        source = f"{topic_name}:{partition}"
-        last = records[-1].offset
+    def load(self, batches: Sequence[PartitionBatch]) -> None:
+        """Reads the positions of the batches' partitions that are not cached."""
+        missing = [b for b in batches if b.source not in self._state]
+        if missing:
+            found = self.writer.positions([(b.views[0], b.source) for b in missing])
+            for b, state in zip(missing, found, strict=True):
+                self._state[b.source] = state
+
+    def position(self, source: str) -> int:
+        return self._state[source][0]
+
+    def fold(self, batches: Sequence[PartitionBatch]) -> None:
+        """Applies every partition's batch; returns once each is applied (or was already)."""
+        todo = [b for b in batches if b.last >= 0]
         started = time.perf_counter()
-        key = (view.name, source)
-        for _ in range(5):
-            if key not in self._state:
-                self._state[key] = await self.store.position(view, source)
-            position, watermark = self._state[key]
-            todo = [r for r in records if r.offset > position]
+        for _ in range(MAX_ATTEMPTS):
+            self.load(todo)
+            work = []
+            for b in todo:
+                position, watermark = self._state[b.source]
+                if b.last <= position:
+                    continue  # applied already (by this worker before a restart, or by another)
+                records = [(r.offset, r.event) for r in b.records if r.offset > position]
+                folded = tiles.fold_partition(b.views, records, watermark)
+                ns, wm = self.writer.namespace, folded.watermark
+                command = apply_command(b.views, ns, b.source, folded.deltas, position, b.last, wm)
+                work.append((b, folded, command))
+            if not work:
+                break
+            results = self.writer.apply_all([c for _, _, c in work])
+            todo = []
+            for (b, folded, _), applied in zip(work, results, strict=True):
+                if applied:
+                    self._state[b.source] = (b.last, folded.watermark)
+                    self._done(b, folded)
+                else:
+                    del self._state[b.source]  # moved by another writer: re-read, skip what it applied
+                    todo.append(b)
             if not todo:
                 break
-            on_time, late, new_watermark = tiles.split_late(
-                view, [(r.offset, r.event) for r in todo], watermark
-            )
-            if await self.store.apply(view, source, [e for _, e in on_time], position, last, new_watermark):
-                self._state[key] = (last, new_watermark)
-                self._dead_letter_late(view, topic_name, partition, todo, late)
-                self._observe(view, on_time)
-                break
-            del self._state[key]  # moved by another writer: re-read and skip what it applied
-        WRITE_LATENCY.labels(view.name).observe(time.perf_counter() - started)
+        else:
+            raise StreamError(f"the store kept refusing batches of {[b.source for b in todo]}")
+        elapsed = time.perf_counter() - started
+        for view in {v.name for b in batches for v in b.views}:
+            WRITE_LATENCY.labels(view).observe(elapsed)
 
-    def _dead_letter_late(
-        self,
-        view: FeatureView,
-        topic_name: str,
-        partition: int,
-        todo: Sequence[SourceRecord],
-        late: Sequence[tuple[int, Any, int]],
-    ) -> None:
-        if not late:
-            return
-        raw = {r.offset: r for r in todo}
-        for offset, _, by_ms in late:
-            r = raw[offset]
-            reason = f"late by {by_ms} ms beyond the allowed lateness of {view.allowed_lateness_ms} ms"
-            self.dlq.send(
-                DeadLetter(
-                    f"{STEP}.{view.name}", reason, "LateEvent", r.key, r.value, topic_name, partition, offset
-                )
-            )
-        LATE.labels(view.name, "dead_letter").inc(len(late))
-
-    def _observe(self, view: FeatureView, on_time: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
-        EVENTS_IN.labels(view.name).inc(len(on_time))
+    def _done(self, b: PartitionBatch, folded: tiles.PartitionFold) -> None:
         now = time.time()
-        for _, event in on_time[-16:]:  # a sample per batch keeps the histogram cheap
-            FRESHNESS.labels(view.name).observe(max(0.0, now - int(event[view.event_time]) / 1000))
-
-
-def build_app(settings: FeatureSettings) -> faust.App:
-    """A faust app with one agent per source topic, folding every view of that source."""
-    app = app_class(settings.features_fetch_max_wait_ms)(
-        settings.features_group,
-        broker=f"kafka://{settings.kafka_bootstrap}",
-        value_serializer="raw",
-        key_serializer="raw",
-        broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
-        broker_heartbeat_interval=max(settings.kafka_session_timeout_ms / 6000, 0.5),
-        consumer_auto_offset_reset="earliest",
-        topic_disable_leader=True,
-        web_enabled=False,
-        web_host="127.0.0.1",
-        datadir=str(settings.state_dir / "faust"),
-        store="memory://",
-    )
-    producer = make_producer(settings)
-    dlq = KafkaDeadLetters(producer, topic(settings, "dead-letter"))
-    by_source: dict[str, list[FeatureView]] = defaultdict(list)
-    for view in VIEWS.values():
-        by_source[view.source].append(view)
-
-    for source_name, views in by_source.items():
-        record = TOPICS[source_name].record
-        source = app.topic(topic(settings, source_name), value_type=bytes, key_type=bytes)
-        holder: dict[str, FeatureFolder] = {}
-
-        async def agent(
-            stream: Any, views: list[FeatureView] = views, record: str | None = record, holder: dict = holder
-        ) -> None:
-            if "folder" not in holder:  # created inside the worker's event loop
-                store = RedisOnlineStore.from_url(settings.redis_url, settings.topic_prefix)
-                holder["folder"] = FeatureFolder(store, views, dlq)
-            folder: FeatureFolder = holder["folder"]
-            async for batch in stream.take_events(
-                settings.features_batch, within=settings.features_batch_ms / 1000
-            ):
-                by_partition: dict[tuple[str, int], list[SourceRecord]] = defaultdict(list)
-                for ev in batch:
-                    msg = ev.message
-                    try:
-                        event = codec.decode(msg.value, record)
-                    except Exception as exc:
-                        dlq.send(
-                            DeadLetter(
-                                STEP,
-                                str(exc),
-                                type(exc).__name__,
-                                msg.key,
-                                msg.value,
-                                msg.topic,
-                                msg.partition,
-                                msg.offset,
-                            )
+        by_offset = {r.offset: r for r in b.records} if any(folded.late.values()) else {}
+        for view in b.views:
+            late = folded.late[view.name]
+            if late:
+                reason = "late by {} ms beyond the allowed lateness of " + f"{view.allowed_lateness_ms} ms"
+                for offset, _, by_ms in late:
+                    r = by_offset[offset]
+                    self.dlq.send(
+                        DeadLetter(
+                            f"{STEP}.{view.name}",
+                            reason.format(by_ms),
+                            "LateEvent",
+                            r.key,
+                            r.value,
+                            b.topic,
+                            b.partition,
+                            offset,
                         )
-                        continue
-                    by_partition[(msg.topic, msg.partition)].append(
-                        SourceRecord(msg.offset, event, msg.key, msg.value)
                     )
-                await asyncio.gather(
-                    *(folder.fold(t, p, records) for (t, p), records in by_partition.items())
+                LATE.labels(view.name, "dead_letter").inc(len(late))
+            EVENTS_IN.labels(view.name).inc(folded.on_time[view.name])
+            # a sample of the batch's newest on-time events keeps the histogram cheap
+            skip = {offset for offset, _, _ in late}
+            sampled = 0
+            for r in reversed(b.records):
+                if sampled == FRESHNESS_SAMPLES:
+                    break
+                if r.offset in skip:
+                    continue
+                sampled += 1
+                FRESHNESS.labels(view.name).observe(max(0.0, now - int(r.event[view.event_time]) / 1000))
+
+
+class FeatureProcessor:
+    """The consumer loop: one group member reading every source topic that has feature views."""
+
+    def __init__(self, settings: FeatureSettings, views: Sequence[FeatureView] | None = None) -> None:
+        self.settings = settings
+        self.sources: dict[str, tuple[str | None, list[FeatureView]]] = {}  # topic -> (record, views)
+        for view in views if views is not None else VIEWS.values():
+            name = topic(settings, view.source)
+            self.sources.setdefault(name, (TOPICS[view.source].record, []))[1].append(view)
+        self.producer = make_producer(settings)
+        self.dlq = KafkaDeadLetters(self.producer, topic(settings, "dead-letter"))
+        self.writer = RedisWriter.from_url(settings.redis_url, settings.topic_prefix)
+        self.folder = FeatureFolder(self.writer, self.dlq)
+        self.consumer: Consumer = make_consumer(
+            settings,
+            settings.features_group,
+            **{
+                # Kafka's offsets are a hint (the store's positions are the truth): stored after each
+                # applied batch, committed in the background.
+                "enable.auto.commit": True,
+                "enable.auto.offset.store": False,
+                "fetch.wait.max.ms": settings.features_fetch_max_wait_ms,
+            },
+        )
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Starts each assigned partition right after its position in the store."""
+        self.folder.forget([f"{tp.topic}:{tp.partition}" for tp in partitions])
+        batches = [PartitionBatch(tp.topic, tp.partition, self.sources[tp.topic][1]) for tp in partitions]
+        self.folder.load(batches)
+        for tp, b in zip(partitions, batches, strict=True):
+            position = self.folder.position(b.source)
+            tp.offset = position + 1 if position >= 0 else OFFSET_BEGINNING
+        log.info("assigned %s", ", ".join(f"{tp.topic}:{tp.partition}@{tp.offset}" for tp in partitions))
+        consumer.assign(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("revoked %s", ", ".join(f"{tp.topic}:{tp.partition}" for tp in partitions))
+        self.folder.forget([f"{tp.topic}:{tp.partition}" for tp in partitions])
+        consumer.unassign()
+
+    def split(self, msgs: Sequence[Message]) -> list[PartitionBatch]:
+        """Decodes a consumed batch into per-partition batches; undecodable records are dead letters."""
+        by_partition: dict[tuple[str, int], PartitionBatch] = {}
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise StreamError(f"fatal consumer error: {err}")
+                continue
+            name, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+            b = by_partition.get((name, partition))
+            if b is None:
+                b = by_partition[(name, partition)] = PartitionBatch(name, partition, self.sources[name][1])
+            b.last = offset
+            value = msg.value() or b""
+            try:
+                event = codec.decode(value, self.sources[name][0])
+            except Exception as exc:  # a bad record is data: it goes to the dead letters
+                self.dlq.send(
+                    DeadLetter(STEP, str(exc), type(exc).__name__, msg.key(), value, name, partition, offset)
                 )
-                for (topic_name, partition), records in by_partition.items():
-                    LAG.labels(topic_name, str(partition)).set(
-                        max(0, app.consumer.highwater(TP(topic_name, partition)) - records[-1].offset - 1)
-                    )
-                if len(producer):  # dead letters of this batch are delivered before it counts as done
-                    producer.flush()
+                continue
+            b.records.append(SourceRecord(offset, event, msg.key(), value))
+        return list(by_partition.values())
 
-        app.agent(source, name=f"{STEP}.{source_name}")(agent)
+    def step(self, msgs: Sequence[Message]) -> None:
+        """Folds one consumed batch and records it as done."""
+        batches = self.split(msgs)
+        if not batches:
+            return
+        self.folder.fold(batches)
+        if len(self.producer):  # this batch's dead letters are delivered before it counts as done
+            self.producer.flush()
+        done = [TopicPartition(b.topic, b.partition, b.last + 1) for b in batches]
+        self.consumer.store_offsets(offsets=done)
+        for tp in done:
+            _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if high is not None and high >= 0:
+                LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - tp.offset))
 
-    return app
+    def run(self, stop: threading.Event) -> None:
+        log.info("%s consuming %s", STEP, sorted(self.sources))
+        self.consumer.subscribe(list(self.sources), on_assign=self._on_assign, on_revoke=self._on_revoke)
+        batch, wait = self.settings.features_batch, self.settings.features_batch_ms / 1000
+        try:
+            while not stop.is_set():
+                msgs = self.consumer.consume(batch, wait)
+                if msgs:
+                    self.step(msgs)
+        finally:
+            self.consumer.close()  # leaves the group: the partitions move at once
+            self.producer.flush(10)
+            self.writer.close()
+            log.info("%s stopped", STEP)
 
 
 def run(settings: FeatureSettings) -> None:
-    """Run the processor until interrupted (the faust worker handles signals)."""
+    """Run the processor until SIGTERM or SIGINT."""
     serve_metrics(settings)
-    app = build_app(settings)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
-    worker.execute_from_commandline()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    FeatureProcessor(settings).run(stop)

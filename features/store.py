@@ -1,89 +1,182 @@
-"""The Redis online store: per-entity tile hashes, written atomically with the source positions.
+"""The Redis online store: one hash per entity for all views of a source, written atomically with the
+source partition's position and watermark.
 
 Layout (``ns`` is the deployment's namespace, its topic prefix, so deployments can share one Redis)::
 
-    {ns}tide:f:{view}:{entity}             hash  {tile}:{slot} -> partial aggregate slot
-                                                 (see features.aggregations), ts -> newest event time,
-                                                 seen -> wall time of the last write, lo -> lowest tile
-    {ns}tide:f:{view}:{entity}:{tile}:d:F  HyperLogLog of field F's distinct values in a tile
-    {ns}tide:f:{view}:offsets              hash  {source} -> last applied position,
-                                                 {source}:wm -> that source's watermark
+    {ns}tide:f:{source}:{entity field}:{entity}     hash
+        {view}:{tile}   that tile's partial aggregate, packed (see :func:`pack`)
+        {view}:m        "{newest event time} {lowest tile kept}" of the view
+        ts              newest event time of any view (what freshness probes read)
+        seen            wall time of the last write
+    {entity hash}:{view}:{tile}:d:{F}               HyperLogLog of field F's distinct values in a tile
+    {ns}tide:f:{source}:offsets                     hash
+        {topic}:{partition}      last applied position
+        {topic}:{partition}:wm   that partition's watermark (the newest event time seen in it)
 
-A batch of one source (a Kafka ``topic:partition``) is applied by one Lua script that checks the
-source's stored position, folds the partials in and advances the position and watermark in one atomic
-step. Records at or below the stored position are left out before the call, so a replay after a crash
-or a rebalance never counts an event twice (exactly-once effect on top of at-least-once delivery).
+A batch of one source partition is applied by one Lua script for every view of the source: it checks
+the partition's stored position, merges the batch's partials into the stored ones and advances the
+position and watermark in one atomic step. Records at or below the stored position are left out before
+the call, so a replay after a crash or a rebalance never counts an event twice (exactly-once effect on
+top of at-least-once delivery). Per entity the script makes one ``HMGET``, one ``HSET`` and one
+``PEXPIRE`` whatever the number of views and slots, plus a ``PFADD`` and ``PEXPIRE`` per distinct-count
+tile; the caller merges a batch's events per (entity, view, tile) first.
+
+Packed partial: ``slot=value`` lines (slot names of :mod:`features.aggregations`). Additive slots are
+merged by the script with ``%.17g`` (doubles round-trip exactly; counts stay exact integers), extremes
+keep the winning text unchanged, ``last:F`` is ``"{event time} {JSON value}"`` and the later time wins.
 """
 
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
+import redis
 import redis.asyncio as aioredis
 
 from features import tiles
 from features.definitions import FeatureView
 
-# ARGV: source, expected position, new position, watermark, entity TTL ms (0: none), tile TTL ms, now,
-# and one JSON document: [[entity key, newest event time, oldest tile kept, [[op, field, value...]...]]...]
-# (one argument instead of thousands: packing them was most of a batch's cost). Values travel as strings:
-# Lua numbers would be formatted with 14 significant digits.
+# KEYS[1]: the source's offsets hash. ARGV: partition (``topic:partition``), expected position, new
+# position, watermark, now, and one JSON document (see apply_command). Returns APPLIED, or the stored
+# position if it is not the expected one (nothing written then).
 APPLY_SCRIPT = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or '-1'
 if cur ~= ARGV[2] then return tonumber(cur) end
-local ttl, tile_ttl, now = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
-for _, e in ipairs(cjson.decode(ARGV[8])) do
-  local key, ts, cutoff = e[1], tonumber(e[2]), tonumber(e[3])
-  local lo = nil
-  local hlls = {}
-  for _, op in ipairs(e[4]) do
-    local kind, f, v = op[1], op[2], op[3]
-    local t = tonumber(string.match(f, '^(%d+):'))
-    if lo == nil or t < lo then lo = t end
-    if kind == 'a' then
-      redis.call('HINCRBYFLOAT', key, f, v)
-    elseif kind == '<' or kind == '>' then
-      local c = redis.call('HGET', key, f)
-      local better = (not c) or (kind == '<' and tonumber(v) < tonumber(c))
-      if (not better) and kind == '>' then better = tonumber(v) > tonumber(c) end
-      if better then redis.call('HSET', key, f, v) end
-    elseif kind == 'L' then
-      local c = redis.call('HGET', key, f .. ':t')
-      if (not c) or tonumber(v) >= tonumber(c) then
-        redis.call('HSET', key, f .. ':t', v, f .. ':v', op[4])
+local now = ARGV[5]
+local gmatch, sub, byte, tonumber = string.gmatch, string.sub, string.byte, tonumber
+local LINE = '([^=\\n]+)=([^\\n]*)'
+local function merge(old, new)
+  if not old then return new end
+  local vals, order = {}, {}
+  for name, v in gmatch(old, LINE) do order[#order + 1] = name; vals[name] = v end
+  for name, v in gmatch(new, LINE) do
+    local c = vals[name]
+    if c == nil then
+      order[#order + 1] = name; vals[name] = v
+    else
+      local b = byte(name, 1)
+      if b == 108 then -- last:F, "time value": the later time wins (ties: the newer write)
+        if tonumber(string.match(v, '^(%S+)')) >= tonumber(string.match(c, '^(%S+)')) then vals[name] = v end
+      elseif b == 109 and byte(name, 2) == 105 then -- min:F
+        if tonumber(v) < tonumber(c) then vals[name] = v end
+      elseif b == 109 then -- max:F
+        if tonumber(v) > tonumber(c) then vals[name] = v end
+      else -- counts, sums, histogram buckets
+        vals[name] = string.format('%.17g', tonumber(c) + tonumber(v))
       end
-    elseif kind == 'P' then
-      local hll = key .. ':' .. f
-      redis.call('PFADD', hll, v)
-      hlls[hll] = true
     end
   end
-  if tile_ttl > 0 then
-    for hll in pairs(hlls) do redis.call('PEXPIRE', hll, tile_ttl) end
+  local out = {}
+  for i, name in ipairs(order) do out[i] = name .. '=' .. vals[name] end
+  return table.concat(out, '\\n')
+end
+for _, e in ipairs(cjson.decode(ARGV[6])) do
+  local key, views = e[1], e[4]
+  local fields = {'ts'}
+  for _, v in ipairs(views) do
+    fields[#fields + 1] = v[1] .. ':m'
+    local tf = v[5]
+    for i = 1, #tf, 2 do fields[#fields + 1] = tf[i] end
   end
-  local old = redis.call('HMGET', key, 'ts', 'lo')
-  local new_ts = e[2]
-  if old[1] and tonumber(old[1]) >= ts then new_ts = old[1] end
-  local old_lo = tonumber(old[2] or '-1')
-  if old_lo >= 0 and old_lo < lo then lo = old_lo end
-  if lo < cutoff then
+  local old = redis.call('HMGET', key, unpack(fields))
+  local ts = e[3]
+  if old[1] and tonumber(old[1]) > tonumber(ts) then ts = old[1] end
+  local out = {'ts', ts, 'seen', now}
+  local trims = nil
+  local at = 2
+  for _, v in ipairs(views) do
+    local newest, cutoff, lo = v[2], tonumber(v[3]), tonumber(v[4])
+    local meta = old[at]
+    at = at + 1
+    if meta then
+      local on, ol = string.match(meta, '^(%S+) (%S+)$')
+      if tonumber(on) > tonumber(newest) then newest = on end
+      if tonumber(ol) < lo then lo = tonumber(ol) end
+    end
+    if lo < cutoff then
+      trims = trims or {}
+      trims[v[1] .. ':'] = cutoff
+      lo = cutoff
+    end
+    local tf = v[5]
+    for i = 1, #tf, 2 do
+      out[#out + 1] = tf[i]
+      out[#out + 1] = merge(old[at], tf[i + 1])
+      at = at + 1
+    end
+    out[#out + 1] = v[1] .. ':m'
+    out[#out + 1] = newest .. ' ' .. string.format('%d', lo)
+  end
+  if trims then
+    local gone = {}
     for _, f in ipairs(redis.call('HKEYS', key)) do
-      local t = tonumber(string.match(f, '^(%d+):'))
-      if t and t < cutoff then redis.call('HDEL', key, f) end
+      local p, t = string.match(f, '^(.*:)(%d+)$')
+      if p and trims[p] and tonumber(t) < trims[p] then gone[#gone + 1] = f end
     end
-    lo = cutoff
+    if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
   end
-  redis.call('HSET', key, 'ts', new_ts, 'lo', string.format('%d', lo), 'seen', now)
-  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+  redis.call('HSET', key, unpack(out))
+  if e[2] ~= '0' then redis.call('PEXPIRE', key, e[2]) end
+  for _, h in ipairs(e[5]) do
+    redis.call('PFADD', h[1], unpack(h, 3))
+    if h[2] ~= '0' then redis.call('PEXPIRE', h[1], h[2]) end
+  end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[1] .. ':wm', ARGV[4])
 return -2
 """
 APPLIED = -2  # what APPLY_SCRIPT returns on success (otherwise: the stored position)
+
+# ARGV[1]: JSON [[entity key, [[view, first tile, last tile, tile ms, [distinct field...]]...]]...].
+# Returns per entity key, per view: {meta or false, tile, packed, tile, packed..., then one PFCOUNT per
+# distinct field over the window's tiles}. Only the window's tiles cross the wire.
+READ_SCRIPT = """
+local out = {}
+for i, req in ipairs(cjson.decode(ARGV[1])) do
+  local key = req[1]
+  local all = redis.call('HGETALL', key)
+  local rows = {}
+  for j, v in ipairs(req[2]) do
+    local prefix, lo, hi, step = v[1] .. ':', v[2], v[3], v[4]
+    local n = #prefix
+    local row = {false}
+    for k = 1, #all, 2 do
+      local f = all[k]
+      if string.sub(f, 1, n) == prefix then
+        local rest = string.sub(f, n + 1)
+        if rest == 'm' then
+          row[1] = all[k + 1]
+        else
+          local t = tonumber(rest)
+          if t and t >= lo and t <= hi then
+            row[#row + 1] = rest
+            row[#row + 1] = all[k + 1]
+          end
+        end
+      end
+    end
+    local counts = {}
+    for _, field in ipairs(v[5]) do
+      local hlls = {}
+      local base = key .. ':' .. v[1] .. ':'
+      if step > 0 then
+        for t = lo, hi, step do hlls[#hlls + 1] = base .. string.format('%d', t) .. ':d:' .. field end
+      else
+        hlls[1] = base .. string.format('%d', lo) .. ':d:' .. field
+      end
+      counts[#counts + 1] = redis.call('PFCOUNT', unpack(hlls))
+    end
+    rows[j] = {row, counts}
+  end
+  out[i] = rows
+end
+return out
+"""
 
 Status = Literal["present", "missing", "expired"]
 
@@ -117,118 +210,186 @@ class FeatureRow:
 
 
 def entity_key(view: FeatureView, entity: str, namespace: str = "") -> str:
-    return f"{namespace}tide:f:{view.name}:{entity}"
+    """The hash holding ``entity``'s tiles of ``view`` and of every other view of its source and entity
+    field (its ``ts`` field is the entity's newest event time)."""
+    return f"{namespace}tide:f:{view.source}:{view.entity}:{entity}"
 
 
 def offsets_key(view: FeatureView, namespace: str = "") -> str:
-    return f"{namespace}tide:f:{view.name}:offsets"
+    """The positions and watermarks of ``view``'s source partitions (shared by the source's views)."""
+    return f"{namespace}tide:f:{view.source}:offsets"
 
 
-def _ops(tile: int, partial: Mapping[str, Any]) -> list[tuple[str, ...]]:
-    """Script operations for one tile's partial: (op, field, value[, value])."""
-    out: list[tuple[str, ...]] = []
+def hll_key(entity_hash: str, view: FeatureView, tile: int, field: str) -> str:
+    return f"{entity_hash}:{view.name}:{tile}:d:{field}"
+
+
+# --- packed partials ------------------------------------------------------------------------------------
+
+
+def pack(partial: Mapping[str, Any]) -> str:
+    """One tile's partial as one hash field value (distinct sets are not in it: they are HyperLogLogs)."""
+    lines = []
     for slot, value in partial.items():
-        field = f"{tile}:{slot}"
-        if slot.startswith(("min:", "max:")):
-            out.append(("<" if slot.startswith("min:") else ">", field, repr(value)))
-        elif slot.startswith("last:"):
-            out.append(("L", field, str(value[0]), orjson.dumps(value[1]).decode()))
-        elif slot.startswith("d:"):
-            out += [("P", field, element) for element in sorted(value)]
+        if slot.startswith("last:"):
+            lines.append(f"{slot}={value[0]} {orjson.dumps(value[1]).decode()}")
+        elif not slot.startswith("d:"):
+            lines.append(f"{slot}={float(value)!r}")
+    return "\n".join(lines)
+
+
+def unpack(packed: bytes | str) -> dict[str, Any]:
+    """The partial of a packed field (the inverse of :func:`pack`, after any number of merges)."""
+    text = packed.decode() if isinstance(packed, bytes) else packed
+    out: dict[str, Any] = {}
+    for line in text.split("\n"):
+        slot, _, value = line.partition("=")
+        if slot.startswith("last:"):
+            ts, _, raw = value.partition(" ")
+            out[slot] = (int(float(ts)), orjson.loads(raw))
         else:
-            out.append(("a", field, repr(value)))
+            out[slot] = float(value)
     return out
 
 
+# --- writing --------------------------------------------------------------------------------------------
+
+
+def _ttl(views: Sequence[FeatureView]) -> str:
+    """The entity hash's expiry: as long as its longest-lived view needs it ("0": never)."""
+    retentions = [tiles.retention_ms(v) for v in views]
+    return "0" if any(r is None for r in retentions) else str(max(r for r in retentions if r is not None))
+
+
+def apply_payload(
+    views: Sequence[FeatureView],
+    namespace: str,
+    deltas: Mapping[str, Mapping[str, tiles.EntityDelta]],
+) -> list[Any]:
+    """The script's per-entity document for one batch: ``deltas`` is view name -> entity -> delta.
+
+    Per entity hash: ``[key, expiry, newest, [[view, newest, cutoff, lowest tile, [field, packed...]]...],
+    [[HyperLogLog key, expiry, element...]...]]``. Tiles already behind the window of the batch's newest
+    event are left out (the script would trim them at once).
+    """
+    by_name = {v.name: v for v in views}
+    per_key: dict[str, list[Any]] = {}
+    groups: dict[str, list[FeatureView]] = defaultdict(list)
+    for v in views:
+        groups[v.entity].append(v)
+    ttls = {field: _ttl(vs) for field, vs in groups.items()}
+    for name, by_entity in deltas.items():
+        view = by_name[name]
+        prefix = f"{namespace}tide:f:{view.source}:{view.entity}:"
+        tile_ttl = str(tiles.tile_retention_ms(view) or 0)
+        distinct = [str(a.field) for a in view.aggregations if a.kind == "distinct"]
+        ttl = ttls[view.entity]
+        for entity, delta in by_entity.items():
+            key = prefix + entity
+            cutoff = tiles.first_tile(view, delta.newest_ms)
+            fields: list[str] = []
+            hlls: list[list[str]] = []
+            low = None
+            for tile, partial in delta.tiles.items():
+                if tile < cutoff:
+                    continue
+                if low is None or tile < low:
+                    low = tile
+                fields += (f"{name}:{tile}", pack(partial))
+                for f in distinct:
+                    hlls.append([f"{key}:{name}:{tile}:d:{f}", tile_ttl, *sorted(partial["d:" + f])])
+            entry = per_key.get(key)
+            if entry is None:
+                entry = per_key[key] = [key, ttl, str(delta.newest_ms), [], []]
+            elif delta.newest_ms > int(entry[2]):
+                entry[2] = str(delta.newest_ms)
+            entry[3].append([name, str(delta.newest_ms), cutoff, low, fields])
+            entry[4] += hlls
+    return list(per_key.values())
+
+
 def apply_command(
-    view: FeatureView,
+    views: Sequence[FeatureView],
     namespace: str,
     source: str,
-    events: Sequence[Mapping[str, Any]],
+    deltas: Mapping[str, Mapping[str, tiles.EntityDelta]],
     expected_position: int,
     new_position: int,
     watermark: int,
 ) -> tuple[list[str], list[Any]]:
-    """Keys and arguments of :data:`APPLY_SCRIPT`: fold ``events`` and move ``source`` from
-    ``expected_position`` to ``new_position`` and ``watermark``.
+    """Keys and arguments of :data:`APPLY_SCRIPT`: merge ``deltas`` (view name -> entity -> delta, see
+    :func:`features.tiles.fold_partition`) and move ``source`` from ``expected_position`` to
+    ``new_position`` and ``watermark``.
 
-    ``source`` names an ordered input (``topic:partition`` for Kafka) whose positions are its offsets.
-    ``events`` are the on-time events between the two positions (late ones are the caller's, see
-    :func:`features.tiles.split_late`). Any client (asyncio, sync, a Flink operator) runs the script with
-    these, so every writer keeps the same layout and guarantees.
+    ``views`` are all the views of one source; ``source`` names an ordered input of it (``topic:partition``
+    for Kafka) whose positions are its offsets. Any client (asyncio, sync, a Flink operator) runs the
+    script with these, so every writer keeps the same layout and guarantees.
     """
-    deltas = tiles.batch_deltas(view, events)
-    keys = [offsets_key(view, namespace)]
+    keys = [offsets_key(views[0], namespace)]
     args: list[Any] = [
         source,
         str(expected_position),
         str(new_position),
         str(watermark),
-        tiles.retention_ms(view) or 0,
-        tiles.tile_retention_ms(view) or 0,
-        int(time.time() * 1000),
+        str(int(time.time() * 1000)),
+        orjson.dumps(apply_payload(views, namespace, deltas)),
     ]
-    payload = [
-        [
-            entity_key(view, entity, namespace),
-            str(delta.newest_ms),
-            str(tiles.first_tile(view, delta.newest_ms)),
-            [op for tile, partial in delta.tiles.items() for op in _ops(tile, partial)],
-        ]
-        for entity, delta in deltas.items()
-    ]
-    args.append(orjson.dumps(payload))
     return keys, args
 
 
-def parse_tiles(raw: Mapping[bytes | str, bytes | str]) -> dict[int, dict[str, Any]]:
-    """Tiles' partials from an entity hash (distinct counts live in HyperLogLogs, not here)."""
-    out: dict[int, dict[str, Any]] = {}
-    lasts: dict[tuple[int, str], list[Any]] = {}
-    for k, v in raw.items():
-        key = k.decode() if isinstance(k, bytes) else k
-        tile_text, sep, slot = key.partition(":")
-        if not (sep and tile_text.isdigit()):
-            continue
-        tile = int(tile_text)
-        if slot.startswith("last:"):
-            base, _, part = slot.rpartition(":")
-            pair = lasts.setdefault((tile, base), [0, None])
-            if part == "t":
-                pair[0] = int(float(v))
-            else:
-                pair[1] = orjson.loads(v)
-        else:
-            out.setdefault(tile, {})[slot] = float(v)
-    for (tile, base), (ts, value) in lasts.items():
-        out.setdefault(tile, {})[base] = (ts, value)
-    return out
+# --- reading --------------------------------------------------------------------------------------------
+
+
+def parse_tiles(raw: Sequence[Any]) -> dict[int, dict[str, Any]]:
+    """Tiles' partials from ``[tile, packed, tile, packed...]`` as the read script returns them."""
+    return {int(raw[i]): unpack(raw[i + 1]) for i in range(0, len(raw), 2)}
 
 
 def _distinct_fields(view: FeatureView) -> list[str]:
     return sorted({str(a.field) for a in view.aggregations if a.kind == "distinct"})
 
 
-def row_from_hash(
+def row_of(
     view: FeatureView,
     entity: str,
-    raw: Mapping[Any, Any],
+    meta: bytes | str | None,
+    packed_tiles: Sequence[Any],
     now_ms: int,
     distinct: Mapping[str, int] | None = None,
 ) -> FeatureRow:
+    """A row from the view's ``{view}:m`` field, its window's packed tiles and its distinct counts."""
     window = view.describe()
-    if not raw:
+    if not meta:
         return FeatureRow(
             entity, view.name, tiles.window_values(view, {}, now_ms), "missing", None, None, window
         )
-    newest = int(float(raw.get(b"ts") or raw.get("ts") or 0))
+    newest = int(float((meta.decode() if isinstance(meta, bytes) else meta).partition(" ")[0]))
     age = now_ms - newest
     if view.ttl_ms is not None and age > view.ttl_ms:
         return FeatureRow(
             entity, view.name, tiles.window_values(view, {}, now_ms), "expired", newest, age, window
         )
-    values = tiles.window_values(view, parse_tiles(raw), now_ms, distinct)
+    values = tiles.window_values(view, parse_tiles(packed_tiles), now_ms, distinct)
     return FeatureRow(entity, view.name, values, "present", newest, age, window)
+
+
+def read_request(
+    views: Sequence[FeatureView], entities: Sequence[str], now_ms: int, namespace: str = ""
+) -> list[Any]:
+    """The read script's document: per entity hash, the views read from it and their windows."""
+    per_key: dict[str, list[Any]] = {}
+    for view in views:
+        lo, hi = tiles.first_tile(view, now_ms), tiles.tile_of(view, now_ms)
+        step = 0 if view.kind == "lifetime" else view.tile_ms
+        spec = [view.name, lo, hi, step, _distinct_fields(view)]
+        for entity in entities:
+            key = entity_key(view, entity, namespace)
+            entry = per_key.get(key)
+            if entry is None:
+                per_key[key] = [key, [spec]]
+            else:
+                entry[1].append(spec)
+    return list(per_key.values())
 
 
 class RedisOnlineStore:
@@ -238,6 +399,7 @@ class RedisOnlineStore:
         self.client = client
         self.namespace = namespace
         self._apply = client.register_script(APPLY_SCRIPT)
+        self._read = client.register_script(READ_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "") -> RedisOnlineStore:
@@ -250,7 +412,7 @@ class RedisOnlineStore:
         return bool(await self.client.ping())
 
     async def position(self, view: FeatureView, source: str) -> tuple[int, int]:
-        """A source's applied position and watermark (-1, -1 when nothing was applied)."""
+        """A source partition's applied position and watermark (-1, -1 when nothing was applied)."""
         pos, wm = await self.client.hmget(offsets_key(view, self.namespace), [source, f"{source}:wm"])
         return (int(pos) if pos is not None else -1, int(wm) if wm is not None else tiles.NO_WATERMARK)
 
@@ -263,38 +425,52 @@ class RedisOnlineStore:
         new_position: int,
         watermark: int,
     ) -> bool:
-        """Fold ``events`` and advance ``source`` atomically (see :func:`apply_command`).
+        """Fold on-time ``events`` into one view and advance ``source`` atomically.
 
         Returns False, writing nothing, if the stored position is not ``expected_position`` (another
-        writer moved it): the caller re-reads it and skips what is done.
+        writer moved it): the caller re-reads it and skips what is done. A source with several views
+        is applied with :meth:`apply_fold`, all views at once, since they share the position.
         """
+        deltas = {view.name: tiles.batch_deltas(view, events)}
+        return await self.apply_fold([view], source, deltas, expected_position, new_position, watermark)
+
+    async def apply_fold(
+        self,
+        views: Sequence[FeatureView],
+        source: str,
+        deltas: Mapping[str, Mapping[str, tiles.EntityDelta]],
+        expected_position: int,
+        new_position: int,
+        watermark: int,
+    ) -> bool:
+        """Merge per-view ``deltas`` and advance ``source`` atomically (see :func:`apply_command`)."""
         keys, args = apply_command(
-            view, self.namespace, source, events, expected_position, new_position, watermark
+            views, self.namespace, source, deltas, expected_position, new_position, watermark
         )
         return int(await self._apply(keys=keys, args=args)) == APPLIED
 
     async def read_many(
         self, views: Sequence[FeatureView], entities: Sequence[str], now_ms: int | None = None
     ) -> dict[str, list[FeatureRow]]:
-        """Current values of many views for many entities, in one round trip."""
+        """Current values of many views for many entities, in one round trip (one script call)."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        async with self.client.pipeline(transaction=False) as pipe:
-            for view in views:
-                window = tiles.window_tiles(view, now)
-                for entity in entities:
-                    key = entity_key(view, entity, self.namespace)
-                    pipe.hgetall(key)
-                    for f in _distinct_fields(view):
-                        pipe.pfcount(*(f"{key}:{t}:d:{f}" for t in window))
-            results = iter(await pipe.execute())
+        request = read_request(views, entities, now, self.namespace)
+        if not request:
+            return {view.name: [] for view in views}
+        answer = await self._read(args=[orjson.dumps(request)])
+        found: dict[tuple[str, str], tuple[Any, Any]] = {}
+        for (key, specs), rows in zip(request, answer, strict=True):
+            for spec, row in zip(specs, rows, strict=True):
+                found[(key, spec[0])] = (row[0], row[1])
         out: dict[str, list[FeatureRow]] = {}
         for view in views:
-            rows = []
+            distinct = _distinct_fields(view)
+            rows_out = []
             for entity in entities:
-                raw = next(results)
-                distinct = {f: int(next(results)) for f in _distinct_fields(view)}
-                rows.append(row_from_hash(view, entity, raw, now, distinct))
-            out[view.name] = rows
+                (meta, *packed), counts = found[(entity_key(view, entity, self.namespace), view.name)]
+                counted = dict(zip(distinct, counts, strict=True))
+                rows_out.append(row_of(view, entity, meta, packed, now, counted))
+            out[view.name] = rows_out
         return out
 
     async def read(
@@ -302,3 +478,38 @@ class RedisOnlineStore:
     ) -> list[FeatureRow]:
         """Current values of one view for many entities in one round trip."""
         return (await self.read_many([view], entities, now_ms))[view.name]
+
+
+class RedisWriter:
+    """The write side for a synchronous caller (the feature processor): positions and applies, each a
+    single round trip for any number of source partitions."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "") -> None:
+        self.client = client
+        self.namespace = namespace
+        self._apply = client.register_script(APPLY_SCRIPT)
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str = "") -> RedisWriter:
+        return cls(redis.Redis.from_url(url), namespace)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def positions(self, pairs: Sequence[tuple[FeatureView, str]]) -> list[tuple[int, int]]:
+        """``(position, watermark)`` of each (view of a source, source partition); -1, -1 if none."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for view, source in pairs:
+                pipe.hmget(offsets_key(view, self.namespace), [source, f"{source}:wm"])
+            raw = pipe.execute()
+        return [
+            (int(pos) if pos is not None else -1, int(wm) if wm is not None else tiles.NO_WATERMARK)
+            for pos, wm in raw
+        ]
+
+    def apply_all(self, commands: Sequence[tuple[list[str], list[Any]]]) -> list[bool]:
+        """Runs :func:`apply_command` results in one pipeline; True for each one applied."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for keys, args in commands:
+                self._apply(keys=keys, args=args, client=pipe)
+            return [int(r) == APPLIED for r in pipe.execute()]

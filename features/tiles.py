@@ -87,6 +87,7 @@ class EntityDelta:
 def batch_deltas(view: FeatureView, events: Iterable[Mapping[str, Any]]) -> dict[str, EntityDelta]:
     """Group a batch of events into per-entity, per-tile partials."""
     out: dict[str, EntityDelta] = {}
+    folder = aggregations.Folder(view)
     for event in events:
         entity = str(event[view.entity])
         ts = int(event[view.event_time])
@@ -94,12 +95,71 @@ def batch_deltas(view: FeatureView, events: Iterable[Mapping[str, Any]]) -> dict
         if delta is None:
             delta = out[entity] = EntityDelta({}, ts)
         tile = tile_of(view, ts)
-        partial = aggregations.partial_of(view, event)
-        delta.tiles[tile] = (
-            aggregations.merge((delta.tiles[tile], partial)) if tile in delta.tiles else partial
-        )
-        delta.newest_ms = max(delta.newest_ms, ts)
+        partial = delta.tiles.get(tile)
+        if partial is None:
+            partial = delta.tiles[tile] = {}
+        folder.fold(partial, event, ts)
+        if ts > delta.newest_ms:
+            delta.newest_ms = ts
     return out
+
+
+@dataclass
+class PartitionFold:
+    """One source partition's batch folded into every view of the source: what :func:`fold_partition`
+    returns. ``late`` holds, per view, ``(position, event, ms beyond the allowed lateness)``."""
+
+    deltas: dict[str, dict[str, EntityDelta]]  # view -> entity -> delta
+    late: dict[str, list[tuple[int, Mapping[str, Any], int]]]  # view -> late records
+    on_time: dict[str, int]  # view -> events folded
+    watermark: int
+    newest_ms: dict[str, int]  # view -> newest on-time event time of the batch (freshness samples)
+
+
+def fold_partition(
+    views: Sequence[FeatureView], records: Iterable[tuple[int, Mapping[str, Any]]], watermark: int
+) -> PartitionFold:
+    """Split one partition's ``(position, event)`` records, in order, into on-time and late ones per view
+    (the rule of :func:`split_late`) and fold the on-time ones into per-entity tile partials, in one pass.
+
+    The views must share one event-time field: the watermark, the newest event time seen in the
+    partition, is then the same for all of them (a late event is older than it, so it never moves it).
+    """
+    event_time = views[0].event_time
+    if any(v.event_time != event_time for v in views):
+        raise ValueError(f"views {[v.name for v in views]} do not share one event-time field")
+    plan = [
+        (v.name, v.entity, v.allowed_lateness_ms, v.kind == "lifetime", v.tile_ms, aggregations.Folder(v))
+        for v in views
+    ]
+    deltas: dict[str, dict[str, EntityDelta]] = {v.name: {} for v in views}
+    late: dict[str, list[tuple[int, Mapping[str, Any], int]]] = {v.name: [] for v in views}
+    on_time = dict.fromkeys(deltas, 0)
+    newest = dict.fromkeys(deltas, NO_WATERMARK)
+    for position, event in records:
+        ts = int(event[event_time])
+        for name, entity_field, lateness, lifetime, tile_ms, folder in plan:
+            if watermark != NO_WATERMARK and ts < watermark - lateness:
+                late[name].append((position, event, watermark - lateness - ts))
+                continue
+            entity = str(event[entity_field])
+            by_entity = deltas[name]
+            delta = by_entity.get(entity)
+            if delta is None:
+                delta = by_entity[entity] = EntityDelta({}, ts)
+            elif ts > delta.newest_ms:
+                delta.newest_ms = ts
+            tile = LIFETIME_TILE if lifetime else ts - ts % tile_ms
+            partial = delta.tiles.get(tile)
+            if partial is None:
+                partial = delta.tiles[tile] = {}
+            folder.fold(partial, event, ts)
+            on_time[name] += 1
+            if ts > newest[name]:
+                newest[name] = ts
+        if ts > watermark:
+            watermark = ts
+    return PartitionFold(deltas, late, on_time, watermark, newest)
 
 
 def window_values(

@@ -17,11 +17,12 @@ Sources:
 Guarantees (docs/2026-11-21-flink.md):
 
 - Exactly-once *effect* on the Redis tiles. Lateness is decided per source partition, in partition order,
-  by the shared rule (:func:`features.tiles.split_late`), with its watermarks in Flink state. Entities are
-  spread over ``--buckets`` stable hash buckets (crc32), and each (partition, bucket) is one ordered
-  position source ``flink:{input}:{partition}:{bucket}`` per view in the view's offsets hash: its records
-  reach one fold operator in position order, so the store's compare-and-set (:data:`APPLY_SCRIPT`) skips
-  anything a replay brings again. Positions are offsets or line numbers, so they are the same on every
+  by the shared rule (:func:`features.tiles.split_late`), with the partition's watermark in Flink state.
+  Entities are spread over ``--buckets`` stable hash buckets (crc32), and each (partition, entity field,
+  bucket) is one ordered position source ``flink:{input}:{partition}:{field}:{bucket}`` in the source's
+  offsets hash, shared by the views of that entity field: its records reach one fold operator in
+  position order, so the store's compare-and-set (:data:`APPLY_SCRIPT`) skips anything a replay brings
+  again. Positions are offsets or line numbers, so they are the same on every
   replay: after a restore from a checkpoint, a restart without one, or a resubmission.
 - At-least-once: the Redis calls themselves (a replayed batch is sent again and refused), the dead
   letters, and the ``seen`` field (wall time of the last write).
@@ -38,7 +39,7 @@ import sys
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,9 +116,10 @@ def bucket_of(entity: str, buckets: int) -> int:
     return zlib.crc32(entity.encode()) % buckets
 
 
-def position_source(input_name: str, partition: int, bucket: int) -> str:
-    """The name of one ordered position source in a view's offsets hash."""
-    return f"flink:{input_name}:{partition}:{bucket}"
+def position_source(input_name: str, partition: int, group: str) -> str:
+    """The name of one ordered position source in the source's offsets hash (``group``: the entity
+    field and bucket, ``field:bucket``)."""
+    return f"flink:{input_name}:{partition}:{group}"
 
 
 def entity_groups(views: Sequence[FeatureView]) -> dict[str, list[FeatureView]]:
@@ -150,9 +152,10 @@ class Admit(KeyedProcessFunction):
 
     Input: ``(partition, position[, key], payload)``; a file line is JSON, Avro-encoded and decoded again
     here so it is validated and normalised exactly as an event from Kafka. Output: one record per entity
-    group, ``(group key, partition, position, event, {view: (on_time, watermark)})``. Undecodable events
-    and late ones (once per view they are late for) go to the dead letters. The watermarks are keyed
-    state, so a restore decides exactly as the first pass did.
+    group, ``(group key, partition, position, event, on-time view names, watermark)``. Undecodable events
+    and late ones (once per view they are late for) go to the dead letters. The partition's watermark
+    (the newest event time seen in it, the same for every view) is keyed state, so a restore decides
+    exactly as the first pass did.
     """
 
     def __init__(self, config: JobConfig) -> None:
@@ -161,9 +164,7 @@ class Admit(KeyedProcessFunction):
     def open(self, runtime_context: RuntimeContext) -> None:
         self.views = self.config.views
         self.groups = entity_groups(self.views)
-        self.watermarks = runtime_context.get_state(
-            ValueStateDescriptor("watermarks", Types.PICKLED_BYTE_ARRAY())
-        )
+        self.watermark = runtime_context.get_state(ValueStateDescriptor("watermark", Types.LONG()))
 
     def process_element(self, value: Any, ctx: KeyedProcessFunction.Context) -> Iterator[Any]:
         if len(value) == 4:
@@ -179,22 +180,24 @@ class Admit(KeyedProcessFunction):
             raw = payload.encode() if isinstance(payload, str) else payload
             yield DEAD_LETTERS, dead_letter("flink.decode", str(exc), type(exc).__name__, key, raw, where)
             return
-        marks: dict[str, int] = self.watermarks.value() or {}
-        verdicts: dict[str, tuple[bool, int]] = {}
+        before = self.watermark.value()
+        before = tiles.NO_WATERMARK if before is None else before
+        on_time: set[str] = set()
+        watermark = before
         for view in self.views:
-            on_time, late, marks[view.name] = tiles.split_late(
-                view, [(position, event)], marks.get(view.name, tiles.NO_WATERMARK)
-            )
-            verdicts[view.name] = (bool(on_time), marks[view.name])
+            kept, late, watermark = tiles.split_late(view, [(position, event)], before)
+            if kept:
+                on_time.add(view.name)
             for _, _, by_ms in late:
                 reason = f"late by {by_ms} ms beyond the allowed lateness of {view.allowed_lateness_ms} ms"
                 stage = f"flink.features.{view.name}"
                 yield DEAD_LETTERS, dead_letter(stage, reason, "LateEvent", key, payload, where)
-        self.watermarks.update(marks)
+        self.watermark.update(watermark)
         for field, views in self.groups.items():
-            if any(verdicts[v.name][0] for v in views):
+            names = tuple(v.name for v in views if v.name in on_time)
+            if names:
                 group = f"{field}:{bucket_of(str(event[field]), self.config.buckets)}"
-                yield group, partition, position, event, {v.name: verdicts[v.name] for v in views}
+                yield group, partition, position, event, names, watermark
             # else: late for every view of this entity; the next batch's position covers it
 
 
@@ -209,9 +212,10 @@ class EventTime(TimestampAssigner):
 class Fold(KeyedProcessFunction):
     """Keyed by (entity field, bucket): buffers records in keyed state and folds them into Redis.
 
-    A flush runs one :data:`APPLY_SCRIPT` per (view, partition) in one pipeline, each moving its
-    position source from the applied position to the batch's last one; a refused call (another attempt
-    got there first) re-reads the position and retries with what is left. Emits a stats tuple per flush.
+    A flush runs one :data:`APPLY_SCRIPT` per partition (all the group's views at once) in one pipeline,
+    each moving its position source from the applied position to the batch's last one; a refused call
+    (another attempt got there first) re-reads the position and retries with what is left. Emits a stats
+    tuple per flush.
     """
 
     def __init__(self, config: JobConfig) -> None:
@@ -219,9 +223,10 @@ class Fold(KeyedProcessFunction):
 
     def open(self, runtime_context: RuntimeContext) -> None:
         self.views = {v.name: v for v in self.config.views}
+        self.groups = entity_groups(self.config.views)
         self.client = redis.Redis.from_url(self.config.redis_url)
         self.script = self.client.register_script(APPLY_SCRIPT)
-        self.positions: dict[tuple[str, str], int] = {}  # (view, position source) -> applied position
+        self.positions: dict[str, int] = {}  # position source -> applied position
         self.buffer = runtime_context.get_list_state(
             ListStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY())
         )
@@ -253,70 +258,71 @@ class Fold(KeyedProcessFunction):
         self.count.clear()
         self.armed.clear()
         if records:
-            stats = self.write(int(key.rpartition(":")[2]), records)
+            stats = self.write(key, records)
             yield (key, *(stats[f] for f in STAT_FIELDS))
 
-    def write(self, bucket: int, records: Sequence[tuple[Any, ...]]) -> dict[str, int]:
-        """Fold ``(partition, position, event, verdicts)`` records of one bucket, in order."""
+    def write(self, group: str, records: Sequence[tuple[Any, ...]]) -> dict[str, int]:
+        """Fold ``(partition, position, event, on-time views, watermark)`` records of one group (entity
+        field and bucket), in order."""
+        views = self.groups[group.rpartition(":")[0]]
         by_partition: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
         for record in records:
             by_partition[record[0]].append(record)
         todo = [
-            (self.views[name], position_source(self.config.input_name, partition, bucket), recs)
+            (position_source(self.config.input_name, partition, group), recs)
             for partition, recs in by_partition.items()
-            for name in recs[0][3]
         ]
-        self._load_positions([(view, source) for view, source, _ in todo])
+        self._load_positions(views[0], [source for source, _ in todo])
         stats = dict.fromkeys(STAT_FIELDS, 0)
         stats["records"] = len(records)
         for _ in range(5):
-            commands = [c for c in (self._command(*t) for t in todo) if c is not None]
+            commands = [c for c in (self._command(views, *t) for t in todo) if c is not None]
             if not commands:
                 break
             with self.client.pipeline(transaction=False) as pipe:
-                for _view, _source, keys, args, _new, _events in commands:
+                for _source, keys, args, _new, _events in commands:
                     self.script(keys=keys, args=args, client=pipe)
                 results = pipe.execute()
             retry = []
-            for (view, source, _k, _a, new, events), result in zip(commands, results, strict=True):
+            for (source, _k, _a, new, events), result in zip(commands, results, strict=True):
                 if int(result) == APPLIED:
-                    self.positions[(view.name, source)] = new
+                    self.positions[source] = new
                     stats["applied"] += 1
                     stats["events"] += events
                 else:  # moved by another attempt: the stored position is the truth
-                    self.positions[(view.name, source)] = int(result)
+                    self.positions[source] = int(result)
                     stats["refused"] += 1
                     retry.append(source)
-            todo = [t for t in todo if t[1] in retry]
+            todo = [t for t in todo if t[0] in retry]
             if not todo:
                 break
         else:
-            raise RuntimeError(f"bucket {bucket}: the store kept refusing batches for {todo!r}")
+            raise RuntimeError(f"group {group}: the store kept refusing batches for {todo!r}")
         return stats
 
-    def _load_positions(self, pairs: Iterable[tuple[FeatureView, str]]) -> None:
-        missing = [(view, source) for view, source in pairs if (view.name, source) not in self.positions]
+    def _load_positions(self, view: FeatureView, sources: Sequence[str]) -> None:
+        missing = [source for source in sources if source not in self.positions]
         if not missing:
             return
-        with self.client.pipeline(transaction=False) as pipe:
-            for view, source in missing:
-                pipe.hget(offsets_key(view, self.config.namespace), source)
-            for (view, source), raw in zip(missing, pipe.execute(), strict=True):
-                self.positions[(view.name, source)] = int(raw) if raw is not None else -1
+        stored = self.client.hmget(offsets_key(view, self.config.namespace), missing)
+        for source, raw in zip(missing, stored, strict=True):
+            self.positions[source] = int(raw) if raw is not None else -1
 
     def _command(
-        self, view: FeatureView, source: str, records: Sequence[tuple[Any, ...]]
-    ) -> tuple[FeatureView, str, list[str], list[Any], int, int] | None:
-        position = self.positions[(view.name, source)]
+        self, views: Sequence[FeatureView], source: str, records: Sequence[tuple[Any, ...]]
+    ) -> tuple[str, list[str], list[Any], int, int] | None:
+        position = self.positions[source]
         fresh = [r for r in records if r[1] > position]
         if not fresh:
             return None
-        events = [r[2] for r in fresh if r[3][view.name][0]]
-        new_position, watermark = fresh[-1][1], fresh[-1][3][view.name][1]
+        deltas = {
+            view.name: tiles.batch_deltas(view, [r[2] for r in fresh if view.name in r[3]]) for view in views
+        }
+        new_position, watermark = fresh[-1][1], fresh[-1][4]
         keys, args = apply_command(
-            view, self.config.namespace, source, events, position, new_position, watermark
+            views, self.config.namespace, source, deltas, position, new_position, watermark
         )
-        return view, source, keys, args, new_position, len(events)
+        return source, keys, args, new_position, sum(len(r[3]) for r in fresh)
 
 
 class LogDeadLetter(ProcessFunction):

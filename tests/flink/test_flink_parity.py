@@ -6,12 +6,12 @@ some are late for a 5-minute allowed lateness and none for a 1-hour one, plus on
 processor folds them, under namespace ``A:``, and (b) through the Flink job on a local mini-cluster
 (parallelism 2, 16 buckets) under ``B:``. Every key of every view is compared field by field.
 
-Exactness: every field is equal as a string except the float sums (``s:``, ``q:`` slots and anything
-else summed with HINCRBYFLOAT), which the two paths add in different groupings (batches of 500 per
-partition vs. per-bucket flushes), so they agree to a relative 1e-9, not bit for bit. Counts are sums of
-1.0 and come out exact. HyperLogLogs are compared by PFCOUNT. Only ``seen`` (wall time of the last
-write) and the offsets hash (position sources are named differently) are left out of the raw comparison;
-the positions and watermarks are checked on their own.
+Exactness: every field is equal as a string, except packed tile partials, which are compared slot by
+slot: the float sums (``s:``, ``q:`` slots) are added in different groupings by the two paths (batches of
+500 per partition vs. per-bucket flushes), so they agree to a relative 1e-9, not bit for bit; every
+other slot (counts, histogram buckets, extremes, last values) is equal. HyperLogLogs are compared by
+PFCOUNT. Only ``seen`` (wall time of the last write) and the offsets hash (position sources are named
+differently) are left out of the raw comparison; the positions and watermarks are checked on their own.
 
 Runs in .venv-flink (`make test-flink`), never in the main test run.
 """
@@ -32,7 +32,7 @@ import redis
 
 from features import tiles
 from features.definitions import VIEWS
-from features.store import RedisOnlineStore, offsets_key
+from features.store import RedisOnlineStore, offsets_key, unpack
 from schemas import codec
 from streams.generator import GeneratorConfig, TransactionGenerator
 
@@ -77,21 +77,21 @@ def write_input(path: Path, events: list[dict[str, Any]]) -> list[tuple[int, dic
 
 
 async def fold_single_machine(url: str, namespace: str, records: list[tuple[int, dict[str, Any]]]) -> None:
-    """What features.processor.FeatureFolder does for one partition (it needs faust, not in this venv)."""
+    """What features.processor.FeatureFolder does for one partition (it needs confluent-kafka and
+    prometheus, not in this venv): every view of the source folded and applied at once."""
     store = RedisOnlineStore.from_url(url, namespace)
     source = "parity:0"
     try:
         for start in range(0, len(records), BATCH):
             chunk = records[start : start + BATCH]
             last = chunk[-1][0]
-            for view in VIEWS_OF_SOURCE:
-                position, watermark = await store.position(view, source)
-                todo = [(o, e) for o, e in chunk if o > position]
-                on_time, _late, new_watermark = tiles.split_late(view, todo, watermark)
-                applied = await store.apply(
-                    view, source, [e for _, e in on_time], position, last, new_watermark
-                )
-                assert applied, f"{view.name}: the store refused batch {start}"
+            position, watermark = await store.position(VIEWS_OF_SOURCE[0], source)
+            todo = [(o, e) for o, e in chunk if o > position]
+            folded = tiles.fold_partition(VIEWS_OF_SOURCE, todo, watermark)
+            applied = await store.apply_fold(
+                VIEWS_OF_SOURCE, source, folded.deltas, position, last, folded.watermark
+            )
+            assert applied, f"the store refused batch {start}"
     finally:
         await store.close()
 
@@ -126,13 +126,21 @@ def snapshot(client: redis.Redis, namespace: str) -> dict[str, Any]:
 
 
 def same_value(a: str, b: str) -> bool:
+    """Equal, or both packed partials with the same slots, sums within REL and everything else equal."""
     if a == b:
         return True
-    try:
-        x, y = float(a), float(b)
-    except ValueError:
+    if "=" not in a or "=" not in b:
         return False
-    return math.isclose(x, y, rel_tol=REL)
+    x, y = unpack(a), unpack(b)
+    if x.keys() != y.keys():
+        return False
+    for slot, value in x.items():
+        if slot.startswith(("s:", "q:")):
+            if not math.isclose(value, y[slot], rel_tol=REL):
+                return False
+        elif value != y[slot]:
+            return False
+    return True
 
 
 def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -214,15 +222,18 @@ def test_feature_values_read_the_same(runs: dict[str, Any]) -> None:
 def test_positions_and_watermarks(runs: dict[str, Any]) -> None:
     client: redis.Redis = runs["client"]
     last = runs["records"][-1][0]
-    for view in VIEWS_OF_SOURCE:
-        a = {k.decode(): int(v) for k, v in client.hgetall(offsets_key(view, "A:")).items()}
-        b = {k.decode(): int(v) for k, v in client.hgetall(offsets_key(view, "B:")).items()}
-        assert a == {"parity:0": last, "parity:0:wm": a["parity:0:wm"]}
-        positions = {k: v for k, v in b.items() if not k.endswith(":wm")}
-        assert positions and all(k.startswith("flink:parity:0:") for k in positions), sorted(b)
-        assert max(positions.values()) == last
-        # each bucket's watermark is the partition's as of that bucket's last record
-        assert max(v for k, v in b.items() if k.endswith(":wm")) == a["parity:0:wm"]
+    keys = {offsets_key(view, "") for view in VIEWS_OF_SOURCE}
+    assert len(keys) == 1, "the views of a source share its positions"
+    view = VIEWS_OF_SOURCE[0]
+    a = {k.decode(): int(v) for k, v in client.hgetall(offsets_key(view, "A:")).items()}
+    b = {k.decode(): int(v) for k, v in client.hgetall(offsets_key(view, "B:")).items()}
+    assert a == {"parity:0": last, "parity:0:wm": a["parity:0:wm"]}
+    assert a["parity:0:wm"] == max(int(e["ts"]) for _, e in runs["records"])
+    positions = {k: v for k, v in b.items() if not k.endswith(":wm")}
+    assert positions and all(k.startswith("flink:parity:0:card_id:") for k in positions), sorted(b)
+    assert max(positions.values()) == last
+    # each bucket's watermark is the partition's as of that bucket's last record
+    assert max(v for k, v in b.items() if k.endswith(":wm")) == a["parity:0:wm"]
 
 
 def test_stats_and_replay_is_a_no_op(runs: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from features import aggregations, tiles
 from features.definitions import CARD_ACTIVITY, VIEWS, Aggregation, FeatureView, load
-from features.store import parse_tiles, row_from_hash
+from features.store import pack, parse_tiles, row_of, unpack
 from infra.errors import FeatureError
 
 HOUR, MIN, DAY = 3_600_000, 60_000, 86_400_000
@@ -149,28 +149,56 @@ def test_lateness_is_decided_in_partition_order() -> None:
 def test_store_rows_missing_expired_present() -> None:
     view = replace(CARD_ACTIVITY, ttl_ms=DAY)
     now = 10 * DAY
-    missing = row_from_hash(view, "nobody", {}, now)
+    missing = row_of(view, "nobody", None, [], now)
     assert missing.status == "missing" and missing.values["txn_count_1h"] == 0
     stale_tile = tiles.tile_of(view, now - 2 * DAY)
-    expired = row_from_hash(
-        view, "old", {b"ts": str(now - 2 * DAY).encode(), f"{stale_tile}:n".encode(): b"3"}, now
-    )
+    expired = row_of(view, "old", f"{now - 2 * DAY} {stale_tile}".encode(), [], now)
     assert expired.status == "expired" and expired.values["txn_count_1h"] == 0
     tile = tiles.tile_of(view, now)
-    raw = {
-        b"ts": str(now - 5).encode(),
-        f"{tile}:n".encode(): b"2",
-        f"{tile}:s:amount".encode(): b"30",
-        f"{tile}:last:category:t".encode(): b"7",
-        f"{tile}:last:category:v".encode(): b'"fuel"',
-    }
-    row = row_from_hash(view, "x", raw, now, {"merchant_id": 2})
+    packed = [str(tile).encode(), b'n=2\ns:amount=30.0\nlast:category=7 "fuel"']
+    row = row_of(view, "x", f"{now - 5} {tile}".encode(), packed, now, {"merchant_id": 2})
     assert row.status == "present" and row.age_ms == 5
     assert row.values["amount_mean_1h"] == 15.0 and row.values["merchants_1h"] == 2.0
-    assert parse_tiles(raw)[tile]["last:category"] == (7, "fuel")
+    assert parse_tiles(packed)[tile]["last:category"] == (7, "fuel")
     # idle for longer than the window but within the TTL: a real zero, not a missing value
-    idle = row_from_hash(view, "idle", {b"ts": str(now - 3 * HOUR).encode()}, now)
+    idle = row_of(view, "idle", f"{now - 3 * HOUR} {tile}".encode(), [], now)
     assert idle.status == "present" and idle.values["txn_count_1h"] == 0
+
+
+def test_packed_partials_round_trip_exactly() -> None:
+    folder = aggregations.Folder(ALL_KINDS)
+    for seed in range(5):
+        partial: aggregations.Partial = {}
+        for e in events(40, seed=seed):
+            folder.fold(partial, e, int(e["ts"]))  # type: ignore[call-overload]
+        back = unpack(pack(partial))
+        assert back == {k: v for k, v in partial.items() if not k.startswith("d:")}
+    assert unpack(pack({"last:x": (5, 'a "quoted"\nline = 1')}))["last:x"] == (5, 'a "quoted"\nline = 1')
+
+
+def test_folder_matches_partial_of_and_merge() -> None:
+    evs = events(200, seed=9)
+    folder = aggregations.Folder(ALL_KINDS)
+    folded: aggregations.Partial = {}
+    for e in evs:
+        folder.fold(folded, e, int(e["ts"]))  # type: ignore[call-overload]
+    assert folded == aggregations.merge(aggregations.partial_of(ALL_KINDS, e) for e in evs)
+
+
+def test_fold_partition_splits_like_split_late_per_view() -> None:
+    strict = replace(ALL_KINDS, name="strict", allowed_lateness_ms=MIN)
+    loose = replace(
+        ALL_KINDS, name="loose", kind="lifetime", window_ms=0, tile_ms=0, allowed_lateness_ms=HOUR
+    )
+    records = list(enumerate(events(300, seed=6, span=3 * HOUR)))
+    folded = tiles.fold_partition([strict, loose], records, tiles.NO_WATERMARK)
+    for view in (strict, loose):
+        on_time, late, watermark = tiles.split_late(view, records, tiles.NO_WATERMARK)
+        assert folded.late[view.name] == late and folded.watermark == watermark
+        assert folded.on_time[view.name] == len(on_time)
+        want = tiles.batch_deltas(view, [e for _, e in on_time])
+        assert folded.deltas[view.name] == want
+    assert len(folded.late["strict"]) > len(folded.late["loose"]) > 0
 
 
 def test_shipped_definitions_load() -> None:
