@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 SCHEMES = ("file", "http", "https")
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
-_CHUNK = 1 << 16
 _MAX_REDIRECTS = 3
 
 
@@ -163,7 +162,7 @@ def _fetch_http(uri: str, timeout_s: float, max_bytes: int) -> bytes:
             if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                 raise ModelLoadError(f"artifact {where}: {declared} bytes is over the limit of {max_bytes}")
             chunks, size = [], 0
-            for chunk in response.iter_bytes(_CHUNK):
+            for chunk in response.iter_bytes():  # as received: a size would buffer past the deadline
                 size += len(chunk)
                 if size > max_bytes:
                     raise ModelLoadError(f"artifact {where}: more than the limit of {max_bytes} bytes")

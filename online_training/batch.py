@@ -29,6 +29,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -222,12 +223,10 @@ def torch_scores(module: nn.Module, X: np.ndarray) -> np.ndarray:
     return np.asarray(out.numpy(), dtype=np.float64).reshape(len(X), -1)[:, -1]
 
 
-def check_parity(
-    artifact: bytes, module: nn.Module, rows: Sequence[Mapping[str, Any]], feature_names: Sequence[str]
-) -> float:
-    """Max |onnxruntime - torch| over ``rows`` scored as serving scores them; TrainingError over 1e-5."""
-    runtime = OnnxRuntime(artifact, feature_names)
-    expected = torch_scores(module, feature_matrix(rows, feature_names))
+def check_parity(runtime: OnnxRuntime, module: nn.Module, rows: Sequence[Mapping[str, Any]]) -> float:
+    """Max |onnxruntime - torch| over ``rows`` scored the way serving scores them (batch and one by one);
+    TrainingError when it is over 1e-5."""
+    expected = torch_scores(module, feature_matrix(rows, runtime.feature_names))
     batch = np.asarray(runtime.predict_many(rows))
     single = np.asarray([runtime.predict_one(x) for x in rows[:100]])  # the per-request path too
     diff = max(
@@ -237,6 +236,39 @@ def check_parity(
     if not diff <= PARITY_TOLERANCE:
         raise TrainingError(f"onnxruntime scores differ from torch by {diff:.3g} (> {PARITY_TOLERANCE})")
     return diff
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A trained model, its ONNX artifact and how they did on the held-out rows."""
+
+    module: nn.Module
+    artifact: bytes
+    scores: list[float]  # onnxruntime's, per held-out row
+    roc_auc: float | None
+    max_abs_diff: float  # onnxruntime vs torch on the held-out rows
+    device: str
+
+
+def fit(
+    settings: RetrainSettings, train: Sequence[Mapping[str, Any]], held_out: Sequence[Mapping[str, Any]]
+) -> Candidate:
+    """Train on ``train``, export, check ONNX against torch and evaluate on ``held_out`` (no publishing)."""
+    device = pick_device(settings.retrain_device)
+    module = train_mlp(
+        feature_matrix(train, NUMERIC_FEATURES),
+        np.array([bool(r["is_fraud"]) for r in train], dtype=np.float32),
+        epochs=settings.retrain_epochs,
+        device=device,
+        hidden=settings.retrain_hidden,
+        seed=settings.retrain_seed,
+    )
+    artifact = export_onnx(module, NUMERIC_FEATURES)
+    runtime = OnnxRuntime(artifact, NUMERIC_FEATURES)
+    diff = check_parity(runtime, module, held_out)
+    scores = runtime.predict_many(held_out)
+    auc = rolling_auc([bool(r["is_fraud"]) for r in held_out], scores)
+    return Candidate(module, artifact, scores, auc, diff, device.type)
 
 
 # --- the training set -----------------------------------------------------------------------------------
@@ -295,30 +327,17 @@ def retrain(settings: RetrainSettings) -> dict[str, Any]:
     train, held_out = split_by_time(rows, settings.retrain_holdout)
     if latest is not None and latest["trained_on"] == len(train):
         return {**summary, "version": latest["version"], "reason": "no new labels since the last version"}
-    y_train = np.array([bool(r["is_fraud"]) for r in train], dtype=np.float32)
-    y_held = [bool(r["is_fraud"]) for r in held_out]
-    if len(set(y_train.tolist())) < 2 or len(set(y_held)) < 2:
+    if len({bool(r["is_fraud"]) for r in train}) < 2 or len({bool(r["is_fraud"]) for r in held_out}) < 2:
         return {**summary, "reason": "the training or held-out split has only one class"}
-    device = pick_device(settings.retrain_device)
-    module = train_mlp(
-        feature_matrix(train, NUMERIC_FEATURES),
-        y_train,
-        epochs=settings.retrain_epochs,
-        device=device,
-        hidden=settings.retrain_hidden,
-        seed=settings.retrain_seed,
-    )
-    artifact = export_onnx(module, NUMERIC_FEATURES)
-    diff = check_parity(artifact, module, held_out, NUMERIC_FEATURES)
-    scores = OnnxRuntime(artifact, NUMERIC_FEATURES).predict_many(held_out)
-    auc = rolling_auc(y_held, scores)
+    candidate = fit(settings, train, held_out)
+    auc, scores = candidate.roc_auc, candidate.scores
     summary.update(
         train=len(train),
         held_out=len(held_out),
         roc_auc=auc,
-        device=device.type,
-        max_abs_diff=diff,
-        artifact_bytes=len(artifact),
+        device=candidate.device,
+        max_abs_diff=candidate.max_abs_diff,
+        artifact_bytes=len(candidate.artifact),
     )
     if auc is None or auc < settings.retrain_min_auc:
         return {**summary, "reason": f"held-out ROC AUC {auc} is under {settings.retrain_min_auc}"}
@@ -328,7 +347,7 @@ def retrain(settings: RetrainSettings) -> dict[str, Any]:
         model=name,
         version=version,
         flavor=FLAVOR,
-        artifact=artifact,
+        artifact=candidate.artifact,
         feature_names=NUMERIC_FEATURES,
         metric_name="roc_auc_held_out",
         metric_value=auc,
