@@ -158,8 +158,11 @@ def default_rules(metrics_auth: str = "public") -> list[Rule]:
 
 
 class AccessRules:
-    """Resolves the access a request needs: an exact-path rule first (one dict lookup), then the
-    others in order; :data:`AUTHENTICATED` when none matches."""
+    """Resolves the access a request needs: an exact-path rule first, then the others in order;
+    :data:`AUTHENTICATED` when none matches. Answers are memoised per path (per method and path when a
+    rule names methods), up to :attr:`MEMO_SIZE` of them, so the hot path costs one dict lookup."""
+
+    MEMO_SIZE = 1024  # bounded: paths come from clients
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         self._exact: dict[str, str] = {}
@@ -169,8 +172,19 @@ class AccessRules:
                 self._exact.setdefault(rule.path, rule.access)
             else:
                 self._patterns.append(rule)
+        self._by_method = any(rule.methods is not None for rule in rules)
+        self._memo: dict[Any, str] = {}
 
     def access_for(self, method: str, path: str) -> str:
+        memo_key = (method, path) if self._by_method else path
+        access = self._memo.get(memo_key)
+        if access is None:
+            access = self._resolve(method, path)
+            if len(self._memo) < self.MEMO_SIZE:
+                self._memo[memo_key] = access
+        return access
+
+    def _resolve(self, method: str, path: str) -> str:
         access = self._exact.get(path)
         if access is not None:
             return access
@@ -201,7 +215,7 @@ class ApiKeyAuth:
 
     def __init__(self, app: Any, keys: Sequence[ApiKey], rules: Sequence[Rule] | None = None) -> None:
         self.app = app
-        self._by_digest: dict[str, ApiKey] = {k.sha256: k for k in keys}
+        self._by_digest: dict[bytes, ApiKey] = {bytes.fromhex(k.sha256): k for k in keys}
         self.rules = AccessRules(default_rules() if rules is None else rules)
         self.access_for = self.rules.access_for
         self.enabled = bool(self._by_digest)
@@ -223,7 +237,7 @@ class ApiKeyAuth:
             raise _Denied(
                 401, "missing", "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
             )
-        key = self._by_digest.get(hashlib.sha256(presented).hexdigest())
+        key = self._by_digest.get(hashlib.sha256(presented).digest())
         if key is None:
             raise _Denied(401, "unknown", "unknown API key")
         if access != AUTHENTICATED and access not in key.roles:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -161,6 +162,49 @@ async def test_the_apps_own_timeout_error_is_not_taken_for_ours():
 
     with pytest.raises(TimeoutError, match="the app's"):
         await RequestDeadline(app, 1.0, 1.0)(http_scope(), receiver(), Recorder())
+
+
+async def test_request_limit_reached_while_waiting_for_the_body_is_still_the_clients_408():
+    send = Recorder()
+    await RequestDeadline(reading_app, 5.0, 0.1)(http_scope(), receiver(b"{", then_wait=10), send)
+    assert send.status == 408 and send.json() == {"error": "request body not received within 0.1 s"}
+
+
+async def test_an_app_that_swallows_the_cancellation_still_gets_the_timeout_answer():
+    async def stubborn(scope: Message, receive: Any, send: Any) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"late"})
+
+    send = Recorder()
+    await RequestDeadline(stubborn, 1.0, 0.1)(http_scope("GET", "/readyz"), receiver(), send)
+    assert send.status == 504 and [m["type"] for m in send.messages].count("http.response.start") == 1
+
+
+async def test_only_the_slow_one_of_concurrent_requests_is_cut():
+    fast, slow = sleeping_app(0.0), sleeping_app(5.0)
+
+    async def app(scope: Message, receive: Any, send: Any) -> None:
+        await (slow if scope["path"] == "/readyz" else fast)(scope, receive, send)
+
+    deadline = RequestDeadline(app, 1.0, 0.15)
+    sends = [Recorder() for _ in range(6)]
+    paths = ["/healthz"] * 5 + ["/readyz"]
+    await asyncio.gather(
+        *(deadline(http_scope("GET", p), receiver(), s) for p, s in zip(paths, sends, strict=True))
+    )
+    assert [s.status for s in sends] == [200] * 5 + [504]
+
+
+async def test_someone_elses_cancellation_is_not_swallowed():
+    task = asyncio.create_task(
+        RequestDeadline(sleeping_app(5.0), 1.0, 1.0)(http_scope(), receiver(), Recorder())
+    )
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 async def test_other_scopes_pass_through():
