@@ -3,9 +3,9 @@
 Nothing here is a second copy of a field list: the scoring body's features are the request fields the
 validator checks (:data:`serving.features.REQUEST_FIELD_TYPES`, typed and described by the Avro ``event``
 schema), the batch bound is :data:`serving.validation.MAX_BATCH`, the deployment body and record follow
-the Avro ``deployment`` schema, and statuses are those the app and its middlewares answer with. Which
-routes need which key role follows :func:`serving.auth.default_rules`, so the document and the middleware
-agree on what is public.
+the Avro ``deployment`` schema and :data:`serving.deployments.ACTIONS`, and the statuses are those the
+app and its middlewares answer with. Which routes need which key role follows
+:func:`serving.auth.default_rules`, so the document and the middleware agree on what is public.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from typing import Any
 from features.store import Status
 from schemas import codec
 from serving.auth import PUBLIC, ROLES, AccessRules, default_rules
+from serving.deployments import ACTIONS, ARM_CANARY, ARM_CHAMPION
 from serving.features import REQUEST_FIELD_TYPES
 from serving.settings import ServeSettings
 from serving.validation import MAX_BATCH
 
 OPENAPI_VERSION = "3.1.0"
-ARMS_RETURNED = ("champion", "canary")  # a shadow's answer is logged, never returned
+ARMS_RETURNED = (ARM_CHAMPION, ARM_CANARY)  # a shadow's answer is logged, never returned
 
 # Avro primitive -> JSON Schema, as serving.validation converts JSON values (an integer is a number).
 _AVRO_TO_JSON: dict[str, dict[str, Any]] = {
@@ -246,7 +247,7 @@ def openapi_document(
     settings: ServeSettings,
     *,
     auth_enabled: bool,
-    actions: Sequence[str],
+    actions: Sequence[str] = ACTIONS,
     models: Sequence[str] | None = None,
     request_field_types: Mapping[str, str] = REQUEST_FIELD_TYPES,
     max_batch: int = MAX_BATCH,
@@ -255,7 +256,7 @@ def openapi_document(
 
     ``auth_enabled``: whether API keys are configured (keyed operations then declare their security and
     401/403; without keys nothing is enforced, and the document says so). ``actions``: the deployment
-    actions (:data:`serving.deployments.ACTIONS`). ``models``: the model names served (default
+    actions (default :data:`serving.deployments.ACTIONS`). ``models``: the model names served (default
     ``[settings.model_name]``); other names answer 404.
     """
     limits = (settings.serve_max_body_bytes, settings.serve_body_timeout_s, settings.serve_request_timeout_s)

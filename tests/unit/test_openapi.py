@@ -15,17 +15,17 @@ from starlette.routing import Route
 from infra.errors import RequestError
 from schemas import codec
 from serving.app import create_app
+from serving.deployments import ACTIONS
 from serving.features import REQUEST_FIELD_TYPES
 from serving.openapi import avro_field_schema, openapi_document
 from serving.settings import ServeSettings
 from serving.validation import MAX_BATCH, parse_body
 
-ACTIONS = ("promote", "canary", "shadow", "rollback", "follow")
 FEATURES = {"amount": 12.5, "category": "grocery", "country": "US", "card_present": True}
 
 
 def document(settings: ServeSettings | None = None, *, auth: bool = True) -> dict[str, Any]:
-    return openapi_document(settings or ServeSettings(), auth_enabled=auth, actions=ACTIONS)
+    return openapi_document(settings or ServeSettings(), auth_enabled=auth)
 
 
 @pytest.mark.parametrize("auth", [True, False], ids=["keys", "no-keys"])
