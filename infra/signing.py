@@ -131,6 +131,8 @@ class Verifier:
         signature, kid = record.get("signature"), record.get("key_id")
         if not signature:
             raise ModelLoadError("unsigned, and only signed versions are accepted (trusted keys are set)")
+        if not isinstance(signature, bytes | bytearray | memoryview):
+            raise ModelLoadError(f"signature is {type(signature).__name__}, not bytes")
         key = self.keys.get(str(kid))
         if key is None:
             raise ModelLoadError(

@@ -300,14 +300,20 @@ def training_rows(settings: CommonSettings) -> list[dict[str, Any]]:
     for row in rows:
         event = by_id[row["event_id"]]
         row.update({field: event[field] for field in REQUEST_FIELDS})
-    return rows
+    # Partitions interleave differently on every read: a total order makes the same topics give the
+    # same training set, split and model (events of one millisecond tie on time alone).
+    return sorted(rows, key=_time_order)
+
+
+def _time_order(row: Mapping[str, Any]) -> tuple[int, str]:
+    return int(row["event_ts"]), str(row.get("event_id", ""))
 
 
 def split_by_time(
     rows: Sequence[dict[str, Any]], holdout: float
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(train, held_out)``: the newest ``holdout`` share of ``rows`` (by event time) is held out."""
-    ordered = sorted(rows, key=lambda r: int(r["event_ts"]))
+    ordered = sorted(rows, key=_time_order)
     cut = len(ordered) - max(1, int(len(ordered) * holdout))
     return ordered[:cut], ordered[cut:]
 

@@ -289,6 +289,8 @@ def test_with_trusted_keys_only_good_signatures_load(flavor: str) -> None:
         load_model(rec, policy)
     with pytest.raises(ModelLoadError, match="not trusted"):
         load_model(signed(rec, stranger), policy)
+    with pytest.raises(ModelLoadError, match="not bytes"):
+        load_model({**signed(rec, signer), "signature": "c2lnbmF0dXJl"}, policy)
     # a signed artifact replayed as another version or model, or with its inputs reordered
     for change in (
         {"version": 8},
