@@ -1,8 +1,10 @@
 """``python -m bench.readme``: rewrite the benchmark section of README.md from ``out/bench/*.json``.
 
-Only the text between ``<!-- bench:features:start -->`` and ``<!-- bench:features:end -->`` is
-replaced; if the markers are missing they are inserted at the end of the "## Performance" section.
-Nothing else in README.md is touched.
+Each benchmark has its block between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->``
+(``features``: ``out/bench/features.json``; ``serving``: ``out/bench/serving.json``); only the text
+between a block's markers is replaced, and a block whose result file is missing is left as it is
+(a block never rendered yet gets a placeholder). Missing markers are inserted at the end of the
+"## Performance" section. Nothing else in README.md is touched.
 """
 
 from __future__ import annotations
@@ -11,11 +13,16 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 START, END = "<!-- bench:features:start -->", "<!-- bench:features:end -->"
 SECTION = "## Performance"
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
 
 
 def _n(value: float | None) -> str:
@@ -68,8 +75,103 @@ def render_features(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def insert_markers(text: str) -> str:
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if value < 10 else f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def _far(ratio: float | None, goal: float, higher_is_better: bool) -> str:
+    """How far a measured ratio is from its goal, in words."""
+    if ratio is None or ratio <= 0:
+        return "not measured"
+    if (ratio >= goal) if higher_is_better else (ratio <= goal):
+        return "met"
+    return f"{goal / ratio:.1f}x short" if higher_is_better else f"{ratio / goal:.1f}x over"
+
+
+def render_serving(r: dict[str, Any]) -> str:
+    """The README block for ``out/bench/serving.json``."""
+    ratio, m, g, v = r["ratios"], r["machine"], r["goals"], r["versions"]
+    met = {k: "met" if ok else "**not met**" for k, ok in r["goals_met"].items()}
+    half = r["half_load_rps"]
+    load = r["load"]
+    cpu = r.get("server_cpu_ms_per_request") or {}
+    swaps = [run["swaps"] for run in r["runs"]["rate"]["tide_swapping"]]
+    published = sum(s["published"] for s in swaps)
+    answered = min((s["versions_answered"] for s in swaps), default=0)
+    delays = [s["mean_swap_delay_ms"] for s in swaps if s.get("mean_swap_delay_ms") is not None]
+    feast = v.get("feast")
+    flavor = r["model_flavor"]
+    lines = [
+        f"Scoring service, `make bench-serving` ({r['measured_at'][:10]}, {m['cpu_model']}, "
+        f"{m['nproc']} cores "
+        f"shared with wrk, Redis and the broker, commit `{v.get('git')}`): one worker per server; "
+        f"{r['entities']:,} cards with online features (`card_activity`, merged from its tiles at read "
+        f"time); the model is {'an ONNX MLP' if flavor == 'onnx' else 'the river model'} (`{flavor}`); "
+        f"every prediction is logged to the `predictions` topic. Throughput: wrk closed loop, "
+        f"{load['max']['connections']} connections, median of {r['reps']} runs of "
+        f"{load['max']['seconds']:g} s, "
+        f"interleaved. Latency: a fixed rate of half of each server's own maximum, "
+        f"{load['rate']['connections']} connections, {load['rate']['seconds']:g} s runs.",
+        "",
+        "| measure | value | compared with | ratio | goal |",
+        "|---|---:|---|---:|---|",
+        f"| ceiling: bare Starlette endpoint (uvicorn, uvloop, httptools, orjson), same body and answer | "
+        f"{_n(r['ceiling_rps'])} req/s | | | |",
+        f"| **Tide** `tide serve`: features + model + prediction log | **{_n(r['rps'])} req/s** | ceiling | "
+        f"{_x(ratio['vs_ceiling'])} | ≥ {g['vs_ceiling']}x: {met['vs_ceiling']} |",
+        f"| Feast {feast or ''} `feast serve`, same features from the same Redis (no scoring) | "
+        f"{_n(r['feast_rps'])} req/s | Tide | Tide {_x(ratio['vs_feast'])} | "
+        f"Tide ≥ {g['vs_feast']:g}x at a lower p99: {met['vs_feast']} |",
+        f"| **Tide** p99 at half load ({_n(half.get('tide'))} req/s) | **{_ms(r['p99_ms_half_load'])} ms** | "
+        f"Feast p99 at its half load ({_n(half.get('feast'))} req/s): "
+        f"{_ms(r['feast_p99_ms_half_load'])} ms | "
+        f"{_x(ratio['p99_vs_feast'])} | < {g['p99_ms_half_load']:g} ms: {met['p99_ms_half_load']} |",
+        f"| **Tide** p99 while a new version is published every second | "
+        f"**{_ms(r['p99_ms_swapping'])} ms** | "
+        f"steady p99, same rate: {_ms(r['p99_ms_steady'])} ms | {_x(ratio['swap_p99_ratio'])} | "
+        f"≤ {g['swap_p99_ratio']:g}x: {met['swap_p99_ratio']} |",
+        "",
+        f"Tide p50 at half load {_ms(r['p50_ms_half_load'])} ms (ceiling p99 at its half load "
+        f"{_ms(r['ceiling_p99_ms_half_load'])} ms). Every Tide answer was 2xx: {met['all_2xx']} "
+        f"({r['non_2xx_tide']} non-2xx); while swapping, {published} versions were published and each run "
+        f"answered with at least {answered} different versions"
+        + (
+            f" (mean swap delay, publish to serving, per run: {', '.join(f'{d:.0f}' for d in delays)} ms)"
+            if delays
+            else ""
+        )
+        + ". Server CPU per request at maximum load, the figure least moved by the other work on this "
+        f"machine: Tide {_ms(cpu.get('tide'))} ms, ceiling {_ms(cpu.get('ceiling'))} ms, Feast "
+        f"{_ms(cpu.get('feast'))} ms.",
+        "",
+        "How far from each goal: throughput "
+        + _far(ratio["vs_ceiling"], g["vs_ceiling"], True)
+        + f" of {g['vs_ceiling']}x the ceiling; p99 at half load "
+        + _far(r["p99_ms_half_load"] / g["p99_ms_half_load"] if r["p99_ms_half_load"] else None, 1.0, False)
+        + f" {g['p99_ms_half_load']:g} ms; Feast "
+        + ("met" if r["goals_met"]["vs_feast"] else _far(ratio["vs_feast"], g["vs_feast"], True) + " of 2x")
+        + "; swapping "
+        + _far(ratio["swap_p99_ratio"], g["swap_p99_ratio"], False)
+        + ". Where Tide's time goes (py-spy), what each figure means and the caveats (coordinated omission, "
+        "a shared 2-core machine): "
+        "[`docs/2026-11-21-bench-serving.md`](docs/2026-11-21-bench-serving.md).",
+        "",
+        f"Reproduce: `{r['reproduce'].split('   #')[0]}` (raw results: `out/bench/serving.json`).",
+    ]
+    return "\n".join(lines)
+
+
+BLOCKS = (
+    ("features", "features.json", render_features, "run `make bench-features`"),
+    ("serving", "serving.json", render_serving, "run `make bench-serving`"),
+)
+
+
+def insert_markers(text: str, name: str = "features") -> str:
     """Put empty markers at the end of the Performance section (before the next ``## `` heading)."""
+    start, end_marker = markers(name)
     at = text.find("\n" + SECTION + "\n")
     if at < 0:
         raise SystemExit(f"README.md has no {SECTION!r} section to put the benchmark in")
@@ -77,24 +179,31 @@ def insert_markers(text: str) -> str:
     end = nxt.start() if nxt else len(text)
     body = text[:end].rstrip("\n")
     rest = text[end:]
-    return body + f"\n\n{START}\n{END}\n" + ("\n" + rest if rest else "")
+    return body + f"\n\n{start}\n{end_marker}\n" + ("\n" + rest if rest else "")
 
 
-def rewrite(readme: Path, results: Path) -> bool:
-    """Rewrite the marked section; returns whether README.md changed."""
-    text = readme.read_text()
-    if START not in text or END not in text:
-        text = insert_markers(text)
-    features = results / "features.json"
-    if features.exists():
-        block = render_features(json.loads(features.read_text()))
-    else:
-        block = "_No feature benchmark result yet: run `make bench-features`._"
-    head, _, tail = text.partition(START)
-    _, _, tail = tail.partition(END)
-    new = f"{head}{START}\n{block}\n{END}{tail}"
-    if new != readme.read_text():
-        readme.write_text(new)
+def rewrite(readme: Path, results: Path, only: Sequence[str] | None = None) -> bool:
+    """Rewrite the marked blocks (those named in ``only``, if given); returns whether README.md changed."""
+    original = text = readme.read_text()
+    for name, filename, render, how in BLOCKS:
+        if only and name not in only:
+            continue
+        start, end = markers(name)
+        fresh = start not in text or end not in text
+        if fresh:
+            text = insert_markers(text, name)
+        source = results / filename
+        if source.exists():
+            block = render(json.loads(source.read_text()))
+        elif fresh:
+            block = f"_No {name} benchmark result yet: {how}._"
+        else:
+            continue  # keep what the README shows until a result is there to replace it
+        head, _, tail = text.partition(start)
+        _, _, tail = tail.partition(end)
+        text = f"{head}{start}\n{block}\n{end}{tail}"
+    if text != original:
+        readme.write_text(text)
         return True
     return False
 
@@ -103,8 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__.split("\n\n")[0])
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--results", type=Path, default=Path("out/bench"))
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=[name for name, *_ in BLOCKS],
+        help="rewrite only this benchmark's block (repeatable; default: every block with a result)",
+    )
     args = parser.parse_args(argv)
-    changed = rewrite(args.readme, args.results)
+    changed = rewrite(args.readme, args.results, args.only)
     print(f"{args.readme}: {'benchmark section rewritten' if changed else 'unchanged'}")
     return 0
 

@@ -1,6 +1,7 @@
-# Benchmarks (commands, not tests): `make bench-features`. Included from the Makefile; needs its
-# install target, PY and PYTHON. The Quix Streams peer runs in its own venv (.venv-bench): quixstreams
-# pins confluent-kafka<2.13, pydantic<2.14 and pydantic-settings<2.16, below Tide's lock.
+# Benchmarks (commands, not tests): `make bench-features`, `make bench-serving`. Included from the
+# Makefile; needs its install target, PY and PYTHON. The Quix Streams peer runs in its own venv
+# (.venv-bench): quixstreams pins confluent-kafka<2.13, pydantic<2.14 and pydantic-settings<2.16, below
+# Tide's lock. The Feast peer runs in .venv-feast: feast pins redis-py<8, below Tide's lock.
 
 BENCH_VENV   := .venv-bench
 BENCH_STAMP  := $(BENCH_VENV)/.installed
@@ -8,7 +9,10 @@ BENCH_EVENTS ?= 100000
 BENCH_REPS   ?= 3
 BENCH_ARGS   ?=
 
-.PHONY: bench-venv bench-features
+FEAST_VENV   := .venv-feast
+FEAST_STAMP  := $(FEAST_VENV)/.installed
+
+.PHONY: bench-venv bench-features bench-feast-venv bench-wrk bench-serving
 
 $(BENCH_STAMP): bench/requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -21,3 +25,24 @@ bench-venv: $(BENCH_STAMP)
 # Writes out/bench/features.json; `$(PY) -m bench.readme` then updates README.md's benchmark section.
 bench-features: install bench-venv
 	$(PY) -m bench.features --events $(BENCH_EVENTS) --reps $(BENCH_REPS) $(BENCH_ARGS)
+
+$(FEAST_STAMP): bench/requirements-feast.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	test -x $(FEAST_VENV)/bin/python || $(PYTHON) -m venv $(FEAST_VENV)
+	$(FEAST_VENV)/bin/pip install --quiet --disable-pip-version-check -r bench/requirements-feast.txt
+	touch $(FEAST_STAMP)
+
+bench-feast-venv: $(FEAST_STAMP)
+
+# wrk (the load generator) from the distribution when it is missing: Debian's build links LuaJIT, whose
+# ffi the load script uses for a monotonic clock.
+bench-wrk:
+	@command -v wrk >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq wrk; fi; }
+	@wrk --version 2>&1 | head -1
+
+# Writes out/bench/serving.json; `$(PY) -m bench.readme` then updates README.md's benchmark section.
+# py-spy (for the profile of tide serve) comes from .venv-bench.
+bench-serving: install bench-venv bench-feast-venv bench-wrk
+	$(PY) -m bench.serving --reps $(BENCH_REPS) $(BENCH_ARGS)
