@@ -44,6 +44,7 @@ COMMAND_SETTINGS = {
     "serve": "ServeSettings",
     "features": "FeatureSettings",
     "train": "TrainerSettings",
+    "retrain": "RetrainSettings",  # online_training.settings, imported by online_training.trainer
     "drift": "DriftSettings",
     "topics": "CommonSettings",
     "produce": "CommonSettings",
