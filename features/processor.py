@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,16 @@ class PartitionBatch:
     @property
     def source(self) -> str:
         return f"{self.topic}:{self.partition}"
+
+
+@dataclass
+class InFlight:
+    """Consumed batches whose writes may still be running (see :meth:`FeatureFolder.prepare`)."""
+
+    batches: list[PartitionBatch]
+    work: list[tuple[PartitionBatch, tiles.PartitionFold, tuple[list[str], list[Any]]]]
+    future: Future[list[bool]] | None = None
+    started: float = 0.0
 
 
 class FeatureFolder:
@@ -146,6 +157,50 @@ class FeatureFolder:
         for view in {v.name for b in batches for v in b.views}:
             WRITE_LATENCY.labels(view).observe(elapsed)
 
+    def prepare(self, batches: Sequence[PartitionBatch]) -> InFlight:
+        """Folds the batches into apply commands, assuming every earlier batch gets applied (the cached
+        positions move on at once). If one is refused instead, so is every later one of its partition,
+        and :meth:`complete` redoes them from the stored position: the guess never costs exactness."""
+        todo = [b for b in batches if b.last >= 0]
+        self.load(todo)
+        work = []
+        for b in todo:
+            position, watermark = self._state[b.source]
+            if b.last <= position:
+                continue
+            records = [(r.offset, r.event) for r in b.records if r.offset > position]
+            folded = tiles.fold_partition(b.views, records, watermark)
+            ns, wm = self.writer.namespace, folded.watermark
+            work.append(
+                (b, folded, apply_command(b.views, ns, b.source, folded.deltas, position, b.last, wm))
+            )
+            self._state[b.source] = (b.last, folded.watermark)
+        return InFlight(list(batches), work)
+
+    def send(self, flight: InFlight, executor: ThreadPoolExecutor) -> None:
+        """Starts the flight's writes (one pipeline) on ``executor``'s thread."""
+        flight.started = time.perf_counter()
+        if flight.work:
+            flight.future = executor.submit(self.writer.apply_all, [c for _, _, c in flight.work])
+
+    def complete(self, flight: InFlight) -> None:
+        """Waits for the flight's writes; redoes any refused batch from the stored position."""
+        if flight.future is None:
+            return
+        results = flight.future.result()
+        refused = []
+        for (b, folded, _), applied in zip(flight.work, results, strict=True):
+            if applied:
+                self._done(b, folded)
+            else:
+                self._state.pop(b.source, None)  # moved by another writer: re-read, skip what it applied
+                refused.append(b)
+        if refused:
+            self.fold(refused)
+        elapsed = time.perf_counter() - flight.started
+        for view in {v.name for b, _, _ in flight.work for v in b.views}:
+            WRITE_LATENCY.labels(view).observe(elapsed)
+
     def _done(self, b: PartitionBatch, folded: tiles.PartitionFold) -> None:
         now = time.time()
         by_offset = {r.offset: r for r in b.records} if any(folded.late.values()) else {}
@@ -194,6 +249,8 @@ class FeatureProcessor:
         self.dlq = KafkaDeadLetters(self.producer, topic(settings, "dead-letter"))
         self.writer = RedisWriter.from_url(settings.redis_url, settings.topic_prefix)
         self.folder = FeatureFolder(self.writer, self.dlq)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="redis-writer")
+        self._flight: InFlight | None = None
         self.consumer: Consumer = make_consumer(
             settings,
             settings.features_group,
@@ -219,6 +276,7 @@ class FeatureProcessor:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", ", ".join(f"{tp.topic}:{tp.partition}" for tp in partitions))
+        self.drain()  # what was consumed from them is written before they go
         self.folder.forget([f"{tp.topic}:{tp.partition}" for tp in partitions])
         consumer.unassign()
 
@@ -248,14 +306,23 @@ class FeatureProcessor:
         return list(by_partition.values())
 
     def step(self, msgs: Sequence[Message]) -> None:
-        """Folds one consumed batch and records it as done."""
-        batches = self.split(msgs)
-        if not batches:
+        """Folds one consumed batch and starts its writes; finishes the previous batch's meanwhile, so
+        the processor folds batch N+1 while Redis applies batch N."""
+        flight = self.folder.prepare(self.split(msgs)) if msgs else None
+        self.drain()
+        if flight is not None and flight.batches:
+            self.folder.send(flight, self._executor)
+            self._flight = flight
+
+    def drain(self) -> None:
+        """Completes the batch in flight: its writes, its dead letters, then its offsets (a hint)."""
+        flight, self._flight = self._flight, None
+        if flight is None:
             return
-        self.folder.fold(batches)
+        self.folder.complete(flight)
         if len(self.producer):  # this batch's dead letters are delivered before it counts as done
             self.producer.flush()
-        done = [TopicPartition(b.topic, b.partition, b.last + 1) for b in batches]
+        done = [TopicPartition(b.topic, b.partition, b.last + 1) for b in flight.batches]
         self.consumer.store_offsets(offsets=done)
         for tp in done:
             _, high = self.consumer.get_watermark_offsets(tp, cached=True)
@@ -269,10 +336,12 @@ class FeatureProcessor:
         try:
             while not stop.is_set():
                 msgs = self.consumer.consume(batch, wait)
-                if msgs:
+                if msgs or self._flight is not None:
                     self.step(msgs)
+            self.drain()
         finally:
             self.consumer.close()  # leaves the group: the partitions move at once
+            self._executor.shutdown()
             self.producer.flush(10)
             self.writer.close()
             log.info("%s stopped", STEP)

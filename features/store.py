@@ -8,7 +8,6 @@ Layout (``ns`` is the deployment's namespace, its topic prefix, so deployments c
         {view}:m        "{newest event time} {lowest tile kept}" of the view
         ts              newest event time of any view (what freshness probes read)
         seen            wall time of the last write
-    {entity hash}:{view}:{tile}:d:{F}               HyperLogLog of field F's distinct values in a tile
     {ns}tide:f:{source}:offsets                     hash
         {topic}:{partition}      last applied position
         {topic}:{partition}:wm   that partition's watermark (the newest event time seen in it)
@@ -18,18 +17,20 @@ the partition's stored position, merges the batch's partials into the stored one
 position and watermark in one atomic step. Records at or below the stored position are left out before
 the call, so a replay after a crash or a rebalance never counts an event twice (exactly-once effect on
 top of at-least-once delivery). Per entity the script makes one ``HMGET``, one ``HSET`` and one
-``PEXPIRE`` whatever the number of views and slots, plus a ``PFADD`` and ``PEXPIRE`` per distinct-count
-tile; the caller merges a batch's events per (entity, view, tile) first.
+``PEXPIRE`` whatever the number of views and slots; the caller merges a batch's events per (entity,
+view, tile) first. A read is one script call that returns only the requested windows' tiles.
 
 Packed partial: ``slot=value`` lines (slot names of :mod:`features.aggregations`). Additive slots are
 merged by the script with ``%.17g`` (doubles round-trip exactly; counts stay exact integers), extremes
-keep the winning text unchanged, ``last:F`` is ``"{event time} {JSON value}"`` and the later time wins.
+keep the winning text unchanged, ``last:F`` is ``"{event time} {JSON value}"`` and the later time wins,
+``d:F`` is a JSON array of the tile's distinct values, merged by union: distinct counts are exact (a
+set per tile, so their size grows with the distinct values one tile sees; see
+docs/2026-11-21-features.md).
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -42,13 +43,16 @@ from features import tiles
 from features.definitions import FeatureView
 
 # KEYS[1]: the source's offsets hash. ARGV: partition (``topic:partition``), expected position, new
-# position, watermark, now, and one JSON document (see apply_command). Returns APPLIED, or the stored
-# position if it is not the expected one (nothing written then).
+# position, watermark, now, a JSON header and a JSON document (see apply_command). Returns APPLIED, or
+# the stored position if it is not the expected one (nothing written then). Event times and tiles travel
+# as JSON numbers (exact below 2^53) and are written back with %d, never with Lua's 14-digit tostring.
 APPLY_SCRIPT = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or '-1'
 if cur ~= ARGV[2] then return tonumber(cur) end
 local now = ARGV[5]
-local gmatch, sub, byte, tonumber = string.gmatch, string.sub, string.byte, tonumber
+local header = cjson.decode(ARGV[6])
+local groups, views = header[1], header[2]
+local gmatch, byte, match, format = string.gmatch, string.byte, string.match, string.format
 local LINE = '([^=\\n]+)=([^\\n]*)'
 local function merge(old, new)
   if not old then return new end
@@ -61,13 +65,20 @@ local function merge(old, new)
     else
       local b = byte(name, 1)
       if b == 108 then -- last:F, "time value": the later time wins (ties: the newer write)
-        if tonumber(string.match(v, '^(%S+)')) >= tonumber(string.match(c, '^(%S+)')) then vals[name] = v end
+        if tonumber(match(v, '^(%S+)')) >= tonumber(match(c, '^(%S+)')) then vals[name] = v end
       elseif b == 109 and byte(name, 2) == 105 then -- min:F
         if tonumber(v) < tonumber(c) then vals[name] = v end
       elseif b == 109 then -- max:F
         if tonumber(v) > tonumber(c) then vals[name] = v end
+      elseif b == 100 then -- d:F, a JSON array of distinct values: the union
+        local have, seen, added = cjson.decode(c), {}, false
+        for _, x in ipairs(have) do seen[x] = true end
+        for _, x in ipairs(cjson.decode(v)) do
+          if not seen[x] then seen[x] = true; have[#have + 1] = x; added = true end
+        end
+        if added then vals[name] = cjson.encode(have) end
       else -- counts, sums, histogram buckets
-        vals[name] = string.format('%.17g', tonumber(c) + tonumber(v))
+        vals[name] = format('%.17g', tonumber(c) + tonumber(v))
       end
     end
   end
@@ -75,74 +86,79 @@ local function merge(old, new)
   for i, name in ipairs(order) do out[i] = name .. '=' .. vals[name] end
   return table.concat(out, '\\n')
 end
-for _, e in ipairs(cjson.decode(ARGV[6])) do
-  local key, views = e[1], e[4]
+for _, e in ipairs(cjson.decode(ARGV[7])) do
+  local group = groups[e[1]]
+  local key = group[1] .. e[2]
+  local touched = e[4]
   local fields = {'ts'}
-  for _, v in ipairs(views) do
-    fields[#fields + 1] = v[1] .. ':m'
-    local tf = v[5]
-    for i = 1, #tf, 2 do fields[#fields + 1] = tf[i] end
+  for _, t in ipairs(touched) do
+    local name = views[t[1]][1]
+    fields[#fields + 1] = name .. ':m'
+    for i = 3, #t do fields[#fields + 1] = name .. ':' .. format('%d', t[i][1]) end
   end
   local old = redis.call('HMGET', key, unpack(fields))
-  local ts = e[3]
-  if old[1] and tonumber(old[1]) > tonumber(ts) then ts = old[1] end
+  local ts = format('%d', e[3])
+  if old[1] and tonumber(old[1]) > e[3] then ts = old[1] end
   local out = {'ts', ts, 'seen', now}
   local trims = nil
   local at = 2
-  for _, v in ipairs(views) do
-    local newest, cutoff, lo = v[2], tonumber(v[3]), tonumber(v[4])
+  for _, t in ipairs(touched) do
+    local v = views[t[1]]
+    local name, kind, tile_ms, window_ms = v[1], v[2], v[3], v[4]
+    local newest = t[2]
+    local cutoff = 0
+    if kind == 't' then cutoff = newest - newest % tile_ms
+    elseif kind == 's' then cutoff = newest - newest % tile_ms - window_ms + tile_ms end
+    local lo = nil
     local meta = old[at]
     at = at + 1
+    local newest_s = format('%d', newest)
     if meta then
-      local on, ol = string.match(meta, '^(%S+) (%S+)$')
-      if tonumber(on) > tonumber(newest) then newest = on end
-      if tonumber(ol) < lo then lo = tonumber(ol) end
+      local on, ol = match(meta, '^(%S+) (%S+)$')
+      if tonumber(on) > newest then newest_s = on end
+      lo = tonumber(ol)
+    end
+    for i = 3, #t do
+      local tile = t[i]
+      local f = fields[at]
+      out[#out + 1] = f
+      out[#out + 1] = merge(old[at], tile[2])
+      at = at + 1
+      if lo == nil or tile[1] < lo then lo = tile[1] end
     end
     if lo < cutoff then
       trims = trims or {}
-      trims[v[1] .. ':'] = cutoff
+      trims[name .. ':'] = cutoff
       lo = cutoff
     end
-    local tf = v[5]
-    for i = 1, #tf, 2 do
-      out[#out + 1] = tf[i]
-      out[#out + 1] = merge(old[at], tf[i + 1])
-      at = at + 1
-    end
-    out[#out + 1] = v[1] .. ':m'
-    out[#out + 1] = newest .. ' ' .. string.format('%d', lo)
+    out[#out + 1] = name .. ':m'
+    out[#out + 1] = newest_s .. ' ' .. format('%d', lo)
   end
   if trims then
     local gone = {}
     for _, f in ipairs(redis.call('HKEYS', key)) do
-      local p, t = string.match(f, '^(.*:)(%d+)$')
+      local p, t = match(f, '^(.*:)(%d+)$')
       if p and trims[p] and tonumber(t) < trims[p] then gone[#gone + 1] = f end
     end
     if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
   end
   redis.call('HSET', key, unpack(out))
-  if e[2] ~= '0' then redis.call('PEXPIRE', key, e[2]) end
-  for _, h in ipairs(e[5]) do
-    redis.call('PFADD', h[1], unpack(h, 3))
-    if h[2] ~= '0' then redis.call('PEXPIRE', h[1], h[2]) end
-  end
+  if group[2] ~= '0' then redis.call('PEXPIRE', key, group[2]) end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[1] .. ':wm', ARGV[4])
 return -2
 """
 APPLIED = -2  # what APPLY_SCRIPT returns on success (otherwise: the stored position)
 
-# ARGV[1]: JSON [[entity key, [[view, first tile, last tile, tile ms, [distinct field...]]...]]...].
-# Returns per entity key, per view: {meta or false, tile, packed, tile, packed..., then one PFCOUNT per
-# distinct field over the window's tiles}. Only the window's tiles cross the wire.
+# ARGV[1]: JSON [[entity key, [[view, first tile, last tile]...]]...]. Returns per entity key, per view:
+# {meta or false, tile, packed, tile, packed...}: only the window's tiles cross the wire.
 READ_SCRIPT = """
 local out = {}
 for i, req in ipairs(cjson.decode(ARGV[1])) do
-  local key = req[1]
-  local all = redis.call('HGETALL', key)
+  local all = redis.call('HGETALL', req[1])
   local rows = {}
   for j, v in ipairs(req[2]) do
-    local prefix, lo, hi, step = v[1] .. ':', v[2], v[3], v[4]
+    local prefix, lo, hi = v[1] .. ':', v[2], v[3]
     local n = #prefix
     local row = {false}
     for k = 1, #all, 2 do
@@ -160,18 +176,7 @@ for i, req in ipairs(cjson.decode(ARGV[1])) do
         end
       end
     end
-    local counts = {}
-    for _, field in ipairs(v[5]) do
-      local hlls = {}
-      local base = key .. ':' .. v[1] .. ':'
-      if step > 0 then
-        for t = lo, hi, step do hlls[#hlls + 1] = base .. string.format('%d', t) .. ':d:' .. field end
-      else
-        hlls[1] = base .. string.format('%d', lo) .. ':d:' .. field
-      end
-      counts[#counts + 1] = redis.call('PFCOUNT', unpack(hlls))
-    end
-    rows[j] = {row, counts}
+    rows[j] = row
   end
   out[i] = rows
 end
@@ -220,21 +225,26 @@ def offsets_key(view: FeatureView, namespace: str = "") -> str:
     return f"{namespace}tide:f:{view.source}:offsets"
 
 
-def hll_key(entity_hash: str, view: FeatureView, tile: int, field: str) -> str:
-    return f"{entity_hash}:{view.name}:{tile}:d:{field}"
-
-
 # --- packed partials ------------------------------------------------------------------------------------
 
 
 def pack(partial: Mapping[str, Any]) -> str:
-    """One tile's partial as one hash field value (distinct sets are not in it: they are HyperLogLogs)."""
+    """One tile's partial as one hash field value.
+
+    Numeric slots hold floats, ``last:`` slots (time, value) tuples, ``d:`` slots sets (written as a
+    sorted JSON array).
+    """
     lines = []
     for slot, value in partial.items():
-        if slot.startswith("last:"):
+        kind = type(value)
+        if kind is float:
+            lines.append(f"{slot}={_number(value)}")
+        elif kind is tuple:
             lines.append(f"{slot}={value[0]} {orjson.dumps(value[1]).decode()}")
-        elif not slot.startswith("d:"):
-            lines.append(f"{slot}={float(value)!r}")
+        elif kind is set:
+            lines.append(f"{slot}={orjson.dumps(sorted(value)).decode()}")
+        else:
+            lines.append(f"{slot}={_number(float(value))}")
     return "\n".join(lines)
 
 
@@ -247,6 +257,8 @@ def unpack(packed: bytes | str) -> dict[str, Any]:
         if slot.startswith("last:"):
             ts, _, raw = value.partition(" ")
             out[slot] = (int(float(ts)), orjson.loads(raw))
+        elif slot.startswith("d:"):
+            out[slot] = set(orjson.loads(value))
         else:
             out[slot] = float(value)
     return out
@@ -261,51 +273,60 @@ def _ttl(views: Sequence[FeatureView]) -> str:
     return "0" if any(r is None for r in retentions) else str(max(r for r in retentions if r is not None))
 
 
+_KIND = {"sliding": "s", "hopping": "s", "tumbling": "t", "lifetime": "l"}
+
+
+def _number(value: float) -> str:
+    """A slot value's text: integers without a fraction (counts stay short and exact), else repr."""
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
 def apply_payload(
     views: Sequence[FeatureView],
     namespace: str,
     deltas: Mapping[str, Mapping[str, tiles.EntityDelta]],
-) -> list[Any]:
-    """The script's per-entity document for one batch: ``deltas`` is view name -> entity -> delta.
+) -> tuple[list[Any], list[Any]]:
+    """The script's header and per-entity document for one batch of the views of one source
+    (``deltas``: view name -> entity -> delta).
 
-    Per entity hash: ``[key, expiry, newest, [[view, newest, cutoff, lowest tile, [field, packed...]]...],
-    [[HyperLogLog key, expiry, element...]...]]``. Tiles already behind the window of the batch's newest
-    event are left out (the script would trim them at once).
+    Header: ``[[[key prefix, expiry] per entity field], [[view, kind (s/t/l), tile ms, window ms] per
+    view]]``. Per entity: ``[entity field index, entity, newest, [[view index, newest, [tile,
+    packed]...]...]]`` (indices 1-based, for Lua). Tiles already behind the window of the batch's newest
+    event are left out (the script would trim them at once); the script derives field names and the
+    window's first tile from the header.
     """
-    by_name = {v.name: v for v in views}
-    per_key: dict[str, list[Any]] = {}
-    groups: dict[str, list[FeatureView]] = defaultdict(list)
-    for v in views:
-        groups[v.entity].append(v)
-    ttls = {field: _ttl(vs) for field, vs in groups.items()}
-    for name, by_entity in deltas.items():
-        view = by_name[name]
-        prefix = f"{namespace}tide:f:{view.source}:{view.entity}:"
-        tile_ttl = str(tiles.tile_retention_ms(view) or 0)
-        distinct = [str(a.field) for a in view.aggregations if a.kind == "distinct"]
-        ttl = ttls[view.entity]
+    fields: dict[str, list[FeatureView]] = {}
+    for view in views:
+        fields.setdefault(view.entity, []).append(view)
+    field_index = {f: i for i, f in enumerate(fields, start=1)}
+    header: list[Any] = [
+        [[f"{namespace}tide:f:{vs[0].source}:{f}:", _ttl(vs)] for f, vs in fields.items()],
+        [],
+    ]
+    per_entity: dict[tuple[int, str], list[Any]] = {}
+    for index, view in enumerate(views, start=1):
+        by_entity = deltas.get(view.name)
+        header[1].append([view.name, _KIND[view.kind], view.tile_ms, view.window_ms])
+        if not by_entity:
+            continue
+        group = field_index[view.entity]
+        lifetime, tumbling, tile_ms = view.kind == "lifetime", view.kind == "tumbling", view.tile_ms
+        span = 0 if tumbling else view.window_ms - tile_ms
         for entity, delta in by_entity.items():
-            key = prefix + entity
-            cutoff = tiles.first_tile(view, delta.newest_ms)
-            fields: list[str] = []
-            hlls: list[list[str]] = []
-            low = None
+            newest = delta.newest_ms
+            cutoff = 0 if lifetime else newest - newest % tile_ms - span
+            touched: list[Any] = [index, newest]
             for tile, partial in delta.tiles.items():
-                if tile < cutoff:
-                    continue
-                if low is None or tile < low:
-                    low = tile
-                fields += (f"{name}:{tile}", pack(partial))
-                for f in distinct:
-                    hlls.append([f"{key}:{name}:{tile}:d:{f}", tile_ttl, *sorted(partial["d:" + f])])
-            entry = per_key.get(key)
+                if tile >= cutoff:
+                    touched.append([tile, pack(partial)])
+            entry = per_entity.get((group, entity))
             if entry is None:
-                entry = per_key[key] = [key, ttl, str(delta.newest_ms), [], []]
-            elif delta.newest_ms > int(entry[2]):
-                entry[2] = str(delta.newest_ms)
-            entry[3].append([name, str(delta.newest_ms), cutoff, low, fields])
-            entry[4] += hlls
-    return list(per_key.values())
+                per_entity[(group, entity)] = [group, entity, newest, [touched]]
+            else:
+                if newest > entry[2]:
+                    entry[2] = newest
+                entry[3].append(touched)
+    return header, list(per_entity.values())
 
 
 def apply_command(
@@ -321,10 +342,11 @@ def apply_command(
     :func:`features.tiles.fold_partition`) and move ``source`` from ``expected_position`` to
     ``new_position`` and ``watermark``.
 
-    ``views`` are all the views of one source; ``source`` names an ordered input of it (``topic:partition``
-    for Kafka) whose positions are its offsets. Any client (asyncio, sync, a Flink operator) runs the
-    script with these, so every writer keeps the same layout and guarantees.
+    ``views`` are the views of one source; ``source`` names an ordered input of it
+    (``topic:partition`` for Kafka) whose positions are its offsets. Any client (asyncio, sync, a Flink
+    operator) runs the script with these, so every writer keeps the same layout and guarantees.
     """
+    header, entities = apply_payload(views, namespace, deltas)
     keys = [offsets_key(views[0], namespace)]
     args: list[Any] = [
         source,
@@ -332,7 +354,8 @@ def apply_command(
         str(new_position),
         str(watermark),
         str(int(time.time() * 1000)),
-        orjson.dumps(apply_payload(views, namespace, deltas)),
+        orjson.dumps(header),
+        orjson.dumps(entities),
     ]
     return keys, args
 
@@ -345,19 +368,14 @@ def parse_tiles(raw: Sequence[Any]) -> dict[int, dict[str, Any]]:
     return {int(raw[i]): unpack(raw[i + 1]) for i in range(0, len(raw), 2)}
 
 
-def _distinct_fields(view: FeatureView) -> list[str]:
-    return sorted({str(a.field) for a in view.aggregations if a.kind == "distinct"})
-
-
 def row_of(
     view: FeatureView,
     entity: str,
     meta: bytes | str | None,
     packed_tiles: Sequence[Any],
     now_ms: int,
-    distinct: Mapping[str, int] | None = None,
 ) -> FeatureRow:
-    """A row from the view's ``{view}:m`` field, its window's packed tiles and its distinct counts."""
+    """A row from the view's ``{view}:m`` field and its window's packed tiles."""
     window = view.describe()
     if not meta:
         return FeatureRow(
@@ -369,7 +387,7 @@ def row_of(
         return FeatureRow(
             entity, view.name, tiles.window_values(view, {}, now_ms), "expired", newest, age, window
         )
-    values = tiles.window_values(view, parse_tiles(packed_tiles), now_ms, distinct)
+    values = tiles.window_values(view, parse_tiles(packed_tiles), now_ms)
     return FeatureRow(entity, view.name, values, "present", newest, age, window)
 
 
@@ -380,8 +398,7 @@ def read_request(
     per_key: dict[str, list[Any]] = {}
     for view in views:
         lo, hi = tiles.first_tile(view, now_ms), tiles.tile_of(view, now_ms)
-        step = 0 if view.kind == "lifetime" else view.tile_ms
-        spec = [view.name, lo, hi, step, _distinct_fields(view)]
+        spec = [view.name, lo, hi]
         for entity in entities:
             key = entity_key(view, entity, namespace)
             entry = per_key.get(key)
@@ -458,18 +475,16 @@ class RedisOnlineStore:
         if not request:
             return {view.name: [] for view in views}
         answer = await self._read(args=[orjson.dumps(request)])
-        found: dict[tuple[str, str], tuple[Any, Any]] = {}
+        found: dict[tuple[str, str], list[Any]] = {}
         for (key, specs), rows in zip(request, answer, strict=True):
             for spec, row in zip(specs, rows, strict=True):
-                found[(key, spec[0])] = (row[0], row[1])
+                found[(key, spec[0])] = row
         out: dict[str, list[FeatureRow]] = {}
         for view in views:
-            distinct = _distinct_fields(view)
             rows_out = []
             for entity in entities:
-                (meta, *packed), counts = found[(entity_key(view, entity, self.namespace), view.name)]
-                counted = dict(zip(distinct, counts, strict=True))
-                rows_out.append(row_of(view, entity, meta, packed, now, counted))
+                meta, *packed = found[(entity_key(view, entity, self.namespace), view.name)]
+                rows_out.append(row_of(view, entity, meta, packed, now))
             out[view.name] = rows_out
         return out
 
