@@ -4,7 +4,7 @@ On a private embedded stack (tansu + Redis on free ports) it pre-fills one ``eve
 events over E distinct entities, then measures, on that same topic:
 
 (a) the ceiling: bare consume rate (confluent-kafka, no decoding; the same with Avro decoding by
-    ``schemas.codec``; aiokafka, which faust uses, for reference);
+    ``schemas.codec``; aiokafka for reference);
 (b) Tide: ``tide features`` as one process with a fresh group, events/s from the first record applied
     in Redis to the last (completion read from the store's offsets hashes, never from broker end
     offsets, which this broker reports wrongly), and freshness (event time to visible in Redis) while
@@ -290,14 +290,13 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
     comp: dict[str, int] = {}
     total = 0
     components = (
-        ("Lua apply (Redis round trip)", ("features/store.py:", "redis/asyncio", "redis/_parsers")),
+        ("Redis writes (redis-py, writer thread)", ("redis/", "concurrent/futures")),
+        ("apply payload (features/store.py)", ("features/store.py:",)),
         ("tiles / aggregations (partials)", ("features/tiles.py", "features/aggregations.py")),
         ("Avro decode", ("schemas/codec.py", "fastavro")),
         ("prometheus metrics", ("prometheus_client",)),
         ("processor batching (features/processor.py)", ("features/processor.py",)),
-        ("faust stream / agent machinery", ("/faust/", "/mode/")),
-        ("aiokafka fetch + parse", ("/aiokafka/",)),
-        ("asyncio event loop", ("asyncio/", "uvloop")),
+        ("threads (idle writer, waits)", ("threading.py",)),
     )
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -716,7 +715,7 @@ def versions(info: Any) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, Any] = {"python": platform.python_version()}
-    for dist in ("tide-ml", "faust-streaming", "aiokafka", "confluent-kafka", "redis", "fastavro"):
+    for dist in ("tide-ml", "confluent-kafka", "aiokafka", "redis", "fastavro"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
