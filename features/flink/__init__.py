@@ -1,4 +1,4 @@
-"""The feature pipeline on Apache Flink (PyFlink): the scale-out alternative to the faust processor.
+"""The feature pipeline on Apache Flink (PyFlink): the scale-out alternative to the feature processor.
 
 It runs in its own virtual environment (``make flink-venv``: PyFlink pins numpy, pandas, pyarrow and
 redis below what the rest of Tide uses) and shares only the pure feature code with the single-machine

@@ -1,4 +1,4 @@
-"""The feature pipeline as a PyFlink DataStream job: the same Redis tiles as the faust processor.
+"""The feature pipeline as a PyFlink DataStream job: the same Redis tiles as the feature processor.
 
 Steps (each name is the operator's name in Flink's UI and in logs)::
 
