@@ -8,12 +8,13 @@ stack is running (``tide up``), its addresses are taken from the stack's state f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import Field, ValidationError
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from infra.errors import ConfigError
 
@@ -83,6 +84,10 @@ def load(cls: type[S], **overrides: Any) -> S:
             key = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper()
             problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+    except SettingsError as exc:  # a complex value (a list, an object) that is not valid JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        key = env_var(field.group(1)) if field else "a setting"
+        raise ConfigError(f"invalid settings: {key}: not valid JSON ({exc})") from None
 
 
 def env_var(field_name: str) -> str:

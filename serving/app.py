@@ -5,9 +5,13 @@ Routes::
     POST /v1/models/{name}/score        score one instance or a batch ({"instances": [...]})
     GET  /v1/models                     loaded versions, aliases and traffic split of every model
     POST /v1/models/{name}/deployments  promote / canary / shadow / rollback / follow (202)
-    GET  /healthz                  the process is up
-    GET  /readyz                   a model is loaded for settings.model_name and Redis answers
-    GET  /metrics                  Prometheus metrics (default registry)
+    GET  /healthz                       the process is up
+    GET  /readyz                        a model is loaded for settings.model_name and Redis answers
+    GET  /metrics                       Prometheus metrics (all workers' with several: serving.metrics)
+    GET  /openapi.json                  the OpenAPI document of all of the above
+
+Every route but /healthz, /readyz and /openapi.json needs an API key once keys are configured
+(serving.auth); request bodies and whole requests are bounded in time (serving.limits).
 
 :func:`create_app` takes its collaborators injected (tests) or builds them in the lifespan: a
 :class:`ModelFollower` feeding the registry, the Redis online store and the prediction log.
@@ -24,9 +28,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client import Counter, Histogram
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -35,9 +40,14 @@ from features.store import RedisOnlineStore
 from infra.errors import RequestError, StreamError, Unavailable
 from infra.settings import load
 from serving import scoring
+from serving.auth import ApiKeyAuth, configured_keys, default_rules
 from serving.deployments import deployment_record, publish_deployment
+from serving.limits import RequestDeadline
+from serving.metrics import metrics_payload
+from serving.openapi import openapi_document
 from serving.predlog import PredictionLog
 from serving.registry import ModelFollower, ModelRegistry
+from serving.runtime import make_loader
 from serving.scoring import FeatureReader, PredictionSink
 from serving.settings import ServeSettings
 from serving.validation import parse_body, parse_json_object
@@ -156,6 +166,7 @@ class ScoringService:
         self.store = store
         self.predlog = predlog
         self.follower: ModelFollower | None = None
+        self.loader = make_loader(settings)  # reads the trusted keys now: a bad key file fails at start-up
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -170,7 +181,7 @@ class ScoringService:
             self.predlog = owned_log = PredictionLog(self.settings)
             owned_log.start()
         if self.owns_registry:
-            self.follower = ModelFollower(self.settings, self.registry)
+            self.follower = ModelFollower(self.settings, self.registry, loader=self.loader)
             self.follower.start()
         logger.info("scoring service started (model %s)", self.settings.model_name)
         try:
@@ -239,6 +250,7 @@ class ScoringService:
         record = deployment_record(
             name, body["action"], body.get("version"), body.get("weight", 0.0), body.get("reason")
         )
+        self.registry.preview(record)  # refuse here (409) what this node could not apply
         await self.deployer(record)
         return ORJSONResponse({"deployment": record}, status_code=202)
 
@@ -269,7 +281,8 @@ class ScoringService:
         return ORJSONResponse({"status": "ready", "model": model.name, "version": model.version})
 
     async def metrics(self, request: Request) -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = metrics_payload()  # every worker's, summed, when there are several
+        return Response(body, media_type=content_type)
 
 
 def create_app(
@@ -286,7 +299,13 @@ def create_app(
     built, started and stopped by the app's lifespan (an injected ``registry`` gets no follower).
     """
     settings = settings or load(ServeSettings)
+    keys = configured_keys(settings)  # a bad key setting fails here, naming it
     service = ScoringService(settings, registry, store, predlog, deployer)
+    openapi_body = orjson.dumps(openapi_document(settings, auth_enabled=bool(keys)))
+
+    async def openapi(request: Request) -> Response:
+        return Response(openapi_body, media_type="application/json")
+
     routes = [
         Route("/v1/models/{name}/score", instrumented("score", service.score), methods=["POST"]),
         Route("/v1/models", instrumented("models", service.list_models), methods=["GET"]),
@@ -294,8 +313,18 @@ def create_app(
         Route("/healthz", instrumented("healthz", service.healthz), methods=["GET"]),
         Route("/readyz", instrumented("readyz", service.readyz), methods=["GET"]),
         Route("/metrics", instrumented("metrics", service.metrics), methods=["GET"]),
+        Route("/openapi.json", instrumented("openapi", openapi), methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=service.lifespan)
+    middleware = [
+        # Outermost first: the deadline covers everything; auth refuses before any body is read.
+        Middleware(
+            RequestDeadline,
+            body_timeout_s=settings.serve_body_timeout_s,
+            request_timeout_s=settings.serve_request_timeout_s,
+        ),
+        Middleware(ApiKeyAuth, keys=keys, rules=default_rules(settings.serve_metrics_auth)),
+    ]
+    app = Starlette(routes=routes, lifespan=service.lifespan, middleware=middleware)
     app.state.service = service
     app.state.registry = service.registry
     return app

@@ -4,7 +4,7 @@ A model's policy is built by replaying its ``deployment`` records (the deploymen
 
     promote   version v becomes the champion (pinned); the champion it replaces is remembered for a
               rollback; a canary of v ends (it has been promoted)
-    canary    version v answers ``weight`` of the entities; weight 0 (or no version) ends the canary
+    canary    version v answers ``weight`` of the entities; weight 0 ends the canary
     shadow    version v also scores every request; its answer is logged, never returned; no version ends it
     rollback  the champion goes back to the one before it (or to ``version`` when given); the canary ends
     follow    the champion is the newest version published (the default before any promote)
@@ -39,9 +39,19 @@ from streams.topics import topic
 
 logger = logging.getLogger(__name__)
 
-ACTIONS = ("promote", "canary", "shadow", "rollback", "follow")
+# action -> (its version: "required", "optional" or "absent"; whether it takes a weight). One table for
+# validation and for the OpenAPI document.
+ACTION_RULES: dict[str, tuple[str, bool]] = {
+    "promote": ("required", False),
+    "canary": ("required", True),
+    "shadow": ("optional", False),
+    "rollback": ("optional", False),
+    "follow": ("absent", False),
+}
+ACTIONS = tuple(ACTION_RULES)
 ARM_CHAMPION, ARM_CANARY, ARM_SHADOW = "champion", "canary", "shadow"
 MAX_PREVIOUS = 16  # champions remembered for rollbacks
+MAX_VERSION = 2**31 - 1  # versions are Avro ints
 
 
 def deployment_record(
@@ -52,6 +62,11 @@ def deployment_record(
     reason: str | None = None,
 ) -> dict[str, Any]:
     """A validated ``deployment`` record, ready to publish. Raises :class:`DeploymentError`."""
+    # JSON has one number type: 3.0 is the integer 3 (as JSON Schema's "integer" says), 1 the weight 1.0.
+    if isinstance(version, float) and version.is_integer():
+        version = int(version)
+    if isinstance(weight, int) and not isinstance(weight, bool):
+        weight = float(weight)
     record = {
         "model": model,
         "action": action,
@@ -69,8 +84,12 @@ def validate(record: Mapping[str, Any]) -> None:
     action, version, weight = record.get("action"), record.get("version"), record.get("weight", 0.0)
     if action not in ACTIONS:
         raise DeploymentError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}", field="action")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
-        raise DeploymentError(f"must be a positive integer or null, got {version!r}", field="version")
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION
+    ):
+        raise DeploymentError(
+            f"must be an integer in [1, {MAX_VERSION}] or null, got {version!r}", field="version"
+        )
     if (
         isinstance(weight, bool)
         or not isinstance(weight, int | float)
@@ -78,14 +97,16 @@ def validate(record: Mapping[str, Any]) -> None:
         or not 0.0 <= weight <= 1.0
     ):
         raise DeploymentError(f"must be a number in [0, 1], got {weight!r}", field="weight")
-    if action == "promote" and version is None:
-        raise DeploymentError("promote needs the version to promote", field="version")
-    if action == "canary" and version is None and weight > 0:
-        raise DeploymentError("a canary with a weight needs a version", field="version")
-    if action in ("promote", "shadow", "rollback", "follow") and weight:
+    reason = record.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise DeploymentError(f"must be a string or null, got {type(reason).__name__}", field="reason")
+    needs_version, takes_weight = ACTION_RULES[action]
+    if needs_version == "required" and version is None:
+        raise DeploymentError(f"{action} needs a version", field="version")
+    if needs_version == "absent" and version is not None:
+        raise DeploymentError(f"{action} takes no version", field="version")
+    if not takes_weight and weight:
         raise DeploymentError(f"{action} takes no weight", field="weight")
-    if action == "follow" and version is not None:
-        raise DeploymentError("follow takes no version", field="version")
 
 
 @dataclass(frozen=True)
@@ -111,7 +132,7 @@ class TrafficPolicy:
             )
         if action == "canary":
             weight = float(record.get("weight") or 0.0)
-            if version is None or weight == 0.0:
+            if weight == 0.0:
                 return replace(self, canary=None, canary_weight=0.0)
             return replace(self, canary=version, canary_weight=weight)
         if action == "shadow":
@@ -123,7 +144,9 @@ class TrafficPolicy:
                 )
             previous = [v for v in self.previous if v != serving]
             if not previous:
-                raise DeploymentError("nothing to roll back to: no earlier champion", field="version")
+                raise DeploymentError(
+                    "nothing to roll back to: no earlier champion", field="version", status=409
+                )
             return replace(
                 self, champion=previous[-1], previous=tuple(previous[:-1]), canary=None, canary_weight=0.0
             )

@@ -19,7 +19,7 @@ from typing import Any
 from features.store import Status
 from schemas import codec
 from serving.auth import PUBLIC, ROLES, AccessRules, default_rules
-from serving.deployments import ACTIONS, ARM_CANARY, ARM_CHAMPION
+from serving.deployments import ACTION_RULES, ACTIONS, ARM_CANARY, ARM_CHAMPION, MAX_VERSION
 from serving.features import REQUEST_FIELD_TYPES
 from serving.settings import ServeSettings
 from serving.validation import MAX_BATCH
@@ -85,18 +85,28 @@ def features_schema(request_field_types: Mapping[str, str] = REQUEST_FIELD_TYPES
     }
 
 
-def _deployment_body_schema(actions: Sequence[str]) -> dict[str, Any]:
+def _deployment_body_schema(rules: Mapping[str, tuple[str, bool]]) -> dict[str, Any]:
+    """One shape per action (:data:`serving.deployments.ACTION_RULES`): which take a version, a weight."""
     fields = _record_fields("deployment")
-    props = {name: avro_field_schema(fields[name]) for name in ("action", "version", "weight", "reason")}
-    props["action"]["enum"] = list(actions)
-    props["version"]["minimum"] = 1
-    props["weight"].update(minimum=0.0, maximum=1.0, default=0.0)
-    return {
-        "type": "object",
-        "properties": props,
-        "required": ["action"],
-        "additionalProperties": False,
-    }
+    version = avro_field_schema(fields["version"])
+    weight = {**avro_field_schema(fields["weight"]), "minimum": 0.0, "maximum": 1.0, "default": 0.0}
+    reason = avro_field_schema(fields["reason"])
+    shapes = []
+    for action, (needs_version, takes_weight) in rules.items():
+        props: dict[str, Any] = {"action": {"const": action}, "reason": reason}
+        if needs_version != "absent":
+            props["version"] = {"type": "integer", "minimum": 1, "maximum": MAX_VERSION}
+            if needs_version == "optional":
+                props["version"] = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_VERSION}
+            props["version"]["description"] = version.get("description", "")
+        else:
+            props["version"] = {"type": "null"}
+        props["weight"] = weight if takes_weight else {"const": 0, "description": "Takes no weight."}
+        required = ["action", "version"] if needs_version == "required" else ["action"]
+        shapes.append(
+            {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+        )
+    return {"oneOf": shapes}
 
 
 def _components(
@@ -191,7 +201,7 @@ def _components(
             },
             "required": ["models"],
         },
-        "DeploymentRequest": _deployment_body_schema(actions),
+        "DeploymentRequest": _deployment_body_schema({a: ACTION_RULES[a] for a in actions}),
         "DeploymentAccepted": {
             "type": "object",
             "properties": {"deployment": deployment_record},
@@ -347,6 +357,9 @@ def openapi_document(
                 "Published to the deployments topic; every node applies it when it reads it back.",
             ),
             **body_errors,
+            "409": _error(
+                "The action cannot apply to the current policy (a rollback with no earlier champion)."
+            ),
             "503": _error("The deployments topic could not be written.", _RETRY_AFTER),
             "504": timeout_504,
         },

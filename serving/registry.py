@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from infra.errors import DeploymentError, SchemaError, ServingError
 from schemas import codec
 from serving.deployments import ARM_CANARY, ARM_CHAMPION, ARM_SHADOW, Routing, TrafficPolicy
-from serving.runtime import LoadedModel, load_model
+from serving.runtime import LoadedModel, make_loader
 from serving.settings import ServeSettings
 from streams.deadletter import DeadLetterSink, KafkaDeadLetters
 from streams.kafka import make_producer, messages, replay_reader
@@ -189,6 +189,12 @@ class ModelRegistry:
             state.policy.describe(),
         )
 
+    def preview(self, record: Mapping[str, Any]) -> TrafficPolicy:
+        """The policy ``record`` would lead to here, without applying it (DeploymentError if it cannot)."""
+        with self._changed:
+            state = self._states.get(record["model"]) or _ModelState()
+            return state.policy.apply(record, state.serving_version())
+
     def wanted(self, name: str) -> list[Mapping[str, Any]]:
         """Records of the versions the policy wants that are not loaded yet, most important first."""
         with self._changed:
@@ -302,13 +308,14 @@ class ModelFollower:
         registry: ModelRegistry,
         *,
         consumer_factory: ConsumerFactory = _state_reader,
-        loader: Callable[[Mapping[str, Any]], LoadedModel] = load_model,
+        loader: Callable[[Mapping[str, Any]], LoadedModel] | None = None,
         dead_letters: DeadLetterSink | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self._consumer_factory = consumer_factory
-        self._loader = loader
+        # The default checks signatures when trusted keys are configured (serving.runtime.make_loader).
+        self._loader = loader or make_loader(settings)
         self._dead_letters = dead_letters
         self._dl_producer: Producer | None = None  # only when the follower built its own sink
         self._models_topic = topic(settings, "models")

@@ -71,14 +71,33 @@ def score(
     rows: Mapping[str, FeatureRow],
     request_ids: Sequence[str],
 ) -> list[Scored]:
-    """Score each instance with the arm its entity routes to (one routing for the whole request)."""
-    out = []
-    for inst, request_id in zip(instances, request_ids, strict=True):
-        row = rows[inst.entity]
-        x = assemble(inst.fields, row)
-        model, arm = routing.pick(inst.entity)
-        out.append(Scored(inst, request_id, row, x, model, arm, model.runtime.predict_one(x)))
-    return out
+    """Score each instance with the arm its entity routes to (one routing for the whole request).
+
+    A batch is scored with one model call per version that answers part of it.
+    """
+    picks = [routing.pick(inst.entity) for inst in instances]
+    xs = [assemble(inst.fields, rows[inst.entity]) for inst in instances]
+    scores = _predict([model for model, _ in picks], xs)
+    return [
+        Scored(inst, request_id, rows[inst.entity], x, model, arm, value)
+        for inst, request_id, x, (model, arm), value in zip(
+            instances, request_ids, xs, picks, scores, strict=True
+        )
+    ]
+
+
+def _predict(models: Sequence[LoadedModel], xs: Sequence[dict[str, Any]]) -> list[float]:
+    if len(xs) == 1:
+        return [models[0].runtime.predict_one(xs[0])]
+    groups: dict[int, list[int]] = {}
+    for i, model in enumerate(models):
+        groups.setdefault(id(model), []).append(i)
+    scores = [0.0] * len(xs)
+    for indexes in groups.values():
+        values = models[indexes[0]].runtime.predict_many([xs[i] for i in indexes])
+        for i, value in zip(indexes, values, strict=True):
+            scores[i] = value
+    return scores
 
 
 def log_predictions(predlog: PredictionSink, scored: Sequence[Scored], latency_ms: float) -> None:
@@ -108,9 +127,10 @@ def shadow(model: LoadedModel, scored: Sequence[Scored], predlog: PredictionSink
     """
     started = time.perf_counter()
     try:
+        values = _predict([model] * len(scored), [s.x for s in scored])
         mirrored = [
-            dataclasses.replace(s, model=model, arm=ARM_SHADOW, score=model.runtime.predict_one(s.x))
-            for s in scored
+            dataclasses.replace(s, model=model, arm=ARM_SHADOW, score=value)
+            for s, value in zip(scored, values, strict=True)
         ]
     except Exception:
         logger.exception("shadow model %s version %d failed to score", model.name, model.version)

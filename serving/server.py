@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -9,6 +10,7 @@ import uvicorn
 
 from infra.settings import env_var
 from serving.app import create_app
+from serving.metrics import multiprocess_dir
 from serving.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -24,7 +26,10 @@ def _export_for_workers(settings: ServeSettings) -> None:
     them the same way.
     """
     for name, value in settings.model_dump(mode="json").items():
-        os.environ[env_var(name)] = str(value)
+        if value is None:
+            os.environ.pop(env_var(name), None)
+        else:  # lists and objects travel as JSON, which is how settings parse them back
+            os.environ[env_var(name)] = value if isinstance(value, str) else json.dumps(value)
 
 
 def run(settings: ServeSettings) -> None:
@@ -46,6 +51,7 @@ def run(settings: ServeSettings) -> None:
     )
     if settings.serve_workers > 1:
         _export_for_workers(settings)
-        uvicorn.run(APP_FACTORY, factory=True, workers=settings.serve_workers, **common)
+        with multiprocess_dir():  # workers' metrics in one directory, summed by /metrics
+            uvicorn.run(APP_FACTORY, factory=True, workers=settings.serve_workers, **common)
     else:
         uvicorn.run(create_app(settings), **common)

@@ -31,6 +31,8 @@ FEATURES = {"amount": 12.5, "category": "grocery", "country": "US", "card_presen
 class ConstantRuntime:
     """Scores every input with one number, so a response's score says which version answered."""
 
+    provider = "python"
+
     def __init__(self, score: float, fail: bool = False) -> None:
         self.score, self.fail, self.calls = score, fail, 0
 
@@ -39,6 +41,9 @@ class ConstantRuntime:
         if self.fail:
             raise RuntimeError("shadow model broke")
         return self.score
+
+    def predict_many(self, xs: Sequence[Mapping[str, Any]]) -> list[float]:
+        return [self.predict_one(x) for x in xs]
 
 
 def version(v: int, fail: bool = False) -> LoadedModel:
@@ -115,7 +120,7 @@ def test_policy_actions():
     back = promoted.apply(deploy("rollback"), serving=5)
     assert (back.champion, back.previous, back.canary, back.shadow) == (3, (7,), None, 6)
     assert back.apply(deploy("rollback", 2), serving=3).champion == 2
-    assert p.apply(deploy("canary", None, 0.0), serving=3).canary is None
+    assert p.apply(deploy("canary", 5, 0.0), serving=3).canary is None
     assert p.apply(deploy("shadow"), serving=3).shadow is None
     assert p.apply(deploy("follow"), serving=3).champion is None
     with pytest.raises(DeploymentError, match="nothing to roll back"):
@@ -281,7 +286,7 @@ async def test_shadow_never_changes_a_response(client: httpx.AsyncClient, regist
     assert {r["request_id"] for r in log.records} == {resp["request_id"]}
 
 
-async def test_deployments_endpoint_errors(client: httpx.AsyncClient):
+async def test_deployments_endpoint_errors(client: httpx.AsyncClient, registry: ModelRegistry):
     url = f"/v1/models/{MODEL}/deployments"
     resp = await client.post(url, json={"action": "promote"})
     assert resp.status_code == 422 and resp.json()["field"] == "version"
@@ -296,3 +301,11 @@ async def test_deployments_endpoint_errors(client: httpx.AsyncClient):
     resp = await client.post(url, json={"action": "rollback"})  # following the newest, 2 was before 3
     assert resp.status_code == 202
     assert (await client.post(SCORE, json=instance("card-1"))).json()["version"] == 2
+    assert (await client.post(url, json={"action": "rollback"})).status_code == 202  # and 1 before 2
+    resp = await client.post(url, json={"action": "rollback"})
+    assert resp.status_code == 409 and resp.json()["field"] == "version"  # nothing before 1
+    # 1 was no longer loaded (only the last champion stays loaded): 2 answers until 1 is back.
+    assert registry.describe()[0]["policy"]["champion"] == 1
+    assert (await client.post(SCORE, json=instance("card-1"))).json()["version"] == 2
+    registry.swap(version(1))
+    assert (await client.post(SCORE, json=instance("card-1"))).json()["version"] == 1

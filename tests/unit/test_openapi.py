@@ -15,7 +15,7 @@ from starlette.routing import Route
 from infra.errors import RequestError
 from schemas import codec
 from serving.app import create_app
-from serving.deployments import ACTIONS
+from serving.deployments import ACTION_RULES, ACTIONS
 from serving.features import REQUEST_FIELD_TYPES
 from serving.openapi import avro_field_schema, openapi_document
 from serving.settings import ServeSettings
@@ -61,8 +61,7 @@ def test_every_route_of_the_app_is_documented():
     doc = document()
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     assert served - documented == set()
-    # /openapi.json is served by the route that returns this document, wired in beside the app's routes.
-    assert {p for p, _ in documented} - {p for p, _ in served} <= {"/openapi.json"}
+    assert {p for p, _ in documented} == {p for p, _ in served}
 
 
 def test_security_follows_the_auth_rules():
@@ -99,7 +98,7 @@ def test_statuses_match_what_the_app_answers():
     assert set(score) == {"200", "400", "401", "403", "404", "408", "413", "422", "503", "504"}
     assert "Retry-After" in score["503"]["headers"]
     deploy = doc["paths"]["/v1/models/{name}/deployments"]["post"]["responses"]
-    assert set(deploy) == {"202", "400", "401", "403", "404", "408", "413", "422", "503", "504"}
+    assert set(deploy) == {"202", "400", "401", "403", "404", "408", "409", "413", "422", "503", "504"}
     assert set(doc["paths"]["/readyz"]["get"]["responses"]) == {"200", "503", "504"}
     assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     settings = ServeSettings(serve_max_body_bytes=1234, serve_body_timeout_s=3, serve_request_timeout_s=0.5)
@@ -116,9 +115,14 @@ def test_model_names_and_deployment_body():
     [name] = [p for p in many["paths"]["/v1/models/{name}/deployments"]["post"]["parameters"]]
     assert name["schema"]["enum"] == ["a", "b"]
     body = doc["components"]["schemas"]["DeploymentRequest"]
-    assert body["properties"]["action"]["enum"] == list(ACTIONS) and body["required"] == ["action"]
+    shapes = {shape["properties"]["action"]["const"]: shape for shape in body["oneOf"]}
+    assert list(shapes) == list(ACTIONS)
     deployment = {f["name"] for f in codec.schema("deployment")["fields"]}
-    assert set(body["properties"]) == deployment - {"model", "ts"}  # the path names the model; ts is set
+    for action, (needs_version, takes_weight) in ACTION_RULES.items():
+        shape = shapes[action]
+        assert set(shape["properties"]) == deployment - {"model", "ts"}  # the path names the model; ts is set
+        assert ("version" in shape["required"]) == (needs_version == "required")
+        assert (shape["properties"]["weight"].get("maximum") == 1.0) == takes_weight
     assert set(
         doc["components"]["schemas"]["DeploymentAccepted"]["properties"]["deployment"]["properties"]
     ) == (deployment)
