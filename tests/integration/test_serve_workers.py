@@ -1,0 +1,79 @@
+"""`tide serve` with several workers, as a real process on a real port: every worker follows the models
+topic and scores, and /metrics sums all workers whichever one answers the scrape."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from infra.embedded import free_port
+from infra.processes import wait_until
+from infra.settings import CommonSettings, env_var
+from online_training.model import FEATURE_NAMES, dump, new_model
+from online_training.publish import publish_model_version
+
+pytestmark = pytest.mark.integration
+
+REQUESTS = 60
+FEATURES = {"amount": 42.0, "category": "travel", "country": "DE", "card_present": True}
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _scored(metrics: str) -> float:
+    found = re.search(r'^tide_requests_total\{route="score",status="200"\} (\S+)$', metrics, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_two_workers_serve_and_metrics_add_up(settings: CommonSettings, tmp_path: Path) -> None:
+    artifact, _ = dump(new_model())
+    publish_model_version(
+        settings, model="fraud", version=1, flavor="river", artifact=artifact, feature_names=FEATURE_NAMES
+    )
+    port = free_port()
+    env = {
+        **os.environ,
+        env_var("kafka_bootstrap"): settings.kafka_bootstrap,
+        env_var("redis_url"): settings.redis_url,
+        env_var("topic_prefix"): settings.topic_prefix,
+        env_var("state_dir"): str(tmp_path),
+        env_var("serve_port"): str(port),
+        env_var("serve_workers"): "2",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _ready(url), 60), "tide serve with 2 workers never became ready"
+        with httpx.Client(base_url=url, timeout=5) as client:
+            for i in range(REQUESTS):  # new connections: the kernel spreads them over the workers
+                resp = httpx.post(
+                    f"{url}/v1/models/fraud/score", json={"entity": f"c{i}", "features": FEATURES}
+                )
+                assert resp.status_code == 200, resp.text
+                assert resp.json()["version"] == 1
+            # Whichever worker answers the scrape, it reports every worker's requests.
+            for _ in range(5):
+                assert _scored(client.get("/metrics").text) == REQUESTS
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode == 0, stderr.decode()[-2000:]
+    pids = set(re.findall(rb"Started server process \[(\d+)\]", stderr))
+    assert len(pids) == 2, stderr.decode()[-2000:]  # two workers really ran
