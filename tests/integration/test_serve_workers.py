@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -30,6 +31,16 @@ def _ready(url: str) -> bool:
         return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _score(url: str, body: dict) -> httpx.Response:
+    """POST like a client that honours 503 + Retry-After (a worker still loading its first model)."""
+    for _ in range(40):
+        resp = httpx.post(url, json=body, timeout=5)
+        if resp.status_code != 503:
+            return resp
+        time.sleep(float(resp.headers.get("retry-after", "1")) / 2)
+    return resp
 
 
 def _scored(metrics: str) -> float:
@@ -60,7 +71,8 @@ def test_two_workers_serve_and_metrics_add_up(settings: CommonSettings, tmp_path
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_until(lambda: _ready(url), 60), "tide serve with 2 workers never became ready"
+        # Each worker loads the model itself; a run of ready answers on fresh connections means both have.
+        assert wait_until(lambda: all(_ready(url) for _ in range(10)), 90), "2 workers never both ready"
         with httpx.Client(base_url=url, timeout=5) as client:
             for i in range(REQUESTS):  # new connections: the kernel spreads them over the workers
                 resp = httpx.post(
