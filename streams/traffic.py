@@ -109,8 +109,9 @@ async def _applied(r: aioredis.Redis, namespace: str, events: int, timeout_s: fl
     """Wait until the feature processor has applied ``events`` records of a fresh events topic."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        offsets = await r.hvals(offsets_key(CARD_ACTIVITY, namespace))
-        if sum(int(o) + 1 for o in offsets) >= events:
+        stored = await r.hgetall(offsets_key(CARD_ACTIVITY, namespace))
+        # Positions only: the same hash holds each partition's watermark under "<partition>:wm".
+        if sum(int(pos) + 1 for name, pos in stored.items() if not name.endswith(b":wm")) >= events:
             return
         await asyncio.sleep(0.05)
     raise StreamError(f"the feature processor did not apply {events} warm-up events in {timeout_s:.0f} s")
