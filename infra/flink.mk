@@ -4,7 +4,7 @@
 #   make test-flink     parity tests on a local mini-cluster against a private redis-server (not in `make test`)
 #   make flink-image    the compose image tide-flink:0.1.0 (needs a Docker engine and Maven Central)
 #   make flink-up       JobManager + TaskManager in docker compose (profile `flink`)
-#   make flink-submit   stops the faust `features` service and submits the job to the compose cluster
+#   make flink-submit   stops the `features` service and submits the job to the compose cluster
 
 FLINK_PYTHON ?= python3.11
 FLINK_VENV   := .venv-flink
@@ -36,7 +36,7 @@ flink-image:
 flink-up:
 	docker compose --profile flink up -d
 
-# The Flink job and the faust processor must not both write one namespace (each would count every event).
+# The Flink job and the `tide features` processor must not both write one namespace (each would count every event).
 flink-submit:
 	docker compose stop features
 	docker compose --profile flink --profile flink-submit run --rm flink-submit

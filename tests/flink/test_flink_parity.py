@@ -2,7 +2,7 @@
 
 The same events (TransactionGenerator, fixed seed and clock, 3 % of them delayed by up to 9 minutes so
 some are late for a 5-minute allowed lateness and none for a 1-hour one, plus one undecodable line) go
-(a) through :meth:`RedisOnlineStore.apply` in batches of one fake source partition, as the faust
+(a) through :meth:`RedisOnlineStore.apply` in batches of one fake source partition, as the online
 processor folds them, under namespace ``A:``, and (b) through the Flink job on a local mini-cluster
 (parallelism 2, 16 buckets) under ``B:``. Every key of every view is compared field by field.
 

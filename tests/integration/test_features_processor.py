@@ -1,4 +1,4 @@
-"""The faust feature processor against the real broker and Redis: exact values, dead letters, restarts."""
+"""The feature processor against the real broker and Redis: exact values, dead letters, restarts."""
 
 from __future__ import annotations
 
