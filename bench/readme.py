@@ -113,7 +113,9 @@ def render_serving(r: dict[str, Any]) -> str:
         f"{load['max']['connections']} connections, median of {r['reps']} runs of "
         f"{load['max']['seconds']:g} s, "
         f"interleaved. Latency: a fixed rate of half of each server's own maximum, "
-        f"{load['rate']['connections']} connections, {load['rate']['seconds']:g} s runs.",
+        f"{load['rate']['connections']} connections, {load['rate']['seconds']:g} s runs; the swap test runs "
+        f"at Tide's half load for {load['swap_test']['seconds']:g} s, alternating "
+        f"{load['swap_test']['window_s']:g} s windows without and with publishing.",
         "",
         "| measure | value | compared with | ratio | goal |",
         "|---|---:|---|---:|---|",
@@ -130,7 +132,8 @@ def render_serving(r: dict[str, Any]) -> str:
         f"{_x(ratio['p99_vs_feast'])} | < {g['p99_ms_half_load']:g} ms: {met['p99_ms_half_load']} |",
         f"| **Tide** p99 while a new version is published every second | "
         f"**{_ms(r['p99_ms_swapping'])} ms** | "
-        f"steady p99, same rate: {_ms(r['p99_ms_steady'])} ms | {_x(ratio['swap_p99_ratio'])} | "
+        f"steady p99, same run and rate, quiet windows: {_ms(r['p99_ms_steady'])} ms | "
+        f"{_x(ratio['swap_p99_ratio'])} (per run, median: {_x(ratio.get('swap_p99_ratio_per_run'))}) | "
         f"≤ {g['swap_p99_ratio']:g}x: {met['swap_p99_ratio']} |",
         "",
         f"Tide p50 at half load {_ms(r['p50_ms_half_load'])} ms (ceiling p99 at its half load "

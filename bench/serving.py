@@ -25,6 +25,7 @@ Results go to ``out/bench/serving.json``; ``python -m bench.readme`` puts them i
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import logging
 import subprocess
@@ -46,6 +47,8 @@ OUT_DIR = Path("out/bench")
 RESULT_FILE = OUT_DIR / "serving.json"
 PREFIX = "bench-serve-"
 SCORE_PATH = f"/v1/models/{su.MODEL}/score"
+SWAP_WINDOW_S = 3.0  # quiet and publishing windows alternate at this period within one run
+SWAP_GUARD_S = 0.5  # the start of a quiet window right after a publishing one counts in neither
 
 
 def reproduce_command(args: argparse.Namespace) -> str:
@@ -79,26 +82,73 @@ def measured(target: Target, pids: dict[str, list[int]], **kwargs: Any) -> dict[
 
 
 class SwapDriver(threading.Thread):
-    """Publishes a model version every ``every_s`` seconds until stopped."""
+    """Alternates windows of ``window_s`` seconds without and with publishing; in a publishing window a
+    new model version is published every ``every_s`` seconds from the window's start. ``windows`` records
+    ``(start, end, publishing)`` in ``time.monotonic()`` seconds."""
 
-    def __init__(self, publisher: su.Publisher, every_s: float = 1.0) -> None:
+    def __init__(
+        self, publisher: su.Publisher, *, window_s: float, first_on: bool, every_s: float = 1.0
+    ) -> None:
         super().__init__(daemon=True)
         self.publisher = publisher
+        self.window_s = window_s
         self.every_s = every_s
+        self.first_on = first_on
         self.stopping = threading.Event()
         self.versions: list[int] = []
+        self.windows: list[tuple[float, float, bool]] = []
         self.error: str | None = None
 
     def run(self) -> None:
-        next_at = time.monotonic()
+        on, start = self.first_on, time.monotonic()
         while not self.stopping.is_set():
-            try:
-                self.versions.append(self.publisher.publish())
-            except Exception as exc:  # reported in the result, never hidden
-                self.error = f"{type(exc).__name__}: {exc}"
-                return
-            next_at += self.every_s
-            self.stopping.wait(max(0.0, next_at - time.monotonic()))
+            end = start + self.window_s
+            due = start
+            while on and due < end - 1e-6 and not self.stopping.is_set():
+                try:
+                    self.versions.append(self.publisher.publish())
+                except Exception as exc:  # reported in the result, never hidden
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    return
+                due += self.every_s
+                self.stopping.wait(max(0.0, due - time.monotonic()))
+            self.stopping.wait(max(0.0, end - time.monotonic()))
+            self.windows.append((start, min(end, time.monotonic()), on))
+            start, on = end, not on
+
+
+def split_by_windows(
+    samples: list[tuple[float, float, float]], windows: list[tuple[float, float, bool]], guard_s: float
+) -> dict[str, dict[str, Any]]:
+    """Latency percentiles of the answers that arrived in publishing windows and in the others; answers in
+    the first ``guard_s`` of a quiet window that follows a publishing one count in neither (a swap's
+    after-effects belong to the swap, not to the steady state)."""
+    from bench.serving_load import pct
+
+    groups: dict[str, tuple[list[float], list[float]]] = {"steady": ([], []), "swapping": ([], [])}
+    starts = [w[0] for w in windows]
+    for at, service, scheduled in samples:
+        i = bisect.bisect_right(starts, at) - 1
+        if i < 0 or at >= windows[i][1]:
+            continue
+        start, _, on = windows[i]
+        if not on and i > 0 and windows[i - 1][2] and at - start < guard_s:
+            continue
+        svc, sch = groups["swapping" if on else "steady"]
+        svc.append(service)
+        sch.append(scheduled)
+    out = {}
+    for name, (svc, sch) in groups.items():
+        svc.sort()
+        sch.sort()
+        figures = {
+            "p50_ms": pct(svc, 50),
+            "p99_ms": pct(svc, 99),
+            "max_ms": svc[-1] if svc else None,
+            "p99_ms_from_schedule": pct(sch, 99),
+        }
+        out[name] = {"samples": len(svc)} | {k: v if v is None else round(v, 3) for k, v in figures.items()}
+    return out
 
 
 def metrics_text(base: str) -> str:
@@ -134,16 +184,28 @@ def served_version(body: Any) -> int | None:
 
 
 def swapping_run(
-    target: Target, pids: dict[str, list[int]], publisher: su.Publisher, base: str, **kwargs: Any
+    target: Target,
+    pids: dict[str, list[int]],
+    publisher: su.Publisher,
+    base: str,
+    *,
+    window_s: float,
+    first_on: bool,
+    **kwargs: Any,
 ) -> dict[str, Any]:
+    """One fixed-rate run in alternating quiet and publishing windows (see :class:`SwapDriver`), split by
+    window into ``steady`` and ``swapping`` latencies; checks that versions changed and the last one
+    published ends up serving."""
     before = swap_metrics(base)
-    driver = SwapDriver(publisher)
+    driver = SwapDriver(publisher, window_s=window_s, first_on=first_on)
     driver.start()
     try:
-        out = measured(target, pids, track_versions=True, **kwargs)
+        out = measured(target, pids, track_versions=True, keep_samples=True, **kwargs)
     finally:
         driver.stopping.set()
         driver.join(10)
+    out.update(split_by_windows(out.pop("samples_timed"), driver.windows, guard_s=SWAP_GUARD_S))
+    out["windows"] = {"seconds": window_s, "count": len(driver.windows), "first_publishing": first_on}
     last = driver.versions[-1] if driver.versions else None
     served = None
     deadline = time.monotonic() + 10
@@ -313,22 +375,33 @@ def bench(args: argparse.Namespace) -> int:
             rate_runs: dict[str, list[dict[str, Any]]] = {k: [] for k in [*targets, "tide_swapping"]}
             for rep in range(args.reps):
                 for name, target in targets.items():
-                    rate_runs[name].append(
-                        measured(
-                            target, pids[name], rate=half[name], track_versions=name == "tide", **rate_kw
-                        )
-                    )
-                    if name == "tide":
-                        rate_runs["tide_swapping"].append(
-                            swapping_run(
-                                target, pids["tide"], publisher, tide_base, rate=half["tide"], **rate_kw
+                    kinds = [name] if name != "tide" else ["tide", "tide_swapping"]
+                    for kind in kinds:
+                        if kind == "tide_swapping":
+                            run = swapping_run(
+                                target,
+                                pids["tide"],
+                                publisher,
+                                tide_base,
+                                window_s=SWAP_WINDOW_S,
+                                first_on=bool(rep % 2),
+                                rate=half["tide"],
+                                **{**rate_kw, "seconds": 2 * args.rate_seconds},
                             )
-                        )
+                        else:
+                            run = measured(
+                                target, pids[name], rate=half[name], track_versions=name == "tide", **rate_kw
+                            )
+                        rate_runs[kind].append(run)
                 print(
                     f"rate rep {rep + 1}/{args.reps}: "
                     + ", ".join(
                         f"{k} p99 {v[-1]['p99_ms']} ms at {v[-1]['achieved_rate']:,.0f}/s"
                         for k, v in rate_runs.items()
+                        if k != "tide_swapping"
+                    )
+                    + ", tide p99 quiet/publishing windows {steady[p99_ms]} / {swapping[p99_ms]} ms".format(
+                        **rate_runs["tide_swapping"][-1]
                     ),
                     flush=True,
                 )

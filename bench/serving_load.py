@@ -64,6 +64,7 @@ local seq = 0
 n = 0
 lat = {}
 sched = {}
+at = {}
 statuses = {}
 versions = {}
 late = 0
@@ -121,6 +122,7 @@ function rate_response(status, headers, body)
     n = n + 1
     lat[n] = t - sent_at
     sched[n] = t - math.min(sent_at, intended)
+    at[n] = t
   end
   if track then
     local v = string.match(body, '"version":(%d+)')
@@ -139,8 +141,8 @@ function done(summary, latency, requests)
   out:write(string.format("wrk_latency_max %d\n", latency.max))
   for _, thread in ipairs(threads) do
     local k = thread:get("n")
-    local ls, ss = thread:get("lat"), thread:get("sched")
-    for i = 1, k do out:write(string.format("s %.1f %.1f\n", ls[i], ss[i])) end
+    local ls, ss, ts = thread:get("lat"), thread:get("sched"), thread:get("at")
+    for i = 1, k do out:write(string.format("s %.1f %.1f %.0f\n", ls[i], ss[i], ts[i])) end
     for code, c in pairs(thread:get("statuses")) do out:write(string.format("status %d %d\n", code, c)) end
     for v, c in pairs(thread:get("versions")) do out:write(string.format("version %s %d\n", v, c)) end
     out:write(string.format("late %d\n", thread:get("late")))
@@ -189,8 +191,14 @@ def run_wrk(
     warmup_s: float = 0.0,
     track_versions: bool = False,
     timeout_s: float = 2.0,
+    keep_samples: bool = False,
 ) -> dict[str, Any]:
-    """One wrk run against ``target``; returns its figures (see the module docstring)."""
+    """One wrk run against ``target``; returns its figures (see the module docstring).
+
+    With ``keep_samples`` (rate mode) the result also holds ``samples``: one ``(answered_at, service_ms,
+    from_schedule_ms)`` per answer after the warm-up, ``answered_at`` in ``time.monotonic()`` seconds
+    (the script's clock is CLOCK_MONOTONIC too), to split a run by time windows.
+    """
     if mode == "rate":
         threads = connections  # one connection per thread: its responses come back in its own order
     total_s = seconds + warmup_s
@@ -218,16 +226,17 @@ def run_wrk(
             raise RuntimeError(
                 f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout[-2000:]}"
             )
-        result = parse(out_file.read_text(), mode=mode, seconds=seconds)
+        result = parse(out_file.read_text(), mode=mode, seconds=seconds, keep_samples=keep_samples)
     result.update({"mode": mode, "target": target.name, "connections": connections, "threads": threads})
     if mode == "rate":
         result["target_rate"] = round(rate, 1)
     return result
 
 
-def parse(text: str, *, mode: str, seconds: float) -> dict[str, Any]:
+def parse(text: str, *, mode: str, seconds: float, keep_samples: bool = False) -> dict[str, Any]:
     service: list[float] = []
     scheduled: list[float] = []
+    timed: list[tuple[float, float, float]] = []
     statuses: dict[int, int] = {}
     versions: dict[int, int] = {}
     wrk_lat: dict[str, float] = {}
@@ -240,6 +249,8 @@ def parse(text: str, *, mode: str, seconds: float) -> dict[str, Any]:
         if head == "s":
             service.append(float(parts[1]) / 1000)
             scheduled.append(float(parts[2]) / 1000)
+            if keep_samples:
+                timed.append((float(parts[3]) / 1e6, service[-1], scheduled[-1]))
         elif head == "status":
             statuses[int(parts[1])] = statuses.get(int(parts[1]), 0) + int(parts[2])
         elif head == "version":
@@ -282,6 +293,8 @@ def parse(text: str, *, mode: str, seconds: float) -> dict[str, Any]:
         )
         if versions:
             out["versions_seen"] = {str(k): v for k, v in sorted(versions.items())}
+        if keep_samples:
+            out["samples_timed"] = timed
     else:
         out["non_2xx"] = out["errors"]["status_over_399"]
     return out

@@ -72,19 +72,32 @@ def assemble(
     models: Any,
 ) -> dict[str, Any]:
     tide, ceiling, feast = rps["tide"], rps["ceiling"], rps.get("feast")
-    half, steady, swapping = rate_runs["tide"], rate_runs["tide"], rate_runs["tide_swapping"]
+    half, swap_runs = rate_runs["tide"], rate_runs["tide_swapping"]
+    steady = [r["steady"] for r in swap_runs]  # the quiet windows of the swap runs
+    swapping = [r["swapping"] for r in swap_runs]  # their publishing windows
     p99_half = median(half, "p99_ms")
+    p99_steady = median(steady, "p99_ms")
     p99_swap = median(swapping, "p99_ms")
     feast_p99 = median(rate_runs["feast"], "p99_ms") if feast else None
     non_2xx = sum(r["non_2xx"] for k in ("tide", "tide_swapping") for r in rate_runs[k]) + sum(
         r["non_2xx"] + sum(v for e, v in r["errors"].items() if e != "status_over_399")
         for r in max_runs["tide"]
     )
-    versions_changed = all((r["swaps"]["versions_answered"] or 0) >= 2 for r in swapping)
+    versions_changed = all(
+        (r["swaps"]["versions_answered"] or 0) >= 2
+        and r["swaps"]["serving_after"] == r["swaps"]["last_version"]
+        for r in swap_runs
+    )
     ratios = {
         "vs_ceiling": round(tide / ceiling, 3) if ceiling else None,
         "vs_feast": round(tide / feast, 2) if feast else None,
-        "swap_p99_ratio": round(p99_swap / p99_half, 2) if p99_half and p99_swap else None,
+        "swap_p99_ratio": round(p99_swap / p99_steady, 2) if p99_steady and p99_swap else None,
+        # per run (its publishing windows over its quiet ones), median of reps
+        "swap_p99_ratio_per_run": round(
+            statistics.median(w["p99_ms"] / q["p99_ms"] for q, w in zip(steady, swapping, strict=True)), 2
+        )
+        if swapping and all(q["p99_ms"] and w["p99_ms"] for q, w in zip(steady, swapping, strict=True))
+        else None,
         "p99_vs_feast": round(p99_half / feast_p99, 2) if p99_half and feast_p99 else None,
         "feast_vs_ceiling": round(feast / ceiling, 3) if feast and ceiling else None,
     }
@@ -114,7 +127,7 @@ def assemble(
         "feast_rps": feast,
         "p50_ms_half_load": median(half, "p50_ms"),
         "p99_ms_half_load": p99_half,
-        "p99_ms_steady": median(steady, "p99_ms"),
+        "p99_ms_steady": p99_steady,
         "p99_ms_swapping": p99_swap,
         "p99_ms_half_load_from_schedule": median(half, "p99_ms_from_schedule"),
         "p99_ms_swapping_from_schedule": median(swapping, "p99_ms_from_schedule"),
@@ -139,6 +152,7 @@ def assemble(
         "load": {
             "max": {"connections": args.connections, "threads": 2, "seconds": args.seconds},
             "rate": {"connections": args.rate_connections, "seconds": args.rate_seconds, "warmup_s": 2.0},
+            "swap_test": {"seconds": 2 * args.rate_seconds, "window_s": 3.0, "guard_s": 0.5},
         },
         "runs": {"max": max_runs, "rate": rate_runs},
         "profile": profile,
@@ -152,10 +166,13 @@ DEFINITIONS = {
     "rps": "tide serve, 1 worker: closed-loop maximum requests/s (wrk, max connections), median of reps",
     "p99_ms_half_load": "service-time p99 at a fixed rate of half of rps (one connection per wrk thread, "
     "paced by delay()); median of reps",
-    "p99_ms_steady": "the same fixed-rate runs as p99_ms_half_load, each run right before a swapping run of "
-    "the same rate, duration and connections, with no model published (so equal to p99_ms_half_load)",
-    "p99_ms_swapping": "as p99_ms_steady while a new model version is published to the models topic once a "
-    "second (the follower loads, warms up and swaps it in); median of reps",
+    "p99_ms_steady": "swap test: one fixed-rate run at the p99_ms_half_load rate, twice as long, in which "
+    "quiet windows and publishing windows of 3 s alternate; p99 of the answers that arrived in the quiet "
+    "windows (the first 0.5 s after a publishing window left out), median of reps",
+    "p99_ms_swapping": "the same runs' publishing windows: a new model version is published to the models "
+    "topic at the start of each second (the follower loads, warms it up and swaps it in); median of reps",
+    "swap_p99_ratio": "p99_ms_swapping / p99_ms_steady; swap_p99_ratio_per_run is the median of the ratio "
+    "taken within each run",
     "_from_schedule": "latency from the time a request was due on the schedule (coordinated omission "
     "corrected, as wrk2 does; includes up to ~1 ms of wrk's timer resolution)",
     "feast_p99_ms_half_load": "Feast's p99 at half of Feast's own maximum",
