@@ -52,11 +52,20 @@ SWAP_GUARD_S = 0.5  # the start of a quiet window right after a publishing one c
 
 
 def reproduce_command(args: argparse.Namespace) -> str:
-    defaults = {"entities": 10_000, "seconds": 10.0, "rate_seconds": 15.0, "connections": 32}
+    defaults = {
+        "entities": 10_000,
+        "events_per_entity": 4,
+        "seconds": 10.0,
+        "rate_seconds": 15.0,
+        "connections": 32,
+        "rate_connections": 16,
+    }
     extra = "".join(
         f" --{k.replace('_', '-')} {getattr(args, k):g}" for k, v in defaults.items() if getattr(args, k) != v
     )
-    extra += " --no-profile" * (not args.profile) + " --river" * args.river
+    extra += (
+        " --no-profile" * (not args.profile) + " --river" * args.river + " --skip-feast" * args.skip_feast
+    )
     make_args = f' BENCH_ARGS="{extra.strip()}"' if extra else ""
     return (
         f"make bench-serving BENCH_REPS={args.reps}{make_args}"
