@@ -178,8 +178,9 @@ async def test_score_one(
     assert model is not None
     assert body["score"] == pytest.approx(model.runtime.predict_one(expected_x))
     assert resp.headers["x-request-id"] == body["request_id"] and len(body["request_id"]) == 32
-    assert store.reads == [["card-000001"]]
-    [logged] = predlog.records
+    assert (await client.post(SCORE, json=instance())).json()["request_id"] != body["request_id"]
+    assert store.reads == [["card-000001"]] * 2
+    logged = predlog.records[0]
     assert logged["request_id"] == body["request_id"]
     assert logged["event_id"] == "ev-1" and logged["entity"] == "card-000001"
     assert logged["features"] == expected_x and logged["score"] == body["score"]
@@ -536,13 +537,16 @@ def test_follower_thread_replays_and_stops(settings: ServeSettings):
 class FakeProducer:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.queued: list[tuple[str, bytes, bytes, Any]] = []
+        self.queued: list[tuple[str, bytes, bytes]] = []
         self.polls = 0
 
-    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Any) -> None:
+    def produce(self, topic: str, value: bytes, key: bytes) -> None:
         if len(self.queued) >= self.capacity:
             raise BufferError("queue full")
-        self.queued.append((topic, value, key, on_delivery))
+        self.queued.append((topic, value, key))
+
+    def __len__(self) -> int:
+        return len(self.queued)
 
     def poll(self, timeout: float) -> int:
         self.polls += 1
@@ -550,9 +554,7 @@ class FakeProducer:
         return 0
 
     def flush(self, timeout: float) -> int:
-        for _, _, _, callback in self.queued:
-            callback(None, None)
-        self.queued.clear()
+        self.queued.clear()  # acknowledged
         return 0
 
 
@@ -582,7 +584,7 @@ def test_prediction_log_never_blocks_and_drops_when_full():
         log.log(_prediction(i))
     assert time.perf_counter() - started < 0.5
     assert metric("tide_prediction_log_dropped_total") == dropped + 1
-    topic, value, key, _ = producer.queued[0]
+    topic, value, key = producer.queued[0]
     assert topic == "p.predictions" and key == b"card-7"
     assert codec.decode(value, "prediction") == _prediction(0)
     assert log.close(timeout=1) == 0
