@@ -111,7 +111,8 @@ async def _applied(r: aioredis.Redis, namespace: str, events: int, timeout_s: fl
     while time.monotonic() < deadline:
         stored = await r.hgetall(offsets_key(CARD_ACTIVITY, namespace))
         # Positions only: the same hash holds each partition's watermark under "<partition>:wm".
-        if sum(int(pos) + 1 for name, pos in stored.items() if not name.endswith(b":wm")) >= events:
+        names = {bytes(n) if isinstance(n, bytes) else str(n).encode(): int(v) for n, v in stored.items()}
+        if sum(pos + 1 for name, pos in names.items() if not name.endswith(b":wm")) >= events:
             return
         await asyncio.sleep(0.05)
     raise StreamError(f"the feature processor did not apply {events} warm-up events in {timeout_s:.0f} s")
