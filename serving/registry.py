@@ -112,10 +112,6 @@ class ModelRegistry:
         """Whether ``name`` is a model this service serves (loaded or not yet)."""
         return name in self._states
 
-    def models(self) -> list[LoadedModel]:
-        """A snapshot of every champion, by name."""
-        return [self._routing[name].champion for name in sorted(self._routing)]
-
     def describe(self) -> list[dict[str, Any]]:
         """Every model: its routing (aliases, traffic split), policy and loaded versions."""
         with self._changed:
