@@ -41,6 +41,7 @@ from infra.errors import RequestError, StreamError, Unavailable
 from infra.settings import load
 from serving import scoring
 from serving.auth import ApiKeyAuth, configured_keys, default_rules
+from serving.coalesce import CoalescingReader
 from serving.deployments import deployment_record, publish_deployment
 from serving.limits import RequestDeadline
 from serving.metrics import metrics_payload
@@ -182,9 +183,8 @@ class ScoringService:
         owned_log: PredictionLog | None = None
         if self.store is None:
             # Namespaced by topic prefix, as the feature processor writes it.
-            self.store = owned_store = RedisOnlineStore.from_url(
-                self.settings.redis_url, self.settings.topic_prefix
-            )
+            owned_store = RedisOnlineStore.from_url(self.settings.redis_url, self.settings.topic_prefix)
+            self.store = CoalescingReader(owned_store)
         if self.predlog is None:
             self.predlog = owned_log = PredictionLog(self.settings)
             owned_log.start()
