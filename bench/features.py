@@ -333,7 +333,8 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
 
 class VisibilityPoller(threading.Thread):
     """Looks for sampled events in Redis: an event is visible once every view's entity hash has a ``ts``
-    at or past the event's time. Records event time → first seen, in ms."""
+    at or past the event's time (the hash's ``ts`` is written in the same script call as the tiles).
+    Records event time → first seen, in ms."""
 
     def __init__(self, redis_url: str, views: list[Any], prefix: str) -> None:
         super().__init__(daemon=True)
@@ -343,6 +344,9 @@ class VisibilityPoller(threading.Thread):
         self._client = _redis(redis_url)
         self._views = views
         self._prefix = prefix
+        hashes = list(dict.fromkeys((v.source, v.entity) for v in views))
+        self._firsts = [next(i for i, v in enumerate(views) if (v.source, v.entity) == h) for h in hashes]
+        self._slot = [hashes.index((v.source, v.entity)) for v in views]  # view -> its hash's index
         self._lock = threading.Lock()
         self._pending: list[tuple[dict[str, Any], list[str], list[float | None]]] = []
         self.latencies_ms: list[float] = []
@@ -350,7 +354,10 @@ class VisibilityPoller(threading.Thread):
         self.stopping = threading.Event()
 
     def watch(self, event: Mapping[str, Any]) -> None:
-        keys = [self._key(v, str(event[v.entity]), self._prefix) for v in self._views]
+        # views of one source and entity field share one hash (and its ``ts``): one read per hash
+        keys = [
+            self._key(self._views[i], str(event[self._views[i].entity]), self._prefix) for i in self._firsts
+        ]
         with self._lock:
             self._pending.append((dict(event), keys, [None] * len(keys)))
 
@@ -383,13 +390,43 @@ class VisibilityPoller(threading.Thread):
                     if all(s is not None for s in seen):
                         done.append(item)
                         self.latencies_ms.append(max(s for s in seen if s is not None) - ts)
-                        for view, s in zip(self._views, seen, strict=True):
-                            self.per_view_ms[view.name].append((s or now_ms) - ts)
+                        for view, slot in zip(self._views, self._slot, strict=True):
+                            self.per_view_ms[view.name].append((seen[slot] or now_ms) - ts)
                 if done:
                     with self._lock:
                         self._pending = [p for p in self._pending if not any(p is d for d in done)]
             time.sleep(FRESH_POLL_S)
         self._client.close()
+
+
+class AckTimer:
+    """The project's event producer, also timing event time -> broker acknowledgement of watched events
+    (keyed by entity: sampled events are far apart, so an entity has one watched event at a time)."""
+
+    def __init__(self, settings: Any, **config: Any) -> None:
+        from streams.produce import EventProducer
+
+        timer = self
+
+        class Timed(EventProducer):
+            def _on_delivery(self, err: Any, msg: Any) -> None:
+                super()._on_delivery(err, msg)
+                ts = timer.watched.pop(msg.key(), None)
+                if ts is not None and err is None:
+                    timer.ack_ms.append(time.time() * 1000 - ts)
+
+        self.watched: dict[bytes, int] = {}
+        self.ack_ms: list[float] = []
+        self._producer = Timed(settings, **config)
+
+    def watch(self, event: Mapping[str, Any]) -> None:
+        self.watched[str(event[KEY_FIELD]).encode()] = int(event["ts"])
+
+    def send_event(self, event: Mapping[str, Any]) -> None:
+        self._producer.send_event(event)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        self._producer.flush(timeout)
 
 
 def run_freshness(
@@ -400,7 +437,6 @@ def run_freshness(
     applied) before the clock starts."""
     from infra.processes import Services, wait_until
     from infra.settings import CommonSettings, load
-    from streams.produce import EventProducer
     from streams.topics import ensure_topics
 
     settings = load(
@@ -413,7 +449,7 @@ def run_freshness(
     _redis(info.redis_url).flushall()
     services = Services(tide_env(info, FRESH_PREFIX, "bench-fresh", run_dir / "fresh"), run_dir / "logs")
     proc = services.start("fresh", "features")
-    sender = EventProducer(settings, validate=False)  # the project's producer settings (linger 5 ms)
+    sender = AckTimer(settings, validate=False)  # the project's producer settings (linger 5 ms)
     poller = VisibilityPoller(info.redis_url, views, FRESH_PREFIX)
     poller.start()
     events = generate(10**9, 100_000, seed=11)
@@ -436,17 +472,25 @@ def run_freshness(
             v.clear()
         total = int(rate * seconds)
         every = max(1, total // samples)
+        # generated before the clock starts (the generator costs ~30 us an event on this machine, CPU the
+        # processor would otherwise share with the load generator); each event's time is set when sent
+        queued = [next(events) for _ in range(total)]
+        pids = {"processor": proc.pid, "redis": info.redis_pid, "broker": info.broker_pid}
+        pids["bench (producer, poller)"] = os.getpid()
+        cpu0 = _cpu(pids)
         started = time.perf_counter()
         for i in range(total):
             lag = started + i / rate - time.perf_counter()
             if lag > 0.0005:
                 time.sleep(lag)
-            event = next(events)
+            event = queued[i]
+            event["ts"] = int(time.time() * 1000)  # the event's time is when it is sent
             if i % every == 0:
-                event["ts"] = int(time.time() * 1000)  # the event's time is when it is sent
                 poller.watch(event)
+                sender.watch(event)
             sender.send_event(event)
         elapsed = time.perf_counter() - started
+        cpu1 = _cpu(pids)
         sender.flush()
         wait_until(lambda: poller.pending == 0, 15, interval=0.05)
         missing = poller.pending
@@ -455,6 +499,7 @@ def run_freshness(
         poller.join(5)
         services.stop_all()
     lat = sorted(poller.latencies_ms)
+    acks = sorted(sender.ack_ms)
     return {
         "target_rate": round(rate, 1),
         "achieved_rate": round(total / elapsed, 1),
@@ -466,6 +511,11 @@ def run_freshness(
         "p99": _pct(lat, 99),
         "max": round(lat[-1], 1) if lat else None,
         "per_view_p99": {k: _pct(sorted(v), 99) for k, v in poller.per_view_ms.items()},
+        # event time -> the broker acknowledged it (producer linger + broker append): the part of the
+        # figure that is not the processor's
+        "acked_ms": {"p50": _pct(acks, 50), "p99": _pct(acks, 99)},
+        # CPU each process used while producing, in cores: the processor shares two cores with these
+        "cpu_cores": {k: round((cpu1[k] - cpu0[k]) / elapsed, 2) for k in pids},
         "poll_interval_ms": FRESH_POLL_S * 1000,
     }
 
@@ -867,6 +917,55 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def freshness_only(args: argparse.Namespace) -> int:
+    """Only the freshness run, at ``--fresh-rate`` (tuning the processor's latency without the whole
+    benchmark); the result goes to its own file, never to the README's ``features.json``."""
+    from features.definitions import VIEWS
+    from features.settings import FeatureSettings
+    from infra.embedded import EmbeddedStack
+    from infra.settings import load
+
+    command = (
+        f".venv/bin/python -m bench.features --only freshness --fresh-rate {args.fresh_rate:g}"
+        f" --fresh-seconds {args.fresh_seconds:g}"
+    )
+    print(f"reproduce: {command}", flush=True)
+    run_dir = OUT_DIR / "features-fresh-run"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    (run_dir / "logs").mkdir(parents=True)
+    with EmbeddedStack(run_dir / "stack") as info:
+        fresh = run_freshness(info, list(VIEWS.values()), args.fresh_rate, args.fresh_seconds, run_dir)
+        feature_settings = load(
+            FeatureSettings, kafka_bootstrap=info.kafka_bootstrap, redis_url=info.redis_url
+        )
+    result = {
+        "benchmark": "features-freshness",
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "reproduce": command,
+        "freshness": fresh,
+        "processor_settings": {
+            k: v for k, v in feature_settings.model_dump().items() if k.startswith("features_")
+        },
+        "machine": machine(),
+    }
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / "features-freshness.json"
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(
+        json.dumps(
+            {
+                k: fresh[k]
+                for k in ("achieved_rate", "samples", "p50", "p90", "p99", "max", "acked_ms", "cpu_cores")
+            }
+        )
+    )
+    print(f"processor settings: {result['processor_settings']}; wrote {path}")
+    return 0
+
+
 SEMANTICS = (
     "Tide keeps per-entity partial aggregates per tile in Redis and merges the tiles of the window at "
     "read time (sliding = the tiles of the last window at tile granularity), applying each batch with "
@@ -937,6 +1036,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh-seconds", type=float, default=20.0, help="freshness run length (default 20)")
     parser.add_argument("--skip-quix", action="store_true", help="leave out the Quix Streams peer")
     parser.add_argument("--profile", action="store_true", help="one more Tide run under py-spy")
+    parser.add_argument(
+        "--only",
+        choices=("all", "freshness"),
+        default="all",
+        help="freshness: only the freshness run, at --fresh-rate, to out/bench/features-freshness.json",
+    )
+    parser.add_argument("--fresh-rate", type=float, help="events/s of a --only freshness run")
     worker = sub.add_parser("quix-worker", help="internal: the Quix Streams side, run in .venv-bench")
     for flag in ("--bootstrap", "--topic", "--group", "--state-dir", "--final", "--result"):
         worker.add_argument(flag, required=True)
@@ -946,6 +1052,10 @@ def main(argv: list[str] | None = None) -> int:
         return quix_worker(args)
     if args.events < 1 or args.entities < 1 or args.reps < 1:
         parser.error("--events, --entities and --reps must be positive")
+    if args.only == "freshness":
+        if not args.fresh_rate or args.fresh_rate <= 0:
+            parser.error("--only freshness needs a positive --fresh-rate")
+        return freshness_only(args)
     return bench(args)
 
 

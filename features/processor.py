@@ -1,7 +1,8 @@
 """The online feature processor: a confluent-kafka group consumer that folds each batch of the source
 topics into the Redis tiles of every view declared on that source.
 
-Per batch (``consume`` of up to ``TIDE_FEATURES_BATCH`` records): records are decoded with the Avro codec
+Per batch (every record fetched when the processor is free, up to ``TIDE_FEATURES_BATCH``; see
+:meth:`FeatureProcessor.take`): records are decoded with the Avro codec
 (a malformed one becomes a dead letter, with the reason in its headers, instead of stopping the
 processor), grouped by partition, split into on-time and late events per view and folded into
 per-(entity, view, tile) partials in one pass (:func:`features.tiles.fold_partition`); then every
@@ -329,13 +330,27 @@ class FeatureProcessor:
             if high is not None and high >= 0:
                 LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - tp.offset))
 
+    def take(self, batch: int, wait: float) -> list[Message]:
+        """The next batch: every record already fetched, up to ``batch``, as soon as there is one.
+
+        ``consume(n, timeout)`` alone would hold records it has until ``n`` arrive or ``timeout`` passes,
+        adding up to the timeout to every event's freshness when the processor keeps up. Waiting for the
+        first record only, then taking what else is queued without waiting, adapts the batch to the
+        load: small batches (low latency) when caught up, full ones (throughput) when behind, since
+        what arrives while a batch is folded and written is the next batch.
+        """
+        first = self.consumer.consume(1, wait)
+        if not first or batch == 1:
+            return first
+        return first + self.consumer.consume(batch - 1, 0)
+
     def run(self, stop: threading.Event) -> None:
         log.info("%s consuming %s", STEP, sorted(self.sources))
         self.consumer.subscribe(list(self.sources), on_assign=self._on_assign, on_revoke=self._on_revoke)
         batch, wait = self.settings.features_batch, self.settings.features_batch_ms / 1000
         try:
             while not stop.is_set():
-                msgs = self.consumer.consume(batch, wait)
+                msgs = self.take(batch, wait)
                 if msgs or self._flight is not None:
                     self.step(msgs)
             self.drain()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import time
 from pathlib import Path
@@ -181,3 +182,40 @@ def test_rebalances_between_two_workers_stay_exact(settings: CommonSettings, ser
     events += produce(settings, gen, 1000)
     assert_exact(settings, events, timeout=90)
     assert services.check_alive() == []
+
+
+def test_a_record_is_folded_without_waiting_for_a_full_batch(
+    settings: CommonSettings, services: Services
+) -> None:
+    """With batches of up to 1000 and a 3 s wait, a lone record is still visible at once: a batch is
+    what has arrived when the processor is free, not ``features_batch`` records or the wait's end."""
+    import redis
+
+    from features.store import entity_key
+
+    view = VIEWS["card_profile"]
+    client = redis.Redis.from_url(settings.redis_url)
+    gen = TransactionGenerator(GeneratorConfig(cards=50, seed=3))
+    services.start(
+        "features", "features", env={"TIDE_FEATURES_BATCH": "1000", "TIDE_FEATURES_BATCH_MS": "3000"}
+    )
+
+    def visible(event: dict[str, Any]) -> bool:
+        ts = client.hget(entity_key(view, event["card_id"], settings.topic_prefix), "ts")
+        return ts is not None and int(float(ts)) >= event["ts"]
+
+    first = produce(settings, gen, 1)[0]
+    assert wait_until(lambda: visible(first), 60)  # joined the group and applying
+    took = []
+    for _ in range(5):
+        event = gen.next()[0]
+        event["ts"] = int(time.time() * 1000)
+        started = time.monotonic()
+        produce_one = EventProducer(settings)
+        produce_one.send_event(event)
+        produce_one.flush()
+        assert wait_until(functools.partial(visible, event), 10, interval=0.01)
+        took.append(time.monotonic() - started)
+    client.close()
+    assert max(took) < 1.5, took  # consume(1000, 3 s) would have held each record for 3 s
+    assert not services.check_alive()
