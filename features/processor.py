@@ -252,6 +252,7 @@ class FeatureProcessor:
         self.folder = FeatureFolder(self.writer, self.dlq)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="redis-writer")
         self._flight: InFlight | None = None
+        self._revocations = 0  # partitions revoked so far (see take)
         self.consumer: Consumer = make_consumer(
             settings,
             settings.features_group,
@@ -277,6 +278,7 @@ class FeatureProcessor:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", ", ".join(f"{tp.topic}:{tp.partition}" for tp in partitions))
+        self._revocations += 1
         self.drain()  # what was consumed from them is written before they go
         self.folder.forget([f"{tp.topic}:{tp.partition}" for tp in partitions])
         consumer.unassign()
@@ -342,7 +344,14 @@ class FeatureProcessor:
         first = self.consumer.consume(1, wait)
         if not first or batch == 1:
             return first
-        return first + self.consumer.consume(batch - 1, 0)
+        revocations = self._revocations
+        msgs = first + self.consumer.consume(batch - 1, 0)
+        if self._revocations != revocations:
+            # a rebalance ran inside the second call: records of partitions no longer ours are dropped
+            # (their new owner reads them from the stored position; their offsets cannot be stored here)
+            owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+            msgs = [m for m in msgs if m.error() is not None or (m.topic(), m.partition()) in owned]
+        return msgs
 
     def run(self, stop: threading.Event) -> None:
         log.info("%s consuming %s", STEP, sorted(self.sources))
