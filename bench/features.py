@@ -990,7 +990,7 @@ SEMANTICS = (
     "by serving. Quix Streams computes each view per event in its own RocksDB store (sliding windows "
     "exact to the millisecond), at-least-once, with changelog topics, and emits results downstream "
     "(here to no sink): its state is not readable by another process. Distinct counts are exact sets "
-    "in Quix, HyperLogLog in Tide; quantiles use the same log-bucket sketch on both."
+    "in both; quantiles use the same log-bucket sketch on both."
 )
 
 
