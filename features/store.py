@@ -23,9 +23,8 @@ view, tile) first. A read is one script call that returns only the requested win
 Packed partial: ``slot=value`` lines (slot names of :mod:`features.aggregations`). Additive slots are
 merged by the script with ``%.17g`` (doubles round-trip exactly; counts stay exact integers), extremes
 keep the winning text unchanged, ``last:F`` is ``"{event time} {JSON value}"`` and the later time wins,
-``d:F`` is a JSON array of the tile's distinct values, merged by union: distinct counts are exact (a
-set per tile, so their size grows with the distinct values one tile sees; see
-docs/2026-11-21-features.md).
+``d:F`` is a sorted JSON array of at most ``DISTINCT_K`` value hashes (a KMV sketch, see
+:mod:`features.aggregations`), merged by union keeping the K smallest: bounded, whatever one tile sees.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from features import tiles
+from features import aggregations, tiles
 from features.definitions import FeatureView
 
 # KEYS[1]: the source's offsets hash. ARGV: partition (``topic:partition``), expected position, new
@@ -70,13 +69,18 @@ local function merge(old, new)
         if tonumber(v) < tonumber(c) then vals[name] = v end
       elseif b == 109 then -- max:F
         if tonumber(v) > tonumber(c) then vals[name] = v end
-      elseif b == 100 then -- d:F, a JSON array of distinct values: the union
+      elseif b == 100 then -- d:F, a sorted JSON array of value hashes: the union's K smallest
         local have, seen, added = cjson.decode(c), {}, false
         for _, x in ipairs(have) do seen[x] = true end
         for _, x in ipairs(cjson.decode(v)) do
           if not seen[x] then seen[x] = true; have[#have + 1] = x; added = true end
         end
-        if added then vals[name] = cjson.encode(have) end
+        if added then -- written with %d: cjson would round these 16-digit integers to 14 digits
+          table.sort(have)
+          local parts = {}
+          for i = 1, math.min(#have, DISTINCT_K) do parts[i] = format('%d', have[i]) end
+          vals[name] = '[' .. table.concat(parts, ',') .. ']'
+        end
       else -- counts, sums, histogram buckets
         vals[name] = format('%.17g', tonumber(c) + tonumber(v))
       end
@@ -147,7 +151,7 @@ for _, e in ipairs(cjson.decode(ARGV[7])) do
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[1] .. ':wm', ARGV[4])
 return -2
-"""
+""".replace("DISTINCT_K", str(aggregations.DISTINCT_K))
 APPLIED = -2  # what APPLY_SCRIPT returns on success (otherwise: the stored position)
 
 # ARGV[1]: JSON [[entity key, [[view, first tile, last tile]...]]...]. Returns per entity key, per view:
@@ -242,7 +246,7 @@ def pack(partial: Mapping[str, Any]) -> str:
         elif kind is tuple:
             lines.append(f"{slot}={value[0]} {orjson.dumps(value[1]).decode()}")
         elif kind is set:
-            lines.append(f"{slot}={orjson.dumps(sorted(value)).decode()}")
+            lines.append(f"{slot}={orjson.dumps(sorted(value)[: aggregations.DISTINCT_K]).decode()}")
         else:
             lines.append(f"{slot}={_number(float(value))}")
     return "\n".join(lines)

@@ -6,7 +6,7 @@ dropped; then, in event-time order, each label's row is the value of every view'
 before the labelled event — only events strictly earlier than it count, so nothing from its future (or
 the event itself, which serving had not seen when it scored) leaks into a training row.
 
-Differences from the online store, by design: distinct counts are exact here (HyperLogLog online).
+Distinct counts use the same KMV sketch as the online store (features.aggregations), so they agree.
 """
 
 from __future__ import annotations

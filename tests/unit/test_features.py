@@ -266,3 +266,23 @@ def test_invalid_definitions_name_view_feature_and_key(tmp_path: Path, text: str
     with pytest.raises(FeatureError, match="feature view 'v'") as err:
         load(path)
     assert message in str(err.value)
+
+
+def test_distinct_sketch_is_exact_when_small_bounded_and_close_when_large() -> None:
+    k = aggregations.DISTINCT_K
+    small = {aggregations.value_hash(f"m{i}") for i in range(k - 1)}
+    assert aggregations.distinct_estimate(small) == k - 1
+    rng = random.Random(3)
+    values = [f"v{rng.random()}" for _ in range(20_000)]
+    parts = [{aggregations.value_hash(v) for v in values[i::7]} for i in range(7)]
+    merged: set[int] = set()
+    for part in parts:  # any grouping gives the same sketch: the K smallest of the union
+        merged = (
+            aggregations.merge_slot("d:x", merged, aggregations.kmv(part))
+            if merged
+            else aggregations.kmv(part)
+        )
+    assert merged == aggregations.kmv(set().union(*parts)) and len(merged) == k
+    assert aggregations.distinct_estimate(merged) == pytest.approx(20_000, rel=0.2)  # ~3 standard errors
+    packed = unpack(pack({"d:x": set().union(*parts)}))
+    assert packed["d:x"] == merged  # stored bounded, whatever a tile saw
