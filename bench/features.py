@@ -40,6 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import profiles
+
 log = logging.getLogger("bench.features")
 
 OUT_DIR = Path("out/bench")
@@ -285,10 +287,6 @@ def _start_py_spy(pid: int) -> subprocess.Popen[bytes]:
 
 def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
     """Self and inclusive sample shares per function, and per component (innermost matching frame)."""
-    self_s: dict[str, int] = {}
-    incl: dict[str, int] = {}
-    comp: dict[str, int] = {}
-    total = 0
     components = (
         ("Redis writes (redis-py, writer thread)", ("redis/", "concurrent/futures")),
         ("apply payload (features/store.py)", ("features/store.py:",)),
@@ -298,34 +296,7 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
         ("processor batching (features/processor.py)", ("features/processor.py",)),
         ("threads (idle writer, waits)", ("threading.py",)),
     )
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        samples = int(count)
-        total += samples
-        frames = [f for f in stack.split(";") if f]
-        if frames:
-            self_s[frames[-1]] = self_s.get(frames[-1], 0) + samples
-        for f in set(frames):
-            incl[f] = incl.get(f, 0) + samples
-        label = "other"
-        for f in reversed(frames):
-            hit = next((lbl for lbl, pats in components if any(p in f for p in pats)), None)
-            if hit:
-                label = hit
-                break
-        comp[label] = comp.get(label, 0) + samples
-
-    def share(d: dict[str, int]) -> list[tuple[str, float]]:
-        return [(k, round(100 * v / total, 1)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
-
-    return {
-        "samples": total,
-        "by_component_pct": share(comp),
-        "self_pct": share(self_s),
-        "inclusive_pct": share(incl),
-    }
+    return profiles.summarize(path, components, top)
 
 
 # --- freshness --------------------------------------------------------------------------------------------

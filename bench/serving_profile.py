@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import profiles
+
 PY_SPY = Path(".venv-bench/bin/py-spy")
 PROFILE_FILE = Path("out/bench/serving-profile.txt")
 
@@ -38,43 +40,7 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
         ("JSON (orjson)", ("orjson",)),
         ("asyncio / uvloop event loop", ("asyncio/", "uvloop")),
     )
-    self_s: dict[str, int] = {}
-    incl: dict[str, int] = {}
-    comp: dict[str, int] = {}
-    threads: dict[str, int] = {}
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        samples = int(count)
-        total += samples
-        frames = [f for f in stack.split(";") if f]
-        if frames and frames[0].startswith("thread ("):  # py-spy --threads: the root frame names the thread
-            name = frames.pop(0).split(": ", 1)[-1]
-            threads[name] = threads.get(name, 0) + samples
-        if frames:
-            self_s[frames[-1]] = self_s.get(frames[-1], 0) + samples
-        for f in set(frames):
-            incl[f] = incl.get(f, 0) + samples
-        label = "other"
-        for f in reversed(frames):
-            hit = next((lbl for lbl, pats in components if any(p in f for p in pats)), None)
-            if hit:
-                label = hit
-                break
-        comp[label] = comp.get(label, 0) + samples
-
-    def share(d: dict[str, int]) -> list[tuple[str, float]]:
-        return [(k, round(100 * v / total, 1)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
-
-    return {
-        "samples": total,
-        "by_thread_pct": share(threads),
-        "by_component_pct": share(comp),
-        "self_pct": share(self_s),
-        "inclusive_pct": share(incl),
-    }
+    return profiles.summarize(path, components, top)
 
 
 def profiled_run(pid: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
