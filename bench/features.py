@@ -424,15 +424,9 @@ def run_freshness(
     events and time event time → visible in Redis. The processor is warmed up (joined, first batch
     applied) before the clock starts."""
     from infra.processes import Services, wait_until
-    from infra.settings import CommonSettings, load
     from streams.topics import ensure_topics
 
-    settings = load(
-        CommonSettings,
-        kafka_bootstrap=info.kafka_bootstrap,
-        redis_url=info.redis_url,
-        topic_prefix=FRESH_PREFIX,
-    )
+    settings = info.settings(topic_prefix=FRESH_PREFIX)
     ensure_topics(settings)
     _redis(info.redis_url).flushall()
     services = Services(tide_env(info, FRESH_PREFIX, "bench-fresh", run_dir / "fresh"), run_dir / "logs")
@@ -791,7 +785,6 @@ def bench(args: argparse.Namespace) -> int:
     from features.definitions import VIEWS
     from features.settings import FeatureSettings
     from infra.embedded import EmbeddedStack
-    from infra.settings import CommonSettings, load
     from streams.topics import TOPICS, ensure_topics
 
     if not BENCH_PYTHON.exists() and not args.skip_quix:
@@ -808,12 +801,7 @@ def bench(args: argparse.Namespace) -> int:
     print(f"reproduce: {reproduce_command(args)}", flush=True)
     started = time.perf_counter()
     with EmbeddedStack(run_dir / "stack") as info:
-        settings = load(
-            CommonSettings,
-            kafka_bootstrap=info.kafka_bootstrap,
-            redis_url=info.redis_url,
-            topic_prefix=PREFIX,
-        )
+        settings = info.settings(topic_prefix=PREFIX)
         ensure_topics(settings)
         fill = prefill(settings, args.events, args.entities)
         topic, final = fill["topic"], fill["final_offsets"]
@@ -853,9 +841,7 @@ def bench(args: argparse.Namespace) -> int:
             else:
                 prof_run = run_tide(info, views, topic, args.events, "tide-profile", run_dir, profile=True)
                 profile = {"run": prof_run, "file": str(PROFILE_FILE), **summarize_profile(PROFILE_FILE)}
-        feature_settings = load(
-            FeatureSettings, kafka_bootstrap=info.kafka_bootstrap, redis_url=info.redis_url
-        )
+        feature_settings = info.settings(FeatureSettings)
         result = {
             "benchmark": "features",
             "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -911,7 +897,6 @@ def freshness_only(args: argparse.Namespace) -> int:
     from features.definitions import VIEWS
     from features.settings import FeatureSettings
     from infra.embedded import EmbeddedStack
-    from infra.settings import load
 
     command = (
         f".venv/bin/python -m bench.features --only freshness --fresh-rate {args.fresh_rate:g}"
@@ -926,9 +911,7 @@ def freshness_only(args: argparse.Namespace) -> int:
     (run_dir / "logs").mkdir(parents=True)
     with EmbeddedStack(run_dir / "stack") as info:
         fresh = run_freshness(info, list(VIEWS.values()), args.fresh_rate, args.fresh_seconds, run_dir)
-        feature_settings = load(
-            FeatureSettings, kafka_bootstrap=info.kafka_bootstrap, redis_url=info.redis_url
-        )
+        feature_settings = info.settings(FeatureSettings)
     result = {
         "benchmark": "features-freshness",
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -245,7 +245,6 @@ def swapping_run(
 def bench(args: argparse.Namespace) -> int:
     from bench.features import machine
     from infra.embedded import EmbeddedStack, free_port
-    from infra.settings import CommonSettings, load
     from streams.topics import ensure_topics
 
     problems = []
@@ -269,12 +268,7 @@ def bench(args: argparse.Namespace) -> int:
     load_at_start = machine()
     procs: list[subprocess.Popen[bytes]] = []
     with EmbeddedStack(run_dir / "stack") as info:
-        settings = load(
-            CommonSettings,
-            kafka_bootstrap=info.kafka_bootstrap,
-            redis_url=info.redis_url,
-            topic_prefix=PREFIX,
-        )
+        settings = info.settings(topic_prefix=PREFIX)
         ensure_topics(settings)
         env = {
             "TIDE_KAFKA_BOOTSTRAP": info.kafka_bootstrap,

@@ -44,7 +44,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _emit({"status": "already running", **(read_state(settings.state_dir) or {})})
         return 0
     info = EmbeddedStack(settings.state_dir, kafka_port=args.kafka_port, redis_port=args.redis_port).start()
-    ensure_topics(load(CommonSettings, kafka_bootstrap=info.kafka_bootstrap, redis_url=info.redis_url))
+    ensure_topics(info.settings())
     _emit(
         {
             "kafka_bootstrap": info.kafka_bootstrap,

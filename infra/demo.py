@@ -89,9 +89,7 @@ def run_demo(cfg: DemoConfig, inspect: Callable[[DemoContext], None] | None = No
     port = free_port()
     serve_url = f"http://127.0.0.1:{port}"
     with EmbeddedStack(cfg.out_dir / "stack") as stack:
-        settings = CommonSettings(
-            kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url, state_dir=cfg.out_dir / "stack"
-        )
+        settings = stack.settings(state_dir=cfg.out_dir / "stack")
         ensure_topics(settings)
         services = Services(
             {

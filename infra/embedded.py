@@ -25,10 +25,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from infra.errors import StackError
-from infra.settings import STACK_FILE
+from infra.settings import STACK_FILE, CommonSettings, S, load
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,16 @@ class StackInfo:
     broker_pid: int
     redis_pid: int
     state_dir: Path
+
+    @overload
+    def settings(self, **overrides: Any) -> CommonSettings: ...
+
+    @overload
+    def settings(self, cls: type[S], **overrides: Any) -> S: ...
+
+    def settings(self, cls: type[CommonSettings] = CommonSettings, **overrides: Any) -> CommonSettings:
+        """Settings of ``cls`` pointing at this stack (``overrides`` for the rest); ConfigError if invalid."""
+        return load(cls, kafka_bootstrap=self.kafka_bootstrap, redis_url=self.redis_url, **overrides)
 
 
 def tansu_executable() -> str:

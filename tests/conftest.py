@@ -29,11 +29,6 @@ def settings(stack: StackInfo, topic_prefix: str, tmp_path: pytest.TempPathFacto
     """Settings pointing at the session's stack, with this test's own topics (created) and state dir."""
     from streams.topics import ensure_topics
 
-    s = CommonSettings(
-        kafka_bootstrap=stack.kafka_bootstrap,
-        redis_url=stack.redis_url,
-        topic_prefix=topic_prefix,
-        state_dir=tmp_path,  # type: ignore[arg-type]
-    )
+    s = stack.settings(topic_prefix=topic_prefix, state_dir=tmp_path)
     ensure_topics(s)
     return s

@@ -14,7 +14,6 @@ import redis
 from confluent_kafka import Message, Producer
 
 from infra.embedded import StackInfo
-from infra.settings import load
 from online_training.model import PROFILED
 from online_training.profile import build_profile
 from schemas import codec
@@ -31,13 +30,8 @@ TOTAL = 3000
 
 @pytest.fixture
 def settings(stack: StackInfo, topic_prefix: str, tmp_path: Path) -> DriftSettings:
-    s = load(
-        DriftSettings,
-        kafka_bootstrap=stack.kafka_bootstrap,
-        redis_url=stack.redis_url,
-        topic_prefix=topic_prefix,
-        state_dir=tmp_path,
-        drift_group=topic_prefix + "drift",
+    s = stack.settings(
+        DriftSettings, topic_prefix=topic_prefix, state_dir=tmp_path, drift_group=topic_prefix + "drift"
     )
     ensure_topics(s)
     return s

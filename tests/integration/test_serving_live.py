@@ -33,12 +33,7 @@ FEATURES = {"amount": 80.0, "category": "travel", "country": "FR", "card_present
 
 @pytest.fixture
 def serve_settings(stack: StackInfo, topic_prefix: str, tmp_path: Path) -> ServeSettings:
-    settings = ServeSettings(
-        kafka_bootstrap=stack.kafka_bootstrap,
-        redis_url=stack.redis_url,
-        topic_prefix=topic_prefix,
-        state_dir=tmp_path,
-    )
+    settings = stack.settings(ServeSettings, topic_prefix=topic_prefix, state_dir=tmp_path)
     ensure_topics(settings)
     return settings
 
