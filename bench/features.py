@@ -10,7 +10,7 @@ events over E distinct entities, then measures, on that same topic:
     offsets, which this broker reports wrongly), and freshness (event time to visible in Redis) while
     events are produced at half of that throughput;
 (c) Quix Streams computing the same views (windows and aggregations translated from
-    ``features.definitions.VIEWS``) in one process, at-least-once, with its own RocksDB state store and
+    ``schemas.definitions.VIEWS``) in one process, at-least-once, with its own RocksDB state store and
     changelog topics, timed from the first message processed to the last.
 
 Throughputs are medians of ``--reps`` runs. Results go to ``out/bench/features.json``; ``python -m
@@ -63,7 +63,7 @@ GOALS = {"events_per_s": 50_000, "vs_quix": 2.0, "freshness_p99_ms": 300}
 def generate(n: int, entities: int, seed: int = 7) -> Iterator[dict[str, Any]]:
     """``n`` generator events whose card ids run through every one of ``entities`` ids (reshuffled each
     round), so all entities are touched and each gets ``n / entities`` events."""
-    from streams.generator import GeneratorConfig, TransactionGenerator
+    from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
 
     gen = TransactionGenerator(GeneratorConfig(cards=1000, seed=seed))
     ids = [f"card-{i:06d}" for i in range(entities)]
@@ -197,7 +197,7 @@ def run_tide(
     info: Any, views: list[Any], topic: str, n: int, name: str, run_dir: Path, profile: bool = False
 ) -> dict[str, Any]:
     """One ``tide features`` process on the pre-filled topic, from an empty Redis and a new group."""
-    from infra.processes import Services
+    from tide.processes import Services
 
     client = _redis(info.redis_url)
     client.flushall()
@@ -423,8 +423,8 @@ def run_freshness(
     """Produce at ``rate`` for ``seconds`` to a fresh topic while one ``tide features`` runs; sample
     events and time event time → visible in Redis. The processor is warmed up (joined, first batch
     applied) before the clock starts."""
-    from infra.processes import Services, wait_until
-    from streams.topics import ensure_topics
+    from tide.processes import Services, wait_until
+    from infra.topics import ensure_topics
 
     settings = info.settings(topic_prefix=FRESH_PREFIX)
     ensure_topics(settings)
@@ -575,7 +575,7 @@ def quix_worker(args: argparse.Namespace) -> int:
     from quixstreams.models.serializers import Deserializer
 
     from features import aggregations as tide_aggs
-    from features.definitions import VIEWS
+    from schemas.definitions import VIEWS
     from schemas import codec
 
     class AvroEvent(Deserializer):
@@ -782,10 +782,10 @@ def median_of(runs: list[dict[str, Any]]) -> float:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from features.definitions import VIEWS
+    from schemas.definitions import VIEWS
     from features.settings import FeatureSettings
-    from infra.embedded import EmbeddedStack
-    from streams.topics import TOPICS, ensure_topics
+    from tide.embedded import EmbeddedStack
+    from infra.topics import TOPICS, ensure_topics
 
     if not BENCH_PYTHON.exists() and not args.skip_quix:
         print("missing .venv-bench: run `make bench-venv` (or pass --skip-quix)", file=sys.stderr)
@@ -894,9 +894,9 @@ def bench(args: argparse.Namespace) -> int:
 def freshness_only(args: argparse.Namespace) -> int:
     """Only the freshness run, at ``--fresh-rate`` (tuning the processor's latency without the whole
     benchmark); the result goes to its own file, never to the README's ``features.json``."""
-    from features.definitions import VIEWS
+    from schemas.definitions import VIEWS
     from features.settings import FeatureSettings
-    from infra.embedded import EmbeddedStack
+    from tide.embedded import EmbeddedStack
 
     command = (
         f".venv/bin/python -m bench.features --only freshness --fresh-rate {args.fresh_rate:g}"

@@ -244,8 +244,8 @@ def swapping_run(
 
 def bench(args: argparse.Namespace) -> int:
     from bench.features import machine
-    from infra.embedded import EmbeddedStack, free_port
-    from streams.topics import ensure_topics
+    from tide.embedded import EmbeddedStack, free_port
+    from infra.topics import ensure_topics
 
     problems = []
     if wrk_path() is None:

@@ -30,7 +30,7 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
             "online features: window merge",
             ("features/tiles.py", "features/aggregations.py", "features/store.py"),
         ),
-        ("model predict", ("serving/runtime.py", "onnxruntime", "/river/", "online_training/")),
+        ("model predict", ("models/runtime.py", "onnxruntime", "/river/", "online_training/")),
         ("prediction log (Avro encode + produce)", ("serving/predlog.py", "schemas/codec.py", "fastavro")),
         ("validation", ("serving/validation.py",)),
         ("prometheus metrics", ("prometheus_client",)),

@@ -112,8 +112,8 @@ def fill_features(
 ) -> dict[str, Any]:
     """Produce ``entities * per_entity`` events and run ``tide features`` until all are in Redis."""
     from bench.features import generate
-    from features.definitions import CARD_ACTIVITY
-    from infra.processes import Services
+    from schemas.definitions import CARD_ACTIVITY
+    from tide.processes import Services
     from streams.produce import EventProducer
 
     total = entities * per_entity
@@ -180,7 +180,7 @@ def read_rows(
 
 def feast_values(settings: Any, entities: int, path: Path) -> dict[str, Any]:
     """Tide's current ``card_activity`` values of every entity, as the Feast side will write them."""
-    from features.definitions import CARD_ACTIVITY
+    from schemas.definitions import CARD_ACTIVITY
 
     rows = read_rows(settings, [CARD_ACTIVITY], [entity_id(i) for i in range(entities)])[CARD_ACTIVITY.name]
     integer_kinds = {"count", "distinct"}
@@ -224,7 +224,7 @@ class Publisher:
         if self._onnx is None:
             self._river_setup()
         else:
-            from streams.kafka import make_producer
+            from infra.kafka import make_producer
 
             # One producer for every version: a new one per version would put its connection set-up
             # into the measured swap delay.
@@ -235,7 +235,7 @@ class Publisher:
 
         from infra.settings import load
         from online_training.trainer import TrainerSettings, TrainerStep
-        from streams.kafka import make_producer
+        from infra.kafka import make_producer
 
         trainer_settings = load(TrainerSettings, **self.settings.model_dump())
         self._producer = make_producer(trainer_settings)
@@ -295,7 +295,7 @@ def start_tide(env: dict[str, str], port: int, run_dir: Path) -> subprocess.Pope
     log_path = run_dir / "logs" / "serve.log"
     with log_path.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "serve"],
+            [sys.executable, "-m", "tide.cli", "serve"],
             env={**os.environ, **env, "TIDE_SERVE_PORT": str(port), "TIDE_SERVE_WORKERS": "1"},
             stdout=out,
             stderr=subprocess.STDOUT,

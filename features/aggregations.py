@@ -31,7 +31,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from features.definitions import FeatureView
+from schemas.definitions import FeatureView
 
 ALPHA = 0.01  # relative accuracy of quantiles
 DISTINCT_K = 256  # hashes a distinct-count sketch keeps: exact below, ~6 % error above

@@ -30,15 +30,15 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from features import tiles
-from features.definitions import VIEWS, FeatureView
+from schemas.definitions import VIEWS, FeatureView
 from features.settings import FeatureSettings
 from features.store import RedisWriter, apply_command
 from infra.errors import StreamError
 from infra.metrics import serve_metrics
 from schemas import codec
-from streams.deadletter import DeadLetter, DeadLetterSink, KafkaDeadLetters
-from streams.kafka import make_consumer, make_producer
-from streams.topics import TOPICS, topic
+from infra.deadletter import DeadLetter, DeadLetterSink, KafkaDeadLetters
+from infra.kafka import make_consumer, make_producer
+from infra.topics import TOPICS, topic
 
 log = logging.getLogger(__name__)
 

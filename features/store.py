@@ -39,7 +39,7 @@ import redis
 import redis.asyncio as aioredis
 
 from features import aggregations, tiles
-from features.definitions import FeatureView
+from schemas.definitions import FeatureView
 
 # KEYS[1]: the source's offsets hash. ARGV: partition (``topic:partition``), expected position, new
 # position, watermark, now, a JSON header and a JSON document (see apply_command). Returns APPLIED, or

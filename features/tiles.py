@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from features import aggregations
-from features.definitions import LIFETIME_TILE, FeatureView
+from schemas.definitions import LIFETIME_TILE, FeatureView
 
 NO_WATERMARK = -1
 

@@ -21,7 +21,7 @@ from typing import Any
 import fastavro
 
 from features import aggregations, tiles
-from features.definitions import FeatureView
+from schemas.definitions import FeatureView
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ def write_avro(rows: Sequence[Mapping[str, Any]], path: Path, name: str = "Train
 def from_topics(settings: Any, views: Sequence[FeatureView], out: Path) -> dict[str, Any]:
     """Replay the events and labels topics (from the beginning to their current end) into ``out``."""
     from schemas import codec
-    from streams.kafka import read_to_end
-    from streams.topics import TOPICS, topic
+    from infra.kafka import read_to_end
+    from infra.topics import TOPICS, topic
 
     sources = {v.source for v in views}
     if len(sources) != 1:

@@ -3,6 +3,7 @@
 TideError
 ├── ConfigError            infra: a setting is missing or invalid (names the key)
 ├── StackError             infra: the embedded broker or Redis failed to start or stop
+├── DefinitionError        schemas: a project definition is invalid (names file, object and field)
 ├── SchemaError            schemas: a record does not match its Avro schema
 │   └── UnknownSchemaError     the fingerprint in a record's header is not a known schema version
 ├── StreamError            streams: Kafka plumbing failed (admin, produce, consume)
@@ -28,6 +29,10 @@ class ConfigError(TideError):
 
 class StackError(TideError):
     pass
+
+
+class DefinitionError(TideError):
+    """A project definition is invalid; the message names the file, the object and the field."""
 
 
 class SchemaError(TideError):

@@ -55,6 +55,9 @@ class CommonSettings(BaseSettings):
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     model_name: str = Field(default="fraud", pattern=r"^[a-z][a-z0-9_-]*$")
+    # The project folder: `tide plan` / `tide apply` read its definitions; services read definitions from
+    # the registry and only import the project's code (learner factories, pickled pipelines) from here.
+    project: Path | None = None
     # Prometheus exposition for processes without an HTTP API of their own (serving has /metrics).
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)

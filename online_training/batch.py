@@ -9,14 +9,14 @@ One cycle (:func:`retrain`):
 2. split by event time: the newest ``retrain_holdout`` share is held out;
 3. train a small MLP (:func:`train_mlp`) on CUDA when torch sees a GPU, else on CPU;
 4. export it to ONNX (:func:`export_onnx`) and score the held-out rows through
-   :class:`serving.runtime.OnnxRuntime`, the exact serving path; refuse to publish unless those scores
+   :class:`models.runtime.OnnxRuntime`, the exact serving path; refuse to publish unless those scores
    equal torch's to within 1e-5;
 5. publish it as the next version of ``retrain_model_name`` (flavor ``onnx``) with its held-out ROC AUC,
    unless the AUC is under ``retrain_min_auc`` or no label arrived since the last version.
 
 The model takes :data:`NUMERIC_FEATURES` raw, as serving assembles them; its graph carries its own
 preprocessing (``log1p`` of the non-negative inputs, standardisation folded into the first layer), so
-serving needs no second copy of it. Categorical request fields are not inputs (see serving.runtime).
+serving needs no second copy of it. Categorical request fields are not inputs (see models.runtime).
 """
 
 from __future__ import annotations
@@ -38,19 +38,19 @@ import onnx
 import torch
 from torch import nn
 
-from features.definitions import CARD_ACTIVITY
+from schemas.definitions import CARD_ACTIVITY
 from features.training import point_in_time
 from infra.errors import TrainingError
 from infra.settings import CommonSettings
-from online_training.model import PROFILED, REQUEST_FIELDS
-from online_training.profile import build_profile
+from examples.fraud.model import PROFILED, REQUEST_FIELDS
+from models.profile import build_profile
 from online_training.publish import latest_record, publish_model_version, signer_of
 from online_training.settings import RetrainSettings
 from online_training.trainer import rolling_auc
 from schemas import codec
-from serving.runtime import ONNX_FEATURES_KEY, ONNX_OUTPUT_NAME, OnnxRuntime, feature_matrix
-from streams.kafka import read_to_end
-from streams.topics import TOPICS, topic
+from models.runtime import ONNX_FEATURES_KEY, ONNX_OUTPUT_NAME, OnnxRuntime, feature_matrix
+from infra.kafka import read_to_end
+from infra.topics import TOPICS, topic
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``tide retrain`` and ``tide signing-key``: the batch retrainer and the model-signing keys.
+"""``tide train``, ``tide retrain`` and ``tide signing-key``: the trainers and the model-signing keys.
 
 Registered into ``tide``'s parser by :func:`add_commands`. Light at import (the parser is built for every
 ``tide`` command); torch and onnxruntime are imported only when ``retrain`` runs.
@@ -9,49 +9,60 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
-from infra.errors import FeatureError
+from infra.console import AddCommand
+from infra.errors import DefinitionError
 
-AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
 def _duration_s(text: str) -> float:
-    from features.definitions import duration_ms
+    from schemas.definitions import duration_ms
 
     try:
         return duration_ms(text, "--every") / 1000
-    except FeatureError as exc:
+    except DefinitionError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from infra.cli import _emit, _setup_logging
+    from infra.console import emit, setup_logging
     from infra.settings import load
     from online_training.batch import run
     from online_training.settings import RetrainSettings
 
     settings = load(RetrainSettings)
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     stop = threading.Event()
     if args.every is not None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    run(settings, every_s=args.every, stop=stop, on_result=_emit)
+    run(settings, every_s=args.every, stop=stop, on_result=emit)
     return 0
 
 
-def cmd_signing_key(args: argparse.Namespace) -> int:
-    from infra.cli import _emit
-    from infra.signing import generate_key_pair
+def cmd_train(args: argparse.Namespace) -> int:
+    from infra.console import run_service
+    from online_training.trainer import TrainerSettings, run
 
-    _emit(generate_key_pair(Path(args.out)))
+    return run_service(TrainerSettings, run)
+
+
+def cmd_signing_key(args: argparse.Namespace) -> int:
+    from infra.console import emit
+    from models.signing import generate_key_pair
+
+    emit(generate_key_pair(Path(args.out)))
     return 0
 
 
 def add_commands(add: AddCommand) -> None:
-    """Add ``retrain`` and ``signing-key`` with ``add(name, handler, help)`` (infra.cli's helper)."""
+    """Add ``train``, ``retrain`` and ``signing-key`` with ``add(name, handler, help)``."""
+    add(
+        "train",
+        cmd_train,
+        "Run the online trainer: join labels with served features, learn, publish versions.",
+    )
     rt = add(
         "retrain",
         cmd_retrain,

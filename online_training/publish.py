@@ -2,7 +2,7 @@
 
 :func:`publish_model_version` builds the ``model_version`` record, stores the artifact inline (up to
 ``artifact_inline_max_bytes``) or in the artifact store by URI, signs it when a signing key is
-configured (:mod:`infra.signing`) and produces it keyed by model name.
+configured (:mod:`models.signing`) and produces it keyed by model name.
 
 Exactly-once: with the caller's transactional producer (the online trainer's), the record is only
 produced; it becomes visible when the caller commits the transaction that also holds the consumed
@@ -22,14 +22,14 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from infra.artifacts import LocalArtifactStore, sha256_hex
+from models.artifacts import LocalArtifactStore, sha256_hex
 from infra.errors import TrainingError
 from infra.settings import CommonSettings
-from infra.signing import Signer
+from models.signing import Signer
 from online_training.settings import PublishSettings
 from schemas import codec
-from streams.kafka import make_producer, read_to_end
-from streams.topics import TOPICS, topic
+from infra.kafka import make_producer, read_to_end
+from infra.topics import TOPICS, topic
 
 log = logging.getLogger(__name__)
 

@@ -24,19 +24,19 @@ from confluent_kafka import Producer
 from prometheus_client import Counter, Gauge
 from pydantic import Field
 
-from infra.artifacts import record_artifact
+from models.artifacts import record_artifact
 from infra.errors import ModelLoadError, TrainingError
 from infra.metrics import serve_metrics
 from infra.settings import CommonSettings
-from online_training import model as fraud_model
-from online_training.profile import build_profile
+from examples.fraud import model as fraud_model
+from models.profile import build_profile
 from online_training.publish import latest_record, publish_model_version, signer_of
 from online_training.settings import PublishSettings
-from streams import processor
-from streams.deadletter import KafkaDeadLetters
-from streams.kafka import make_consumer, make_producer, make_transactional_producer
-from streams.processor import Incoming
-from streams.topics import topic
+from infra import processor
+from infra.deadletter import KafkaDeadLetters
+from infra.kafka import make_consumer, make_producer, make_transactional_producer
+from infra.processor import Incoming
+from infra.topics import topic
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 AVRO_DIR = Path(__file__).parent / "avro"
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
-RECORD_NAMES: tuple[str, ...] = ("event", "label", "prediction", "model_version", "deployment", "drift_alert")
+RECORD_NAMES: tuple[str, ...] = ("prediction", "model_version", "deployment", "drift_alert", "definitions")
 
 _VERSION_FILE = re.compile(r"v([1-9][0-9]*)\.avsc")
 _INT_RANGE = (-(1 << 31), (1 << 31) - 1)
@@ -62,28 +62,58 @@ def schema_fingerprint(parsed: dict[str, Any] | str | list[Any]) -> bytes:
 
 # Parsed once at import. _BY_FP maps a fingerprint to (name, version, writer schema, reader schema or
 # None when the writer is the current version, so decoding it needs no schema resolution).
-_SCHEMAS = load_schemas()
+_SCHEMAS: dict[str, dict[int, dict[str, Any]]] = {}
 _FINGERPRINTS: dict[tuple[str, int], bytes] = {}
 _BY_FP: dict[bytes, tuple[str, int, dict[str, Any], dict[str, Any] | None]] = {}
 _CURRENT: dict[str, tuple[dict[str, Any], bytes, frozenset[str]]] = {}
 
+
+def _install(name: str, by_version: dict[int, dict[str, Any]]) -> None:
+    latest = max(by_version)
+    for version, parsed in by_version.items():
+        fp = schema_fingerprint(parsed)
+        other = _BY_FP.get(fp)
+        if other is not None and other[0] != name:
+            raise SchemaError(f"{name} v{version} has the same fingerprint as {other[0]} v{other[1]}")
+    for fp, entry in list(_BY_FP.items()):  # a re-registered record drops its old entries first
+        if entry[0] == name:
+            del _BY_FP[fp]
+    for version, parsed in by_version.items():
+        fp = schema_fingerprint(parsed)
+        _FINGERPRINTS[name, version] = fp
+        _BY_FP[fp] = (name, version, parsed, None if version == latest else by_version[latest])
+    _SCHEMAS[name] = dict(sorted(by_version.items()))
+    _CURRENT[name] = (
+        by_version[latest],
+        MAGIC + _FINGERPRINTS[name, latest],
+        frozenset(f["name"] for f in by_version[latest]["fields"]),
+    )
+
+
+def register(name: str, versions: Sequence[Mapping[str, Any]]) -> None:
+    """Make a source's record schemas known (oldest first; the last is current) under ``name``.
+
+    Sources are declared by projects and registered when a service loads its definitions; records of
+    every registered version decode, resolved to the current one. Tide's own records cannot be replaced.
+    """
+    if name in RECORD_NAMES:
+        raise SchemaError(f"{name!r} is one of Tide's own records and cannot be registered")
+    parsed: dict[int, dict[str, Any]] = {}
+    for i, raw in enumerate(versions, start=1):
+        try:
+            parsed[i] = cast(dict[str, Any], parse_schema(json.loads(json.dumps(raw))))
+        except Exception as exc:
+            raise SchemaError(f"source {name!r}: schema version {i} does not parse: {exc}") from exc
+    if not parsed:
+        raise SchemaError(f"source {name!r}: no schema given")
+    _install(name, parsed)
+
+
+for _name, _by_version in load_schemas().items():
+    _install(_name, _by_version)
 for _name in RECORD_NAMES:
     if not _SCHEMAS.get(_name):
         raise SchemaError(f"no schema files for record {_name!r} under {AVRO_DIR / _name}")
-for _name, _by_version in _SCHEMAS.items():
-    _latest = max(_by_version)
-    for _version, _parsed in _by_version.items():
-        _fp = schema_fingerprint(_parsed)
-        if _fp in _BY_FP:
-            _other = _BY_FP[_fp]
-            raise SchemaError(f"{_name} v{_version} has the same fingerprint as {_other[0]} v{_other[1]}")
-        _FINGERPRINTS[_name, _version] = _fp
-        _BY_FP[_fp] = (_name, _version, _parsed, None if _version == _latest else _by_version[_latest])
-    _CURRENT[_name] = (
-        _by_version[_latest],
-        MAGIC + _FINGERPRINTS[_name, _latest],
-        frozenset(f["name"] for f in _by_version[_latest]["fields"]),
-    )
 logger.debug("loaded %d schema versions of %d records", len(_BY_FP), len(_SCHEMAS))
 
 
@@ -184,6 +214,12 @@ def decode(data: bytes | bytearray | memoryview, expected: str | None = None) ->
     if fo.tell() != len(data):
         raise SchemaError(f"{name} v{version} payload has {len(data) - fo.tell()} trailing bytes")
     return record
+
+
+def decode_named(data: bytes | bytearray | memoryview, expected: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(record name, record) of a single-object payload: :func:`decode` that also says what it read."""
+    record = decode(data, expected)
+    return record_name(data), record
 
 
 # --- explaining why a datum does not match a schema ------------------------------------------------------

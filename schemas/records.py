@@ -135,7 +135,7 @@ class ModelVersion(TypedDict):
     # When this version was created, ms since the Unix epoch (UTC).
     created_ts: int
     # Ed25519 signature of the version's statement (model, version, flavor, sha256, feature_names;
-    # infra/signing.py); null when unsigned.
+    # models/signing.py); null when unsigned.
     signature: NotRequired[bytes | None]
     # The signing key: first 16 hex digits of the SHA-256 of its raw public key; null when unsigned.
     key_id: NotRequired[str | None]

@@ -48,7 +48,7 @@ from serving.metrics import metrics_payload
 from serving.openapi import openapi_document
 from serving.predlog import PredictionLog
 from serving.registry import ModelFollower, ModelRegistry
-from serving.runtime import make_loader
+from models.runtime import make_loader
 from serving.scoring import FeatureReader, PredictionSink
 from serving.settings import ServeSettings
 from serving.validation import parse_body, parse_json_object

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
-from features.definitions import FeatureView
+from schemas.definitions import FeatureView
 from features.store import FeatureRow
 
 

@@ -33,9 +33,9 @@ from confluent_kafka import Producer
 from infra.errors import DeploymentError, StreamError
 from infra.settings import CommonSettings
 from schemas import codec
-from serving.runtime import LoadedModel
-from streams.kafka import make_producer
-from streams.topics import topic
+from models.runtime import LoadedModel
+from infra.kafka import make_producer
+from infra.topics import topic
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The scoring service's OpenAPI 3.1 document, served at ``GET /openapi.json``.
 
 Nothing here is a second copy of a field list: the scoring body's features are the request fields the
-validator checks (:data:`serving.features.REQUEST_FIELD_TYPES`, typed and described by the Avro ``event``
+validator checks (:data:`models.inputs.REQUEST_FIELD_TYPES`, typed and described by the Avro ``event``
 schema), the batch bound is :data:`serving.validation.MAX_BATCH`, the deployment body and record follow
 the Avro ``deployment`` schema and :data:`serving.deployments.ACTIONS`, and the statuses are those the
 app and its middlewares answer with. Which routes need which key role follows
@@ -20,7 +20,7 @@ from features.store import Status
 from schemas import codec
 from serving.auth import PUBLIC, ROLES, AccessRules, default_rules
 from serving.deployments import ACTION_RULES, ACTIONS, ARM_CANARY, ARM_CHAMPION, MAX_VERSION
-from serving.features import REQUEST_FIELD_TYPES
+from models.inputs import REQUEST_FIELD_TYPES
 from serving.settings import ServeSettings
 from serving.validation import MAX_BATCH
 

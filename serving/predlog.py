@@ -20,8 +20,8 @@ from prometheus_client import Counter
 from infra.errors import SchemaError
 from schemas import codec
 from serving.settings import ServeSettings
-from streams.kafka import make_producer
-from streams.topics import topic
+from infra.kafka import make_producer
+from infra.topics import topic
 
 logger = logging.getLogger(__name__)
 

@@ -28,12 +28,12 @@ from prometheus_client import Counter, Gauge, Histogram
 from infra.errors import DeploymentError, SchemaError, ServingError
 from schemas import codec
 from serving.deployments import ARM_CANARY, ARM_CHAMPION, ARM_SHADOW, Routing, TrafficPolicy
-from serving.runtime import LoadedModel, make_loader
+from models.runtime import LoadedModel, make_loader
 from serving.settings import ServeSettings
-from streams.deadletter import DeadLetterSink, KafkaDeadLetters
-from streams.kafka import make_producer, messages, replay_reader
-from streams.letters import DeadLetter
-from streams.topics import TOPICS, topic
+from infra.deadletter import DeadLetterSink, KafkaDeadLetters
+from infra.kafka import make_producer, messages, replay_reader
+from infra.letters import DeadLetter
+from infra.topics import TOPICS, topic
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ class ModelFollower:
         self.settings = settings
         self.registry = registry
         self._consumer_factory = consumer_factory
-        # The default checks signatures when trusted keys are configured (serving.runtime.make_loader).
+        # The default checks signatures when trusted keys are configured (models.runtime.make_loader).
         self._loader = loader or make_loader(settings)
         self._dead_letters = dead_letters
         self._dl_producer: Producer | None = None  # only when the follower built its own sink

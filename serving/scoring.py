@@ -14,12 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from features.definitions import CARD_ACTIVITY, FeatureView
+from schemas.definitions import CARD_ACTIVITY, FeatureView
 from features.store import FeatureRow
 from infra.errors import Unavailable
 from serving.deployments import ARM_SHADOW, Routing
-from serving.features import assemble
-from serving.runtime import LoadedModel
+from models.inputs import assemble
+from models.runtime import LoadedModel
 from serving.validation import ScoreRequest
 
 logger = logging.getLogger(__name__)

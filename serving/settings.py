@@ -29,7 +29,7 @@ class ServeSettings(CommonSettings):
     # Prediction-log records queued in the producer while the broker is slow or away; beyond it they drop.
     serve_prediction_buffer: int = Field(default=100_000, ge=1)
     # PEM file of trusted Ed25519 public keys. Set: only versions signed by one of them load. Unset:
-    # signatures are not checked (logged once). See infra/signing.py.
+    # signatures are not checked (logged once). See models/signing.py.
     serve_trusted_keys_file: str | None = None
     # Bounds on fetching an artifact by URI (artifact_uri), per model version.
     serve_artifact_timeout_s: float = Field(default=10.0, gt=0)

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from infra.errors import RequestError
-from serving.features import REQUEST_FIELD_TYPES
+from models.inputs import REQUEST_FIELD_TYPES
 
 MAX_BATCH = 256
 _INSTANCE_KEYS = frozenset({"entity", "event_id", "features"})

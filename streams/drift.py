@@ -1,7 +1,7 @@
 """The drift scorer: live inputs and scores of the champion compared with its model's reference profile.
 
 Each model version may carry a reference profile (one histogram per profiled feature and one of the
-scores, see :mod:`online_training.profile`). For every champion prediction the scorer pushes each profiled
+scores, see :mod:`models.profile`). For every champion prediction the scorer pushes each profiled
 feature value and the score into a sliding window per histogram and, every ``drift_check_every``
 predictions, computes the population stability index (PSI) of each window against its reference. A PSI
 above the threshold on a full window raises one :class:`~schemas.records.DriftAlert` (rising edge only,
@@ -35,13 +35,13 @@ from pydantic import Field
 from infra.errors import StreamError
 from infra.metrics import serve_metrics
 from infra.settings import CommonSettings
-from online_training.profile import SCORE, as_number, psi
+from models.profile import SCORE, as_number, psi
 from schemas import codec
 from schemas.records import DriftAlert, Histogram
-from streams import processor
-from streams.deadletter import KafkaDeadLetters
-from streams.kafka import make_consumer, make_transactional_producer, read_to_end
-from streams.topics import TOPICS, topic
+from infra import processor
+from infra.deadletter import KafkaDeadLetters
+from infra.kafka import make_consumer, make_transactional_producer, read_to_end
+from infra.topics import TOPICS, topic
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class PsiDriftDetector:
     """PSI of a sliding window of live values against a reference histogram, with hysteresis.
 
     ``histogram_ref`` is a :class:`~schemas.records.Histogram` as built by
-    :func:`online_training.profile.histogram`: ``len(edges) + 1`` bins, bin ``i`` holding the values in
+    :func:`models.profile.histogram`: ``len(edges) + 1`` bins, bin ``i`` holding the values in
     ``(edges[i-1], edges[i]]``. The window keeps the raw values, so a detector built on another reference
     can be seeded with them. ``update`` is O(log bins); ``statistic`` is O(bins).
 

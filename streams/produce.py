@@ -17,9 +17,9 @@ from typing import Any
 from infra.errors import SchemaError, StreamError
 from infra.settings import CommonSettings
 from schemas import codec
-from streams.generator import GeneratorConfig, TransactionGenerator
-from streams.kafka import make_producer
-from streams.topics import topic
+from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
+from infra.kafka import make_producer
+from infra.topics import topic
 
 log = logging.getLogger(__name__)
 

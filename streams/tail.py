@@ -11,8 +11,8 @@ from confluent_kafka import Message
 from infra.errors import StreamError
 from infra.settings import CommonSettings
 from schemas import codec
-from streams.kafka import messages, read_to_end, reader_from_beginning
-from streams.topics import TOPICS, topic
+from infra.kafka import messages, read_to_end, reader_from_beginning
+from infra.topics import TOPICS, topic
 
 
 def _printable(value: Any) -> Any:

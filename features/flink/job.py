@@ -59,11 +59,11 @@ from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 from pyflink.java_gateway import get_gateway
 
 from features import tiles
-from features.definitions import VIEWS, FeatureView
+from schemas.definitions import VIEWS, FeatureView
 from features.store import APPLIED, APPLY_SCRIPT, apply_command, offsets_key
 from schemas import codec
-from streams.letters import DeadLetter
-from streams.topics import TOPICS
+from infra.letters import DeadLetter
+from infra.topics import TOPICS
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class JobConfig:
 
     redis_url: str
     namespace: str = ""
-    source: str = "events"  # the logical source (a key of streams.topics.TOPICS): selects the views
+    source: str = "events"  # the logical source (a key of infra.topics.TOPICS): selects the views
     input_name: str = "events"  # names the position sources; the Kafka topic, or the input file's stem
     buckets: int = 64
     batch: int = 1000  # records per bucket before a flush

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from features.definitions import CARD_ACTIVITY
+from schemas.definitions import CARD_ACTIVITY
 from features.store import RedisOnlineStore
-from infra.demo import DemoConfig, DemoContext, run_demo
+from tide.demo import DemoConfig, DemoContext, run_demo
 
 
 def recompute(events: list[dict[str, Any]], now_ms: int) -> dict[str, dict[str, float]]:

@@ -31,10 +31,10 @@ import pytest
 import redis
 
 from features import tiles
-from features.definitions import VIEWS
+from schemas.definitions import VIEWS
 from features.store import RedisOnlineStore, offsets_key, unpack
 from schemas import codec
-from streams.generator import GeneratorConfig, TransactionGenerator
+from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY_MS = 86_400_000

@@ -10,14 +10,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from infra import cli
+from tide import cli
 from infra.errors import ModelLoadError
-from infra.signing import Verifier, generate_key_pair
+from models.signing import Verifier, generate_key_pair
 from online_training import batch
 from online_training.batch import NUMERIC_FEATURES, fit, split_by_time, torch_scores, training_rows
 from online_training.publish import latest_record
 from online_training.settings import RetrainSettings
-from serving.runtime import LoadPolicy, feature_matrix, load_model
+from models.runtime import LoadPolicy, feature_matrix, load_model
 from streams.produce import produce_generated
 from streams.tail import tail
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 def tide(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "infra.cli", *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "tide.cli", *args], env=env, capture_output=True, text=True, timeout=120
     )
     if check:
         assert proc.returncode == 0, proc.stderr[-2000:]

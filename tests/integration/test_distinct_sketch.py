@@ -8,7 +8,7 @@ import time
 import pytest
 
 from features import aggregations
-from features.definitions import CARD_ACTIVITY
+from schemas.definitions import CARD_ACTIVITY
 from features.store import RedisOnlineStore
 from infra.settings import CommonSettings
 

@@ -13,14 +13,14 @@ import pytest
 import redis
 from confluent_kafka import Message, Producer
 
-from infra.embedded import StackInfo
-from online_training.model import PROFILED
-from online_training.profile import build_profile
+from tide.embedded import StackInfo
+from examples.fraud.model import PROFILED
+from models.profile import build_profile
 from schemas import codec
 from streams import drift
 from streams.drift import DriftSettings, DriftStep
-from streams.kafka import make_producer, reader_from_beginning
-from streams.topics import ensure_topics, topic
+from infra.kafka import make_producer, reader_from_beginning
+from infra.topics import ensure_topics, topic
 
 pytestmark = pytest.mark.integration
 

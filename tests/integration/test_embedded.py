@@ -16,7 +16,7 @@ import redis
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
-from infra.embedded import (
+from tide.embedded import (
     EmbeddedStack,
     StackInfo,
     broker_command,
@@ -27,7 +27,7 @@ from infra.embedded import (
     stop_stack,
 )
 from infra.errors import StackError, StreamError
-from streams.admin import create_topics, delete_topics
+from infra.admin import create_topics, delete_topics
 
 pytestmark = pytest.mark.integration
 

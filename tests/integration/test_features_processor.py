@@ -13,17 +13,17 @@ import httpx
 import pytest
 
 from features import tiles
-from features.definitions import VIEWS
+from schemas.definitions import VIEWS
 from features.store import FeatureRow, RedisOnlineStore
-from infra.embedded import free_port
+from tide.embedded import free_port
 from infra.metrics import metric_value
-from infra.processes import Services, wait_until
+from tide.processes import Services, wait_until
 from infra.settings import CommonSettings
-from streams.generator import GeneratorConfig, TransactionGenerator
-from streams.kafka import make_producer
+from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
+from infra.kafka import make_producer
 from streams.produce import EventProducer
 from streams.tail import tail
-from streams.topics import topic
+from infra.topics import topic
 
 pytestmark = pytest.mark.integration
 

@@ -8,13 +8,13 @@ import time
 
 import pytest
 
-from infra.embedded import broker_answers, broker_command, free_port
-from infra.processes import wait_until
+from tide.embedded import broker_answers, broker_command, free_port
+from tide.processes import wait_until
 from schemas import codec
 from serving.predlog import PredictionLog
 from serving.settings import ServeSettings
-from streams.kafka import read_to_end
-from streams.topics import TOPICS, ensure_topics, topic
+from infra.kafka import read_to_end
+from infra.topics import TOPICS, ensure_topics, topic
 
 pytestmark = pytest.mark.integration
 

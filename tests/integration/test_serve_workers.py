@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.embedded import free_port
-from infra.processes import wait_until
+from tide.embedded import free_port
+from tide.processes import wait_until
 from infra.settings import CommonSettings, env_var
-from online_training.model import FEATURE_NAMES, dump, new_model
+from examples.fraud.model import FEATURE_NAMES, dump, new_model
 from online_training.publish import publish_model_version
 
 pytestmark = pytest.mark.integration
@@ -64,7 +64,7 @@ def test_two_workers_serve_and_metrics_add_up(settings: CommonSettings, tmp_path
         env_var("serve_workers"): "2",
     }
     server = subprocess.Popen(
-        [sys.executable, "-m", "infra.cli", "serve"],
+        [sys.executable, "-m", "tide.cli", "serve"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -13,18 +13,18 @@ import httpx
 import pytest
 from confluent_kafka import Producer
 
-from features.definitions import CARD_ACTIVITY
+from schemas.definitions import CARD_ACTIVITY
 from features.store import RedisOnlineStore
-from infra import cli
-from infra.embedded import StackInfo
+from tide import cli
+from tide.embedded import StackInfo
 from infra.settings import env_var
-from online_training.model import FEATURE_NAMES, dump, new_model
+from examples.fraud.model import FEATURE_NAMES, dump, new_model
 from schemas import codec
 from serving.app import create_app
 from serving.registry import ModelRegistry
 from serving.settings import ServeSettings
-from streams.kafka import reader_from_beginning
-from streams.topics import TOPICS, ensure_topics, topic
+from infra.kafka import reader_from_beginning
+from infra.topics import TOPICS, ensure_topics, topic
 
 pytestmark = pytest.mark.integration
 

@@ -9,15 +9,15 @@ from typing import Any
 import pytest
 import redis
 
-from infra.processes import wait_until
+from tide.processes import wait_until
 from online_training import trainer
-from online_training.model import FEATURE_NAMES
+from examples.fraud.model import FEATURE_NAMES
 from online_training.trainer import TrainerSettings, TrainerStep, latest_version, rolling_auc
 from schemas import codec
-from streams.kafka import make_producer
-from streams.processor import Incoming
+from infra.kafka import make_producer
+from infra.processor import Incoming
 from streams.tail import tail
-from streams.topics import topic
+from infra.topics import topic
 
 pytestmark = pytest.mark.integration
 

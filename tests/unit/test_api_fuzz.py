@@ -12,14 +12,14 @@ from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
 from features import tiles
-from features.definitions import FeatureView
+from schemas.definitions import FeatureView
 from features.store import FeatureRow
-from online_training.model import FEATURE_NAMES, dump, new_model
+from examples.fraud.model import FEATURE_NAMES, dump, new_model
 from schemas import codec
 from serving.app import create_app
 from serving.auth import new_key
 from serving.registry import ModelRegistry
-from serving.runtime import load_model
+from models.runtime import load_model
 from serving.settings import ServeSettings
 
 KEY, ENTRY = new_key("fuzz", ["score", "admin"])

@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from infra.artifacts import LocalArtifactStore, fetch, fetch_verified, record_artifact, redact
+from models.artifacts import LocalArtifactStore, fetch, fetch_verified, record_artifact, redact
 from infra.errors import ConfigError, ModelLoadError
 from infra.settings import CommonSettings
-from infra.signing import Signer, Verifier, generate_key_pair, statement
+from models.signing import Signer, Verifier, generate_key_pair, statement
 from online_training.publish import build_record, publish_model_version
 from online_training.settings import PublishSettings
 from schemas import codec

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from infra.cli import main
+from tide.cli import main
 from infra.errors import ConfigError
 from infra.settings import load
 from serving.auth import (

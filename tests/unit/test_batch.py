@@ -22,7 +22,7 @@ from online_training.batch import (
     train_mlp,
 )
 from online_training.trainer import rolling_auc
-from serving.runtime import ONNX_FEATURES_KEY, OnnxRuntime, feature_matrix, load_model
+from models.runtime import ONNX_FEATURES_KEY, OnnxRuntime, feature_matrix, load_model
 
 
 def synthetic_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -60,8 +60,8 @@ def trained() -> tuple[torch.nn.Module, list[dict[str, Any]], list[dict[str, Any
 
 
 def test_numeric_features_are_what_serving_assembles() -> None:
-    from features.definitions import CARD_ACTIVITY
-    from serving.features import REQUEST_FIELD_TYPES
+    from schemas.definitions import CARD_ACTIVITY
+    from models.inputs import REQUEST_FIELD_TYPES
 
     assert set(NUMERIC_FEATURES) <= set(REQUEST_FIELD_TYPES) | set(CARD_ACTIVITY.feature_names)
     assert all(REQUEST_FIELD_TYPES.get(f, "double") != "string" for f in NUMERIC_FEATURES)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from features import tiles
-from features.definitions import CARD_ACTIVITY, FeatureView
+from schemas.definitions import CARD_ACTIVITY, FeatureView
 from features.store import FeatureRow
 from serving.coalesce import CoalescingReader
 

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from infra.cli import build_parser
+from tide.cli import build_parser
 from infra.settings import ENV_PREFIX, CommonSettings, load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SETTINGS_MODULES = ("features.settings", "online_training.trainer", "serving.settings", "streams.drift")
 OPTIONAL_SETTINGS_MODULES = {"streams.drift"}
 
-# The settings class each subcommand builds (see infra/cli.py's cmd_* functions).
+# The settings class each subcommand builds (see tide/cli.py's cmd_* functions).
 COMMAND_SETTINGS = {
     "serve": "ServeSettings",
     "features": "FeatureSettings",

@@ -12,16 +12,16 @@ import httpx
 import pytest
 
 from features import tiles
-from features.definitions import CARD_ACTIVITY, FeatureView
+from schemas.definitions import CARD_ACTIVITY, FeatureView
 from features.store import FeatureRow
 from infra.errors import DeploymentError
 from schemas import codec
 from serving.app import create_app
 from serving.deployments import TrafficPolicy, bucket, deployment_record
 from serving.registry import ModelFollower, ModelRegistry, Source
-from serving.runtime import LoadedModel
+from models.runtime import LoadedModel
 from serving.settings import ServeSettings
-from streams.deadletter import MemoryDeadLetters
+from infra.deadletter import MemoryDeadLetters
 
 MODEL = "fraud"
 SCORE = f"/v1/models/{MODEL}/score"

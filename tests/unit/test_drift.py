@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from infra.errors import StreamError
-from online_training.profile import SCORE, build_profile, histogram
+from models.profile import SCORE, build_profile, histogram
 from schemas import codec
 from streams.drift import DriftSettings, DriftStep, PsiDriftDetector
-from streams.processor import Incoming
+from infra.processor import Incoming
 
 FEATURES = ("amount", "card_present", "amount_mean_1h")
 

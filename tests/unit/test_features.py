@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from features import aggregations, tiles
-from features.definitions import CARD_ACTIVITY, VIEWS, Aggregation, FeatureView, load
+from schemas.definitions import CARD_ACTIVITY, VIEWS, Aggregation, FeatureView, load
 from features.store import pack, parse_tiles, row_of, unpack
 from infra.errors import FeatureError
 

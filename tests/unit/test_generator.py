@@ -5,7 +5,7 @@ from __future__ import annotations
 from statistics import mean
 
 from schemas import codec
-from streams.generator import GeneratorConfig, TransactionGenerator
+from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
 
 
 def take(gen: TransactionGenerator, n: int) -> tuple[list[dict], list[dict]]:

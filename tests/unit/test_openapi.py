@@ -16,7 +16,7 @@ from infra.errors import RequestError
 from schemas import codec
 from serving.app import create_app
 from serving.deployments import ACTION_RULES, ACTIONS
-from serving.features import REQUEST_FIELD_TYPES
+from models.inputs import REQUEST_FIELD_TYPES
 from serving.openapi import avro_field_schema, openapi_document
 from serving.settings import ServeSettings
 from serving.validation import MAX_BATCH, parse_body

@@ -18,11 +18,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper
 
 from infra.errors import ModelLoadError
-from infra.signing import Signer, Verifier
-from online_training import model as river_model
+from models.signing import Signer, Verifier
+from examples.fraud import model as river_model
 from schemas import codec
-from serving import runtime
-from serving.runtime import (
+from models import runtime
+from models.runtime import (
     CPU,
     CUDA,
     RUNTIME_BUILDERS,
@@ -303,7 +303,7 @@ def test_with_trusted_keys_only_good_signatures_load(flavor: str) -> None:
 
 def test_without_trusted_keys_unsigned_loads_and_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     runtime._unverified_warned.clear()
-    with caplog.at_level(logging.WARNING, logger="serving.runtime"):
+    with caplog.at_level(logging.WARNING, logger="models.runtime"):
         assert load_model(onnx_record()).signed_by is None
         assert load_model(onnx_record(version=8)).signed_by is None
     warnings = [r for r in caplog.records if "without signature checks" in r.getMessage()]
@@ -312,7 +312,7 @@ def test_without_trusted_keys_unsigned_loads_and_is_logged_once(caplog: pytest.L
 
 def test_make_loader_reads_the_trusted_keys_of_the_settings(tmp_path: Path) -> None:
     from infra.errors import ConfigError
-    from infra.signing import generate_key_pair
+    from models.signing import generate_key_pair
 
     keys = generate_key_pair(tmp_path / "keys")
     signer = Signer.from_pem_file(Path(keys["private_key"]))

@@ -16,19 +16,19 @@ from prometheus_client import REGISTRY
 from river import linear_model
 
 from features import tiles
-from features.definitions import CARD_ACTIVITY, FeatureView
+from schemas.definitions import CARD_ACTIVITY, FeatureView
 from features.store import FeatureRow
 from infra.errors import ConfigError, ModelLoadError, ServingError
 from infra.settings import load
-from online_training.model import FEATURE_NAMES, ONLINE_FEATURES, REQUEST_FIELDS, dump, new_model
+from examples.fraud.model import FEATURE_NAMES, ONLINE_FEATURES, REQUEST_FIELDS, dump, new_model
 from schemas import codec
 from serving.app import create_app
-from serving.features import REQUEST_FIELD_TYPES, synthetic_input
+from models.inputs import REQUEST_FIELD_TYPES, synthetic_input
 from serving.predlog import PredictionLog
 from serving.registry import ModelFollower, ModelRegistry, Source
-from serving.runtime import LoadedModel, load_model
+from models.runtime import LoadedModel, load_model
 from serving.settings import ServeSettings
-from streams.deadletter import MemoryDeadLetters
+from infra.deadletter import MemoryDeadLetters
 
 MODEL = "fraud"
 FEATURES = {"amount": 12.5, "category": "grocery", "country": "US", "card_present": True}

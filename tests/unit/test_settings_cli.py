@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from features.definitions import VIEWS
-from infra import cli
+from schemas.definitions import VIEWS
+from tide import cli
 from infra.errors import ConfigError
 from infra.settings import CommonSettings, load
 from serving.settings import ServeSettings

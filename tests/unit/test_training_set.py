@@ -9,7 +9,7 @@ from pathlib import Path
 import fastavro
 import pytest
 
-from features.definitions import VIEWS
+from schemas.definitions import VIEWS
 from features.training import point_in_time, write_avro
 
 ACTIVITY = VIEWS["card_activity"]

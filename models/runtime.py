@@ -33,11 +33,11 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from infra.artifacts import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT_S, record_artifact
+from models.artifacts import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT_S, record_artifact
 from infra.errors import ModelLoadError, TrainingError
-from infra.signing import Verifier
-from online_training import model as river_model
-from serving.features import REQUEST_FIELD_TYPES, synthetic_input
+from models.signing import Verifier
+from examples.fraud import model as river_model
+from models.inputs import REQUEST_FIELD_TYPES, synthetic_input
 from serving.settings import ServeSettings
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ class Services:
     def start(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
         with (self.log_dir / f"{name}.log").open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "infra.cli", *args],
+                [sys.executable, "-m", "tide.cli", *args],
                 env={**self.env, **(env or {})},
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -16,9 +16,8 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, Message, Producer
 from prometheus_client import Counter
 
-from schemas import codec
-from streams.deadletter import DeadLetter, DeadLetterSink
-from streams.kafka import messages
+from infra.deadletter import DeadLetter, DeadLetterSink
+from infra.kafka import messages
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +37,13 @@ class Incoming:
     timestamp_ms: int
 
 
+class Decoder(Protocol):
+    """Decodes a payload into (record name, record); ``expected`` names the record the topic carries.
+    (:func:`schemas.codec.decode_named` is the one services pass.)"""
+
+    def __call__(self, data: bytes, expected: str | None) -> tuple[str, dict[str, Any]]: ...
+
+
 class Step(Protocol):
     """One named stream step. ``handle`` may raise for one record; ``flush`` ends a batch and says
     whether to checkpoint (commit output and offsets) now."""
@@ -53,11 +59,11 @@ class Step(Protocol):
         ...
 
 
-def decode_message(msg: Message, expected: str | None) -> Incoming:
-    value = codec.decode(msg.value() or b"", expected)
+def decode_message(msg: Message, expected: str | None, decode: Decoder) -> Incoming:
+    record, value = decode(msg.value() or b"", expected)
     _, ts = msg.timestamp()
     return Incoming(
-        record=codec.record_name(msg.value() or b""),
+        record=record,
         value=value,
         key=msg.key(),
         topic=msg.topic() or "",
@@ -81,13 +87,13 @@ def _dead_letter(step: str, msg: Message, exc: BaseException) -> DeadLetter:
 
 
 def process_batch(
-    step: Step, batch: list[Message], expected: dict[str, str | None], dlq: DeadLetterSink
+    step: Step, batch: list[Message], expected: dict[str, str | None], dlq: DeadLetterSink, decode: Decoder
 ) -> int:
     """Handle one batch; return how many records the step accepted."""
     accepted = 0
     for msg in batch:
         try:
-            item = decode_message(msg, expected.get(msg.topic() or ""))
+            item = decode_message(msg, expected.get(msg.topic() or ""), decode)
             step.handle(item)
         except Exception as exc:  # any failure of one record is that record's, not the processor's
             dlq.send(_dead_letter(step.name, msg, exc))
@@ -104,6 +110,7 @@ def run(
     dlq: DeadLetterSink,
     expected: dict[str, str | None],
     stop: threading.Event,
+    decode: Decoder,
     *,
     batch: int = 500,
 ) -> None:
@@ -119,7 +126,7 @@ def run(
     consumer.subscribe(list(expected))
     try:
         for msgs in messages(consumer, batch=batch):
-            if process_batch(step, msgs, expected, dlq) if msgs else step.idle():
+            if process_batch(step, msgs, expected, dlq, decode) if msgs else step.idle():
                 checkpoint(consumer, producer)
             if stop.is_set():
                 break

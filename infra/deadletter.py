@@ -13,7 +13,7 @@ from typing import Protocol
 from confluent_kafka import Producer
 from prometheus_client import Counter
 
-from streams.letters import DeadLetter
+from infra.letters import DeadLetter
 
 log = logging.getLogger(__name__)
 

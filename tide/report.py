@@ -10,14 +10,14 @@ import redis
 
 from infra.metrics import metric_value
 from infra.settings import CommonSettings
-from online_training.profile import SCORE
+from models.profile import SCORE
 from streams.drift import stats_key
 from streams.tail import tail
-from streams.traffic import percentiles
+from examples.fraud.driver.traffic import percentiles
 
 if TYPE_CHECKING:
-    from infra.demo import DemoConfig
-    from streams.traffic import Traffic
+    from tide.demo import DemoConfig
+    from examples.fraud.driver.traffic import Traffic
 
 
 def _drift_points(settings: CommonSettings, traffic: Traffic) -> list[dict[str, Any]]:

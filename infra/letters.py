@@ -1,7 +1,7 @@
 """The dead-letter record: the original key and value with headers naming the failure and the origin.
 
 Plain data with no client imports, so every writer (the processors, the Flink job) sends the same
-headers; :mod:`streams.deadletter` sends them to Kafka.
+headers; :mod:`infra.deadletter` sends them to Kafka.
 """
 
 from __future__ import annotations

@@ -17,12 +17,12 @@ import numpy as np
 import orjson
 import redis.asyncio as aioredis
 
-from features.definitions import CARD_ACTIVITY
+from schemas.definitions import CARD_ACTIVITY
 from features.store import entity_key, offsets_key
 from infra.errors import StreamError
 from infra.settings import CommonSettings
-from online_training.model import REQUEST_FIELDS
-from streams.generator import GeneratorConfig, TransactionGenerator
+from examples.fraud.model import REQUEST_FIELDS
+from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
 from streams.produce import EventProducer
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from features.store import FeatureRow
-from online_training.model import REQUEST_FIELDS
+from examples.fraud.model import REQUEST_FIELDS
 from schemas import codec
 
 # Avro primitive type -> the neutral value used for synthetic (warm-up) inputs.

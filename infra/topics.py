@@ -1,4 +1,8 @@
-"""The topics of the loop: one name, partition count and record type each."""
+"""Tide's own topics: one name, partition count and record type each.
+
+The topics of a project's sources are declared with the sources (:class:`schemas.definitions.Source`)
+and created by ``tide apply``.
+"""
 
 from __future__ import annotations
 
@@ -20,12 +24,12 @@ class TopicSpec:
 TOPICS: dict[str, TopicSpec] = {
     spec.name: spec
     for spec in (
-        TopicSpec("events", 4, "event"),
-        TopicSpec("labels", 4, "label"),
         TopicSpec("predictions", 4, "prediction"),
         # Model versions and deployments are state: every serving node reads them from the beginning.
         TopicSpec("models", 1, "model_version", compacted=True),
         TopicSpec("deployments", 1, "deployment", compacted=True),
+        # Applied project definitions: every service reads the newest at start.
+        TopicSpec("registry", 1, "definitions", compacted=True),
         TopicSpec("drift-alerts", 1, "drift_alert"),
         TopicSpec("dead-letter", 1, None),
     )
@@ -39,7 +43,7 @@ def topic(settings: CommonSettings, name: str) -> str:
 
 def ensure_topics(settings: CommonSettings, *, replication_factor: int = 1) -> None:
     """Create every topic of the loop with its partition count (existing topics are kept)."""
-    from streams.admin import create_topics
+    from infra.admin import create_topics
 
     by_config: dict[bool, dict[str, int]] = {}
     for spec in TOPICS.values():
@@ -47,3 +51,8 @@ def ensure_topics(settings: CommonSettings, *, replication_factor: int = 1) -> N
     for compacted, topics in by_config.items():
         config = {"cleanup.policy": "compact"} if compacted else None
         create_topics(settings.kafka_bootstrap, topics, config=config, replication_factor=replication_factor)
+
+
+def prefixed(settings: CommonSettings, name: str) -> str:
+    """A project topic's full name (a source's ``topic_name``) under the configured prefix."""
+    return settings.topic_prefix + name

@@ -19,13 +19,13 @@ from typing import Any
 
 import httpx
 
-from infra.embedded import EmbeddedStack, StackInfo, free_port
+from tide.embedded import EmbeddedStack, StackInfo, free_port
 from infra.errors import StackError
-from infra.processes import Services, wait_until
-from infra.report import build_report, write_plot
+from tide.processes import Services, wait_until
+from tide.report import build_report, write_plot
 from infra.settings import CommonSettings
-from streams.topics import ensure_topics
-from streams.traffic import Traffic, TrafficConfig, drive
+from infra.topics import ensure_topics
+from examples.fraud.driver.traffic import Traffic, TrafficConfig, drive
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,104 @@
+"""The card-fraud example: card transactions scored at authorisation, chargeback labels arriving later.
+
+Declared with Tide's public API only; `tide apply --project examples/fraud` registers it.
+"""
+
+from tide import Entity, Feature, FeatureView, Labels, Model, Source
+
+PROJECT_NAME = "fraud"
+
+transactions = Source(
+    name="transactions",
+    schema="schemas/transaction.avsc",
+    key="card_id",
+    event_time="ts",
+    topic="events",
+    partitions=4,
+    max_future_skew="1h",
+    description="Card transactions, as the payment system sees them at authorisation.",
+)
+chargebacks = Source(
+    name="chargebacks",
+    schema="schemas/label.avsc",
+    key="card_id",
+    event_time="ts",
+    topic="labels",
+    partitions=4,
+    description="Whether a transaction was fraud, known days later.",
+)
+
+card = Entity(name="card", join_key="card_id", description="A payment card.")
+
+card_activity = FeatureView(
+    name="card_activity",
+    description="A card's spending over the last hour (sliding, 1-minute tiles).",
+    source=transactions,
+    entity=card,
+    kind="sliding",
+    window="1h",
+    tile="1m",
+    allowed_lateness="5m",
+    ttl="7d",
+    features=[
+        Feature("txn_count_1h", "count"),
+        Feature("amount_sum_1h", "sum", "amount"),
+        Feature("amount_mean_1h", "mean", "amount"),
+        Feature("amount_max_1h", "max", "amount"),
+        Feature("amount_std_1h", "stddev", "amount"),
+        Feature("merchants_1h", "distinct", "merchant_id"),
+    ],
+)
+card_daily = FeatureView(
+    name="card_daily",
+    description="A card's spending today so far (tumbling, calendar days in UTC).",
+    source=transactions,
+    entity=card,
+    kind="tumbling",
+    window="1d",
+    allowed_lateness="5m",
+    ttl="7d",
+    features=[
+        Feature("txn_count_today", "count"),
+        Feature("amount_p90_today", "quantile", "amount", q=0.9),
+        Feature("amount_min_today", "min", "amount"),
+    ],
+)
+card_profile = FeatureView(
+    name="card_profile",
+    description="Everything known about a card since it was first seen.",
+    source=transactions,
+    entity=card,
+    kind="lifetime",
+    allowed_lateness="1h",
+    ttl="90d",
+    features=[
+        Feature("txn_count_lifetime", "count"),
+        Feature("last_category", "last", "category", default=""),
+        Feature("countries_lifetime", "distinct", "country"),
+    ],
+)
+
+is_fraud = Labels(
+    name="is_fraud",
+    source=chargebacks,
+    key="event_id",
+    target="is_fraud",
+    task="binary",
+    max_delay="1d",
+)
+
+fraud = Model(
+    name="fraud",
+    task="binary",
+    description="A river pipeline learning online from every chargeback label.",
+    request=transactions,
+    request_fields=["amount", "category", "country", "card_present"],
+    features=[f"card_activity.{f.name}" for f in card_activity.features]
+    + ["card_daily.txn_count_today", "card_profile.txn_count_lifetime"],
+    labels=is_fraud,
+    learner="fraud_model:new_model",
+    metric="ROCAUC",
+    publish_every=500,
+    # Window aggregates are left out: they move while a window fills, which is not drift.
+    monitor=["amount", "card_present"],
+)

@@ -1,0 +1,780 @@
+"""Project definitions: the sources, entities, feature views, labels and models a team declares.
+
+A project is a folder of Python files whose module-level objects are these definitions (the convention
+of Feast, Tecton and Fennel). They are plain, validated data with no heavy imports: every service gets
+them from the registry (a JSON document, :meth:`Project.to_dict`), never from the project's files.
+
+- :class:`Source`: a Kafka topic of the team's own Avro records (every schema version kept), the field
+  its records are keyed by and the field holding their event time.
+- :class:`Entity`: what features are kept per (a card, a driver, a chick), by its join key.
+- :class:`FeatureView`: windowed aggregations of one source per entity. Windows (all kept as partial
+  aggregates per time tile, merged at read time): ``sliding`` (the last ``window`` at ``tile``
+  granularity; ``hopping`` is a synonym), ``tumbling`` (the current calendar-aligned window, one tile),
+  ``lifetime`` (everything since the entity was first seen).
+- :class:`Labels`: the source that carries ground truth, the key that joins it to the scored events,
+  the target field, the task and the expected delay.
+- :class:`Model`: the request fields it is scored on, the ``view.feature`` references it reads, its
+  labels and learners (import paths ``"module:factory"``), its metric and what is monitored for drift.
+
+Every error names the file, the object and the field at fault (:class:`infra.errors.DefinitionError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast, get_args
+
+from fastavro import parse_schema
+
+from infra.errors import DefinitionError
+from schemas.codec import sample_datum
+
+AggKind = Literal["count", "sum", "mean", "min", "max", "stddev", "last", "distinct", "quantile"]
+WindowKind = Literal["sliding", "hopping", "tumbling", "lifetime"]
+Task = Literal["binary", "multiclass", "regression"]
+NUMERIC_KINDS = frozenset({"sum", "mean", "min", "max", "stddev", "quantile"})
+KINDS = frozenset(get_args(AggKind))
+WINDOW_KINDS = frozenset(get_args(WindowKind))
+TASKS = frozenset(get_args(Task))
+LIFETIME_TILE = 0  # the one tile of a lifetime window
+# Names of Tide's own records and topics: a source may not take them.
+RESERVED = frozenset(
+    {"prediction", "model_version", "deployment", "drift_alert", "definitions", "predictions", "models"}
+    | {"deployments", "drift-alerts", "dead-letter", "registry"}
+)
+DEFAULT_METRIC: dict[str, str] = {"binary": "ROCAUC", "multiclass": "Accuracy", "regression": "MAE"}
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]+$")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+NUMERIC_AVRO = frozenset({"int", "long", "float", "double", "boolean"})
+PRIMITIVE_AVRO = NUMERIC_AVRO | {"string"}
+_SKEW_DEFAULT = 3_600_000
+
+
+def duration_ms(value: str | int, where: str) -> int:
+    """Milliseconds of ``500ms``, ``30s``, ``5m``, ``1h``, ``7d`` (or an int, already milliseconds)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _DURATION.match(str(value).strip())
+    if not match:
+        raise DefinitionError(f"{where}: {value!r} is not a duration like 500ms, 30s, 5m, 1h or 7d")
+    return int(match.group(1)) * _UNIT_MS[match.group(2)]
+
+
+def _name(value: Any, where: str) -> None:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise DefinitionError(f"{where}: name must be lower_snake_case, got {value!r}")
+
+
+def avro_fields(schema: Mapping[str, Any]) -> dict[str, str]:
+    """Field name -> Avro type name of a record schema (the non-null branch of a nullable union)."""
+    out = {}
+    for f in schema.get("fields", ()):
+        t = f["type"]
+        if isinstance(t, list):
+            t = next((b for b in t if b != "null"), "null")
+        out[f["name"]] = t if isinstance(t, str) else t.get("type", "record")
+    return out
+
+
+def nullable(schema: Mapping[str, Any], name: str) -> bool:
+    """Whether field ``name`` of a record schema admits null."""
+    for f in schema.get("fields", ()):
+        if f["name"] == name:
+            return isinstance(f["type"], list) and "null" in f["type"]
+    return False
+
+
+@dataclass(frozen=True)
+class Source:
+    """A topic of the team's own Avro records.
+
+    ``schema`` is the path of an ``.avsc`` file (relative to the file that declares the source) or the
+    parsed schema; ``history`` holds the earlier versions registered (oldest first, kept by the
+    registry so old records stay readable). ``key`` is the field records are keyed (partitioned) by;
+    ``event_time`` the field with the event time in ms since the epoch. Events stamped more than
+    ``max_future_skew`` ahead of the wall clock are dead letters: they would move the watermark.
+    """
+
+    name: str
+    schema: str | Mapping[str, Any]
+    key: str
+    event_time: str
+    topic: str | None = None
+    partitions: int = 4
+    max_future_skew: str | int = "1h"
+    description: str = ""
+    history: tuple[Mapping[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        where = f"source {self.name!r}"
+        _name(self.name, where)
+        if self.name in RESERVED:
+            raise DefinitionError(f"{where}: the name is reserved for Tide's own records")
+        if self.topic is not None and not _TOPIC.match(self.topic):
+            raise DefinitionError(f"{where}, field 'topic': {self.topic!r} is not a valid topic name")
+        if not isinstance(self.partitions, int) or not 1 <= self.partitions <= 1024:
+            raise DefinitionError(f"{where}, field 'partitions': must be an integer in 1..1024")
+        duration_ms(self.max_future_skew, f"{where}, field 'max_future_skew'")
+        if isinstance(self.schema, Mapping):
+            self.check_schema()
+
+    def __hash__(self) -> int:
+        return hash(("source", self.name))
+
+    @property
+    def topic_name(self) -> str:
+        """The topic (before the deployment's prefix)."""
+        return self.topic or self.name
+
+    @property
+    def future_skew_ms(self) -> int:
+        return duration_ms(self.max_future_skew, f"source {self.name!r}")
+
+    @property
+    def parsed(self) -> Mapping[str, Any]:
+        """The current schema; raises if the project loader has not resolved the file yet."""
+        if not isinstance(self.schema, Mapping):
+            raise DefinitionError(f"source {self.name!r}: schema file {self.schema!r} is not loaded")
+        return self.schema
+
+    @property
+    def versions(self) -> tuple[Mapping[str, Any], ...]:
+        """Every schema version, oldest first; the last is the current one."""
+        return (*self.history, self.parsed)
+
+    @property
+    def fields(self) -> dict[str, str]:
+        return avro_fields(self.parsed)
+
+    def check_schema(self) -> None:
+        where = f"source {self.name!r}, field 'schema'"
+        schema = self.parsed
+        if schema.get("type") != "record" or not isinstance(schema.get("fields"), list):
+            raise DefinitionError(f"{where}: must be an Avro record schema")
+        fields = self.fields
+        for attr in ("key", "event_time"):
+            value = getattr(self, attr)
+            if value not in fields:
+                raise DefinitionError(
+                    f"source {self.name!r}, field {attr!r}: {value!r} is not a field of the schema "
+                    f"(fields: {', '.join(fields)})"
+                )
+        if fields[self.event_time] not in ("long", "int"):
+            raise DefinitionError(
+                f"source {self.name!r}, field 'event_time': {self.event_time!r} must be a long "
+                f"(ms since the epoch), it is {fields[self.event_time]}"
+            )
+        if fields[self.key] not in ("string", "long", "int"):
+            raise DefinitionError(f"source {self.name!r}, field 'key': {self.key!r} must be a string or int")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "topic": self.topic_name,
+            "partitions": self.partitions,
+            "key": self.key,
+            "event_time": self.event_time,
+            "max_future_skew_ms": self.future_skew_ms,
+            "description": self.description,
+            "schemas": [dict(s) for s in self.versions],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Source:
+        schemas = list(d["schemas"])
+        return cls(
+            name=d["name"],
+            schema=schemas[-1],
+            key=d["key"],
+            event_time=d["event_time"],
+            topic=d["topic"],
+            partitions=d["partitions"],
+            max_future_skew=d["max_future_skew_ms"],
+            description=d.get("description", ""),
+            history=tuple(schemas[:-1]),
+        )
+
+
+@dataclass(frozen=True)
+class Entity:
+    """What features are kept per, found in records by its join key (a field name)."""
+
+    name: str
+    join_key: str
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _name(self.name, f"entity {self.name!r}")
+        if not isinstance(self.join_key, str) or not self.join_key:
+            raise DefinitionError(f"entity {self.name!r}, field 'join_key': must be a field name")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "join_key": self.join_key, "description": self.description}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Entity:
+        return cls(d["name"], d["join_key"], d.get("description", ""))
+
+
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """One feature: an aggregation of one source field (none for ``count``).
+
+    ``default`` is served while the window holds no event: 0 for counts and sums, none for ``last``,
+    ``min``, ``max`` and ``quantile``.
+    """
+
+    name: str
+    kind: AggKind
+    field: str | None = None
+    default: float | str | None = _UNSET
+    q: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.default is _UNSET:
+            default = None if self.kind in ("last", "min", "max", "quantile") else 0.0
+            object.__setattr__(self, "default", default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "agg": self.kind, "field": self.field, "default": self.default, "q": self.q}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Aggregation:
+        return cls(d["name"], d["agg"], d.get("field"), d.get("default"), d.get("q"))
+
+
+Feature = Aggregation  # the name definitions use: Feature("amount_sum_1h", "sum", "amount")
+
+
+@dataclass(frozen=True)
+class FeatureView:
+    """Windowed per-entity aggregations of one source, kept as partial aggregates per time tile.
+
+    Durations are strings (``30s``, ``5m``, ``1h``, ``7d``) or integers of milliseconds.
+    """
+
+    name: str
+    source: Source
+    entity: Entity
+    features: Sequence[Aggregation]
+    kind: WindowKind = "sliding"
+    window: str | int | None = None
+    tile: str | int | None = None
+    allowed_lateness: str | int = 0
+    ttl: str | int | None = None
+    description: str = ""
+    # Derived from the fields above; what the engine reads.
+    entity_key: str = field(init=False)
+    source_name: str = field(init=False)
+    event_time: str = field(init=False)
+    window_ms: int = field(init=False)
+    tile_ms: int = field(init=False)
+    allowed_lateness_ms: int = field(init=False)
+    ttl_ms: int | None = field(init=False)
+    aggregations: tuple[Aggregation, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        where = f"feature view {self.name!r}"
+        _name(self.name, where)
+        if not isinstance(self.source, Source):
+            raise DefinitionError(f"{where}, field 'source': must be a Source, got {self.source!r}")
+        if not isinstance(self.entity, Entity):
+            raise DefinitionError(f"{where}, field 'entity': must be an Entity, got {self.entity!r}")
+        if self.kind not in WINDOW_KINDS:
+            raise DefinitionError(
+                f"{where}, field 'kind': {self.kind!r} is not one of {sorted(WINDOW_KINDS)}"
+            )
+        if self.kind == "lifetime":
+            window = tile = 0
+        else:
+            if self.window is None:
+                raise DefinitionError(f"{where}, field 'window': a {self.kind} window needs a duration")
+            window = duration_ms(self.window, f"{where}, field 'window'")
+            tile = window if self.kind == "tumbling" else duration_ms(self.tile or "1m", f"{where}, field 'tile'")
+            if tile <= 0 or window % tile:
+                raise DefinitionError(f"{where}, field 'window': must be a positive multiple of tile")
+            if self.kind == "tumbling" and self.tile is not None and duration_ms(self.tile, where) != window:
+                raise DefinitionError(f"{where}, field 'tile': a tumbling window is one tile (tile = window)")
+        ttl = None if self.ttl is None else duration_ms(self.ttl, f"{where}, field 'ttl'")
+        if ttl is not None and ttl <= 0:
+            raise DefinitionError(f"{where}, field 'ttl': must be > 0")
+        derived = {
+            "entity_key": self.entity.join_key,
+            "source_name": self.source.name,
+            "event_time": self.source.event_time,
+            "window_ms": window,
+            "tile_ms": tile,
+            "allowed_lateness_ms": duration_ms(self.allowed_lateness, f"{where}, field 'allowed_lateness'"),
+            "ttl_ms": ttl,
+            "aggregations": tuple(self.features),
+            "features": tuple(self.features),
+        }
+        for key, value in derived.items():
+            object.__setattr__(self, key, value)
+        names = [a.name for a in self.aggregations]
+        if not names:
+            raise DefinitionError(f"{where}, field 'features': declares no features")
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise DefinitionError(f"{where}, field 'features': names must be unique, repeated: {dupes}")
+        for i, agg in enumerate(self.aggregations):
+            self._check(i, agg)
+        if isinstance(self.source.schema, Mapping):
+            self.check_fields()
+
+    def _check(self, i: int, agg: Any) -> None:
+        where = f"feature view {self.name!r}, field 'features[{i}]'"
+        if not isinstance(agg, Aggregation):
+            raise DefinitionError(f"{where}: must be a Feature, got {agg!r}")
+        _name(agg.name, where)
+        if agg.kind not in KINDS:
+            raise DefinitionError(f"{where}: unknown aggregation {agg.kind!r}; one of {sorted(KINDS)}")
+        if agg.kind == "count":
+            if agg.field is not None:
+                raise DefinitionError(f"{where}: count takes no field")
+            return
+        if agg.field is None:
+            raise DefinitionError(f"{where}: {agg.kind} needs a field")
+        if agg.kind == "quantile" and not (agg.q is not None and 0 < agg.q < 1):
+            raise DefinitionError(f"{where}: quantile needs q between 0 and 1")
+
+    def check_fields(self) -> None:
+        """Every field the view reads exists in its source's schema with a usable type."""
+        fields = self.source.fields
+        if self.entity_key not in fields:
+            raise DefinitionError(
+                f"feature view {self.name!r}, field 'entity': join key {self.entity_key!r} of entity "
+                f"{self.entity.name!r} is not a field of source {self.source.name!r}"
+            )
+        for i, agg in enumerate(self.aggregations):
+            if agg.field is None:
+                continue
+            where = f"feature view {self.name!r}, field 'features[{i}]' ({agg.name})"
+            avro = fields.get(agg.field)
+            if avro is None:
+                raise DefinitionError(f"{where}: {agg.field!r} is not a field of source {self.source.name!r}")
+            if agg.kind in NUMERIC_KINDS and avro not in NUMERIC_AVRO:
+                raise DefinitionError(f"{where}: {agg.kind} needs a numeric field, {agg.field!r} is {avro}")
+            if agg.kind in ("last", "distinct") and avro not in PRIMITIVE_AVRO:
+                raise DefinitionError(f"{where}: {agg.kind} needs a primitive field, {agg.field!r} is {avro}")
+
+    def __hash__(self) -> int:
+        return hash(("view", self.name))
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.aggregations)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "window_ms": None if self.kind == "lifetime" else self.window_ms,
+            "tile_ms": None if self.kind == "lifetime" else self.tile_ms,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source.name,
+            "entity": self.entity.name,
+            "kind": self.kind,
+            "window_ms": self.window_ms,
+            "tile_ms": self.tile_ms,
+            "allowed_lateness_ms": self.allowed_lateness_ms,
+            "ttl_ms": self.ttl_ms,
+            "description": self.description,
+            "features": [a.to_dict() for a in self.aggregations],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], sources: Mapping[str, Source], entities: Mapping[str, Entity]) -> FeatureView:
+        lifetime = d["kind"] == "lifetime"
+        return cls(
+            name=d["name"],
+            source=sources[d["source"]],
+            entity=entities[d["entity"]],
+            features=[Aggregation.from_dict(a) for a in d["features"]],
+            kind=d["kind"],
+            window=None if lifetime else d["window_ms"],
+            tile=None if lifetime else d["tile_ms"],
+            allowed_lateness=d["allowed_lateness_ms"],
+            ttl=d["ttl_ms"],
+            description=d.get("description", ""),
+        )
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Ground truth arriving on ``source``: ``key`` joins a label to the scored event (a field both
+    carry), ``target`` is the field learnt, ``task`` how, ``max_delay`` how late labels may come."""
+
+    name: str
+    source: Source
+    key: str
+    target: str
+    task: Task
+    max_delay: str | int = "1d"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"labels {self.name!r}"
+        _name(self.name, where)
+        if not isinstance(self.source, Source):
+            raise DefinitionError(f"{where}, field 'source': must be a Source, got {self.source!r}")
+        if self.task not in TASKS:
+            raise DefinitionError(f"{where}, field 'task': {self.task!r} is not one of {sorted(TASKS)}")
+        duration_ms(self.max_delay, f"{where}, field 'max_delay'")
+        if isinstance(self.source.schema, Mapping):
+            self.check_fields()
+
+    def __hash__(self) -> int:
+        return hash(("labels", self.name))
+
+    @property
+    def max_delay_ms(self) -> int:
+        return duration_ms(self.max_delay, f"labels {self.name!r}")
+
+    def check_fields(self) -> None:
+        fields = self.source.fields
+        for attr in ("key", "target"):
+            value = getattr(self, attr)
+            if value not in fields:
+                raise DefinitionError(
+                    f"labels {self.name!r}, field {attr!r}: {value!r} is not a field of source {self.source.name!r}"
+                )
+        kind = fields[self.target]
+        wanted = {"binary": {"boolean", "int", "long"}, "regression": NUMERIC_AVRO, "multiclass": PRIMITIVE_AVRO}
+        if kind not in wanted[self.task]:
+            raise DefinitionError(
+                f"labels {self.name!r}, field 'target': a {self.task} target cannot be {kind} ({self.target!r})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source.name,
+            "key": self.key,
+            "target": self.target,
+            "task": self.task,
+            "max_delay_ms": self.max_delay_ms,
+            "description": self.description,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], sources: Mapping[str, Source]) -> Labels:
+        return cls(
+            d["name"], sources[d["source"]], d["key"], d["target"], d["task"], d["max_delay_ms"], d.get("description", "")
+        )
+
+
+def split_ref(ref: str, where: str) -> tuple[str, str]:
+    """``"view.feature"`` -> (view, feature)."""
+    parts = ref.split(".") if isinstance(ref, str) else []
+    if len(parts) != 2 or not all(parts):
+        raise DefinitionError(f"{where}: {ref!r} is not a 'view.feature' reference")
+    return parts[0], parts[1]
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model scored on ``request_fields`` of ``request`` records plus online ``features``
+    (``"view.feature"`` references, across any views and entities).
+
+    ``learner`` and ``batch_trainer`` are import paths ``"module:factory"``: the learner factory returns
+    an object with river's verbs (``learn_one``, ``predict_one`` / ``predict_proba_one``), the batch
+    trainer a ``torch.nn.Module`` for the model's numeric inputs (exported to ONNX). ``metric`` is a
+    river metric class (``"ROCAUC"`` or ``"module:Class"``); ``monitor`` the inputs watched for drift.
+    """
+
+    name: str
+    task: Task
+    request: Source
+    request_fields: Sequence[str]
+    features: Sequence[str] = ()
+    labels: Labels | None = None
+    learner: str | None = None
+    batch_trainer: str | None = None
+    metric: str | None = None
+    publish_every: int = 500
+    monitor: Sequence[str] = ()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"model {self.name!r}"
+        _name(self.name, where)
+        if self.task not in TASKS:
+            raise DefinitionError(f"{where}, field 'task': {self.task!r} is not one of {sorted(TASKS)}")
+        if not isinstance(self.request, Source):
+            raise DefinitionError(f"{where}, field 'request': must be a Source, got {self.request!r}")
+        if self.labels is not None and not isinstance(self.labels, Labels):
+            raise DefinitionError(f"{where}, field 'labels': must be Labels, got {self.labels!r}")
+        if self.labels is not None and self.labels.task != self.task:
+            raise DefinitionError(
+                f"{where}, field 'labels': labels {self.labels.name!r} are for a {self.labels.task} task, "
+                f"the model is {self.task}"
+            )
+        for attr in ("learner", "batch_trainer"):
+            value = getattr(self, attr)
+            if value is not None and not (isinstance(value, str) and _IMPORT_PATH.match(value)):
+                raise DefinitionError(f"{where}, field {attr!r}: {value!r} is not an import path 'module:factory'")
+        if self.learner is None and self.batch_trainer is None:
+            raise DefinitionError(f"{where}: needs a learner or a batch_trainer (or both)")
+        if (self.learner or self.batch_trainer) and self.labels is None:
+            raise DefinitionError(f"{where}, field 'labels': a model that learns needs labels")
+        if not isinstance(self.publish_every, int) or self.publish_every < 1:
+            raise DefinitionError(f"{where}, field 'publish_every': must be a positive integer")
+        object.__setattr__(self, "request_fields", tuple(self.request_fields))
+        object.__setattr__(self, "features", tuple(self.features))
+        object.__setattr__(self, "monitor", tuple(self.monitor))
+        refs = [split_ref(r, f"{where}, field 'features[{i}]'") for i, r in enumerate(self.features)]
+        names = [*self.request_fields, *(f for _, f in refs)]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise DefinitionError(f"{where}: input names must be unique across request fields and features: {dupes}")
+        for i, m in enumerate(self.monitor):
+            if m not in names:
+                raise DefinitionError(f"{where}, field 'monitor[{i}]': {m!r} is not an input of the model")
+        if isinstance(self.request.schema, Mapping):
+            self.check_fields()
+
+    def __hash__(self) -> int:
+        return hash(("model", self.name))
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric or DEFAULT_METRIC[self.task]
+
+    @property
+    def feature_refs(self) -> tuple[tuple[str, str], ...]:
+        return tuple(split_ref(r, f"model {self.name!r}") for r in self.features)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Request fields, then features, in the order the model sees them."""
+        return (*self.request_fields, *(f for _, f in self.feature_refs))
+
+    def check_fields(self) -> None:
+        fields = self.request.fields
+        for i, name in enumerate(self.request_fields):
+            where = f"model {self.name!r}, field 'request_fields[{i}]'"
+            if name not in fields:
+                raise DefinitionError(f"{where}: {name!r} is not a field of source {self.request.name!r}")
+            if fields[name] not in PRIMITIVE_AVRO:
+                raise DefinitionError(f"{where}: {name!r} is {fields[name]}; request fields must be primitives")
+        if self.labels is not None and self.labels.key not in fields:
+            raise DefinitionError(
+                f"model {self.name!r}, field 'labels': key {self.labels.key!r} of labels {self.labels.name!r} "
+                f"is not a field of the request source {self.request.name!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "task": self.task,
+            "request": self.request.name,
+            "request_fields": list(self.request_fields),
+            "features": list(self.features),
+            "labels": self.labels.name if self.labels else None,
+            "learner": self.learner,
+            "batch_trainer": self.batch_trainer,
+            "metric": self.metric_name,
+            "publish_every": self.publish_every,
+            "monitor": list(self.monitor),
+            "description": self.description,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], sources: Mapping[str, Source], labels: Mapping[str, Labels]) -> Model:
+        return cls(
+            name=d["name"],
+            task=d["task"],
+            request=sources[d["request"]],
+            request_fields=d["request_fields"],
+            features=d["features"],
+            labels=labels[d["labels"]] if d.get("labels") else None,
+            learner=d.get("learner"),
+            batch_trainer=d.get("batch_trainer"),
+            metric=d.get("metric"),
+            publish_every=d["publish_every"],
+            monitor=d.get("monitor", ()),
+            description=d.get("description", ""),
+        )
+
+
+Definition = Source | Entity | FeatureView | Labels | Model
+KIND_OF: dict[type, str] = {Source: "source", Entity: "entity", FeatureView: "view", Labels: "labels", Model: "model"}
+
+
+@dataclass(frozen=True)
+class Project:
+    """Every definition of one project, cross-checked: references resolve, fields exist with usable
+    types, names are unique per kind. ``origins`` maps ``"kind:name"`` to the file that declared it (for
+    error messages; not part of the definitions)."""
+
+    name: str
+    sources: Mapping[str, Source] = field(default_factory=dict)
+    entities: Mapping[str, Entity] = field(default_factory=dict)
+    views: Mapping[str, FeatureView] = field(default_factory=dict)
+    labels: Mapping[str, Labels] = field(default_factory=dict)
+    models: Mapping[str, Model] = field(default_factory=dict)
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _name(self.name, f"project {self.name!r}")
+
+    @classmethod
+    def of(cls, name: str, definitions: Sequence[Definition], origins: Mapping[int, str] | None = None) -> Project:
+        """A project of ``definitions`` (Sources, Entities, FeatureViews, Labels, Models), validated.
+
+        Objects a definition refers to (a view's source and entity, a model's labels) are part of the
+        project even when not listed. ``origins`` maps ``id(definition)`` to the file that declared it.
+        """
+        found: dict[str, dict[str, Any]] = {k: {} for k in KIND_OF.values()}
+        where_of: dict[str, str] = {}
+        origins = origins or {}
+
+        def add(obj: Any, origin: str | None) -> None:
+            kind = KIND_OF.get(type(obj))
+            if kind is None:
+                raise DefinitionError(f"{origin or 'project'}: {obj!r} is not a definition")
+            origin = origins.get(id(obj), origin)
+            existing = found[kind].get(obj.name)
+            if existing is not None:
+                if existing == obj:
+                    return
+                first = where_of.get(f"{kind}:{obj.name}", "?")
+                raise DefinitionError(
+                    f"{origin or 'project'}: {kind} {obj.name!r} is declared twice, differently (also in {first})"
+                )
+            found[kind][obj.name] = obj
+            if origin:
+                where_of[f"{kind}:{obj.name}"] = origin
+            for child in _children(obj):
+                add(child, origin)
+
+        for d in definitions:
+            add(d, None)
+        project = cls(
+            name,
+            found["source"],
+            found["entity"],
+            found["view"],
+            found["labels"],
+            found["model"],
+            where_of,
+        )
+        project.validate()
+        return project
+
+    def where(self, kind: str, name: str) -> str:
+        origin = self.origins.get(f"{kind}:{name}")
+        return f"{origin}: " if origin else ""
+
+    def validate(self) -> None:
+        """Cross-checks every definition; raises :class:`DefinitionError` naming file, object and field."""
+        topics: dict[str, str] = {}
+        for source in self.sources.values():
+            with _located(self.where("source", source.name)):
+                source.check_schema()
+                if source.topic_name in topics:
+                    raise DefinitionError(
+                        f"source {source.name!r}, field 'topic': {source.topic_name!r} is also the topic of "
+                        f"source {topics[source.topic_name]!r}"
+                    )
+                topics[source.topic_name] = source.name
+        for view in self.views.values():
+            with _located(self.where("view", view.name)):
+                view.check_fields()
+        for labels in self.labels.values():
+            with _located(self.where("labels", labels.name)):
+                labels.check_fields()
+        features = {(v.name, f) for v in self.views.values() for f in v.feature_names}
+        for model in self.models.values():
+            with _located(self.where("model", model.name)):
+                model.check_fields()
+                for i, (view, feat) in enumerate(model.feature_refs):
+                    where = f"model {model.name!r}, field 'features[{i}]'"
+                    if view not in self.views:
+                        raise DefinitionError(f"{where}: no feature view {view!r} (views: {', '.join(self.views)})")
+                    if (view, feat) not in features:
+                        raise DefinitionError(
+                            f"{where}: view {view!r} has no feature {feat!r} "
+                            f"(features: {', '.join(self.views[view].feature_names)})"
+                        )
+                    key = self.views[view].entity_key
+                    if key not in model.request.fields:
+                        raise DefinitionError(
+                            f"{where}: the request source {model.request.name!r} has no field {key!r}, the join "
+                            f"key of entity {self.views[view].entity.name!r} that view {view!r} is kept per"
+                        )
+
+    def model_views(self, model: Model) -> list[FeatureView]:
+        """The views a model reads, in the order first referenced."""
+        return [self.views[v] for v in dict.fromkeys(v for v, _ in model.feature_refs)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical JSON form the registry keeps."""
+        return {
+            "project": self.name,
+            "sources": [s.to_dict() for s in sorted(self.sources.values(), key=lambda s: s.name)],
+            "entities": [e.to_dict() for e in sorted(self.entities.values(), key=lambda e: e.name)],
+            "views": [v.to_dict() for v in sorted(self.views.values(), key=lambda v: v.name)],
+            "labels": [lab.to_dict() for lab in sorted(self.labels.values(), key=lambda lab: lab.name)],
+            "models": [m.to_dict() for m in sorted(self.models.values(), key=lambda m: m.name)],
+        }
+
+    def canonical_json(self) -> bytes:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON: the content hash every service runs."""
+        return hashlib.sha256(self.canonical_json()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Project:
+        sources = {s["name"]: Source.from_dict(s) for s in d["sources"]}
+        entities = {e["name"]: Entity.from_dict(e) for e in d["entities"]}
+        views = {v["name"]: FeatureView.from_dict(v, sources, entities) for v in d["views"]}
+        labels = {lab["name"]: Labels.from_dict(lab, sources) for lab in d["labels"]}
+        models = {m["name"]: Model.from_dict(m, sources, labels) for m in d["models"]}
+        project = cls(d["project"], sources, entities, views, labels, models)
+        project.validate()
+        return project
+
+
+def _children(obj: Any) -> list[Any]:
+    if isinstance(obj, FeatureView):
+        return [obj.source, obj.entity]
+    if isinstance(obj, Labels):
+        return [obj.source]
+    if isinstance(obj, Model):
+        return [obj.request, *([obj.labels] if obj.labels else [])]
+    return []
+
+
+class _located:
+    """Prefix a DefinitionError raised inside with the declaring file."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, DefinitionError) and self.prefix and not str(exc).startswith(self.prefix):
+            raise DefinitionError(self.prefix + str(exc)) from None
+
+
+def sample_record(source: Source) -> dict[str, Any]:
+    """A record of ``source``'s current schema with neutral values (for plan-time factory checks)."""
+    return cast(dict[str, Any], sample_datum(parse_schema(dict(source.parsed))))

@@ -1,0 +1,207 @@
+"""``tide plan`` and ``tide apply``: validate a project against the registry, then register it.
+
+:func:`plan` checks everything a running system would trip on later — every definition (done when the
+project loads), each source's schema against every version registered before it (backward
+compatibility), and every learner and batch-trainer factory, imported and tried on a sample record — and
+lists what :func:`apply` would do: topics to create, definitions added, changed or removed, the registry
+version it would write. ``apply`` does it: creates the topics, then appends the definitions with their
+content digest to the registry (nothing when the digest is unchanged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from infra.admin import create_topics
+from infra.errors import DefinitionError, TideError
+from infra.imports import import_object
+from infra.settings import CommonSettings
+from infra.topics import ensure_topics
+from schemas import codec, registry
+from schemas.definitions import Model, Project, Source, sample_record
+from schemas.registry import Registered
+
+log = logging.getLogger(__name__)
+
+KINDS = ("sources", "entities", "views", "labels", "models")
+
+
+@dataclass
+class Plan:
+    project: Project  # with each source's schema history filled from the registry
+    current: Registered | None
+    topics: dict[str, int] = field(default_factory=dict)  # source topics (prefixed) -> partitions
+    changes: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def version(self) -> int:
+        """The registry version apply writes (the current one when nothing changed)."""
+        if self.current is None:
+            return 1
+        return self.current.version + (1 if self.changes else 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "project": self.project.name,
+            "digest": self.project.digest(),
+            "registered_version": self.current.version if self.current else None,
+            "version": self.version,
+            "up_to_date": not self.changes,
+            "topics": self.topics,
+            "changes": self.changes,
+        }
+
+
+def with_history(project: Project, current: Project | None) -> Project:
+    """``project`` with each source's earlier schema versions taken from the registry.
+
+    A changed schema must read every earlier version (Avro backward compatibility): old records stay
+    readable. Raises :class:`DefinitionError` naming the source and what breaks.
+    """
+    if current is None:
+        return project
+    sources: dict[str, Source] = {}
+    for name, source in project.sources.items():
+        before = current.sources.get(name)
+        if before is None:
+            sources[name] = source
+            continue
+        versions = list(before.versions)
+        if dict(versions[-1]) == dict(source.parsed):
+            sources[name] = dataclasses.replace(source, history=tuple(versions[:-1]))
+            continue
+        reader = codec_parse(source.parsed)
+        for i, old in enumerate(versions, start=1):
+            problems = codec.compatibility_problems(codec_parse(old), reader)
+            if problems:
+                raise DefinitionError(
+                    f"{project.where('source', name)}source {name!r}, field 'schema': the new schema cannot read "
+                    f"records written with registered version {i}: {problems[0]} (add fields with defaults; "
+                    f"never remove or retype a field without one)"
+                )
+        sources[name] = dataclasses.replace(source, history=tuple(versions))
+    return rebind(project, sources)
+
+
+def codec_parse(schema: Mapping[str, Any]) -> dict[str, Any]:
+    from fastavro import parse_schema
+
+    return dict(parse_schema(dict(schema)))
+
+
+def rebind(project: Project, sources: Mapping[str, Source]) -> Project:
+    """``project`` with its sources replaced (views, labels and models re-pointed at the new ones)."""
+    return Project.from_dict({**project.to_dict(), "sources": [s.to_dict() for s in sources.values()]})
+
+
+def check_factories(project: Project) -> None:
+    """Import each model's learner and batch trainer and try them on a sample record."""
+    for model in project.models.values():
+        where = f"{project.where('model', model.name)}model {model.name!r}"
+        if model.learner:
+            try_learner(model, project)
+        if model.batch_trainer:
+            try:
+                factory = import_object(model.batch_trainer)
+            except TideError as exc:
+                raise DefinitionError(f"{where}, field 'batch_trainer': {exc}") from None
+            if not callable(factory):
+                raise DefinitionError(f"{where}, field 'batch_trainer': {model.batch_trainer!r} is not callable")
+
+
+def sample_input(model: Model, project: Project) -> dict[str, Any]:
+    """A model input built from a sample request record and each feature's served default."""
+    record = sample_record(model.request)
+    x: dict[str, Any] = {name: record[name] for name in model.request_fields}
+    for view, feat in model.feature_refs:
+        agg = next(a for a in project.views[view].aggregations if a.name == feat)
+        x[feat] = agg.default
+    return x
+
+
+def sample_target(model: Model) -> Any:
+    return {"binary": True, "regression": 1.0, "multiclass": "a"}[model.task]
+
+
+def check_learner(model: Model, where: str) -> Any:
+    """The learner the model's factory builds, checked against river's protocol; raises naming ``where``."""
+    assert model.learner is not None
+    try:
+        factory = import_object(model.learner)
+    except TideError as exc:
+        raise DefinitionError(f"{where}: {exc}") from None
+    try:
+        learner = factory()
+    except Exception as exc:
+        raise DefinitionError(f"{where}: {model.learner} raised {type(exc).__name__}: {exc}") from exc
+    verbs = ["learn_one", "predict_proba_one" if model.task != "regression" else "predict_one"]
+    missing = [v for v in verbs if not callable(getattr(learner, v, None))]
+    if missing:
+        raise DefinitionError(
+            f"{where}: {model.learner} returned {type(learner).__name__}, which has no {', '.join(missing)} "
+            f"(a river estimator is expected)"
+        )
+    return learner
+
+
+def try_learner(model: Model, project: Project) -> None:
+    """Learn one sample and predict it: a learner that fails here would fail on the first label."""
+    where = f"{project.where('model', model.name)}model {model.name!r}, field 'learner'"
+    learner = check_learner(model, where)
+    x = sample_input(model, project)
+    try:
+        learner.learn_one(x, sample_target(model))
+        if model.task == "regression":
+            learner.predict_one(x)
+        else:
+            learner.predict_proba_one(x)
+    except Exception as exc:
+        raise DefinitionError(
+            f"{where}: {model.learner} fails on a sample input {sorted(x)}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def diff(before: Project | None, after: Project) -> list[dict[str, str]]:
+    """What changes, per definition: ``{"kind", "name", "change"}`` with change added/changed/removed."""
+    old = before.to_dict() if before else {k: [] for k in KINDS}
+    new = after.to_dict()
+    out: list[dict[str, str]] = []
+    for kind in KINDS:
+        a = {d["name"]: d for d in old[kind]}
+        b = {d["name"]: d for d in new[kind]}
+        out += [{"kind": kind, "name": n, "change": "added"} for n in b if n not in a]
+        out += [{"kind": kind, "name": n, "change": "changed"} for n in b if n in a and a[n] != b[n]]
+        out += [{"kind": kind, "name": n, "change": "removed"} for n in a if n not in b]
+    return out
+
+
+def plan(settings: CommonSettings, project: Project) -> Plan:
+    """Everything :func:`apply` would do, checked; raises :class:`DefinitionError` on the first problem."""
+    current = registry.latest(settings)
+    if current is not None and current.project.name != project.name:
+        raise DefinitionError(
+            f"namespace {settings.topic_prefix!r} runs project {current.project.name!r}; "
+            f"project {project.name!r} needs its own TIDE_TOPIC_PREFIX"
+        )
+    project = with_history(project, current.project if current else None)
+    check_factories(project)
+    topics = {settings.topic_prefix + s.topic_name: s.partitions for s in project.sources.values()}
+    changes = diff(current.project if current else None, project)
+    if current is not None and current.digest == project.digest():
+        changes = []
+    return Plan(project, current, topics, changes)
+
+
+def apply(settings: CommonSettings, project: Project) -> dict[str, Any]:
+    """Create the topics and register the definitions; returns the plan that was carried out."""
+    p = plan(settings, project)
+    ensure_topics(settings)
+    create_topics(settings.kafka_bootstrap, p.topics)
+    if p.changes:
+        registry.publish(settings, p.project, p.version)
+        log.info("applied project %s as registry version %d", project.name, p.version)
+    return {**p.as_dict(), "applied": bool(p.changes)}
