@@ -453,7 +453,11 @@ class Labels:
                     f"labels {self.name!r}, field {attr!r}: {value!r} is not a field of source {self.source.name!r}"
                 )
         kind = fields[self.target]
-        wanted = {"binary": {"boolean", "int", "long"}, "regression": NUMERIC_AVRO, "multiclass": PRIMITIVE_AVRO}
+        wanted = {
+            "binary": {"boolean", "int", "long"},
+            "regression": {"int", "long", "float", "double"},
+            "multiclass": PRIMITIVE_AVRO,
+        }
         if kind not in wanted[self.task]:
             raise DefinitionError(
                 f"labels {self.name!r}, field 'target': a {self.task} target cannot be {kind} ({self.target!r})"

@@ -4,72 +4,33 @@
 from typing import NotRequired, TypedDict
 
 
-class Event(TypedDict):
-    """A card transaction entering the system: the unit every feature, prediction and label refers to.
-
-    Avro ``tide.Event``, version 1.
-    """
-
-    # Unique id of the transaction.
-    event_id: str
-    # Position of the event in a generated stream; null for events from elsewhere.
-    seq: NotRequired[int | None]
-    # Card the transaction was made with (the scoring entity).
-    card_id: str
-    # Merchant the transaction was made at.
-    merchant_id: str
-    # Merchant category, e.g. grocery or travel.
-    category: str
-    # Transaction amount in the card's currency.
-    amount: float
-    # ISO 3166-1 alpha-2 code of the country the transaction happened in.
-    country: str
-    # True when the card was physically present.
-    card_present: bool
-    # Event time: when the transaction happened, ms since the Unix epoch (UTC).
-    ts: int
-
-
-class Label(TypedDict):
-    """Ground truth for one event, known some time after the event (e.g. after a chargeback).
-
-    Avro ``tide.Label``, version 1.
-    """
-
-    # Id of the event this label is for.
-    event_id: str
-    # Card of the labelled event.
-    card_id: str
-    # True when the event turned out to be fraud.
-    is_fraud: bool
-    # Event time of the labelled event, ms since the Unix epoch (UTC).
-    event_ts: int
-    # When the label became known, ms since the Unix epoch (UTC).
-    ts: int
-
-
 class Prediction(TypedDict):
-    """One score served by a model, with the exact feature values it was computed from.
+    """One answer served by a model, with the exact inputs it was computed from.
 
-    Avro ``tide.Prediction``, version 1.
+    Avro ``tide.Prediction``, version 2.
     """
 
     # Unique id of the scoring request.
     request_id: str
-    # Id of the event that was scored; null for requests not tied to an event.
+    # Id of the scored event, the value its labels join on (the labels' key); null when not tied to an event.
     event_id: NotRequired[str | None]
-    # Entity the features were looked up for (a card id).
-    entity: str
+    # The entities whose online features were read, by join key.
+    entities: NotRequired[dict[str, str]]
     # Name of the model that scored.
     model: str
     # Version of the model that scored.
     version: int
     # Which deployment arm scored: champion, canary or shadow.
     arm: str
-    # The exact feature values the score was computed from, by feature name.
-    features: dict[str, float | str | bool | None]
-    # Model output: the probability of fraud.
+    # The exact input values the answer was computed from, by input name (counts are integers).
+    features: dict[str, bool | int | float | str | None]
+    # The model's output: the probability of the positive class (binary), the predicted value (regression) or
+    # the probability of the predicted class (multiclass).
     score: float
+    # The predicted class of a multiclass model; null for other tasks.
+    label: NotRequired[str | None]
+    # Class probabilities of a multiclass model, by class; null for other tasks.
+    probabilities: NotRequired[dict[str, float] | None]
     # Time spent serving the request, in milliseconds.
     latency_ms: float
     # When the prediction was made, ms since the Unix epoch (UTC).
@@ -79,7 +40,7 @@ class Prediction(TypedDict):
 class Histogram(TypedDict):
     """A histogram: counts[i] values fell in [edges[i], edges[i + 1]).
 
-    Avro ``tide.Histogram``, version 2.
+    Avro ``tide.Histogram``, version 3.
     """
 
     # What was counted: a feature name, or prediction.
@@ -93,7 +54,7 @@ class Histogram(TypedDict):
 class ReferenceProfile(TypedDict):
     """Distributions seen in training, the baseline drift is measured against.
 
-    Avro ``tide.ReferenceProfile``, version 2.
+    Avro ``tide.ReferenceProfile``, version 3.
     """
 
     # Number of examples the profile was built from.
@@ -107,7 +68,7 @@ class ReferenceProfile(TypedDict):
 class ModelVersion(TypedDict):
     """A trained model snapshot published to the model registry.
 
-    Avro ``tide.ModelVersion``, version 2.
+    Avro ``tide.ModelVersion``, version 3.
     """
 
     # Model name.
@@ -116,6 +77,10 @@ class ModelVersion(TypedDict):
     version: int
     # Artifact format: river (pickled river model) or onnx.
     flavor: str
+    # What the model predicts: binary, multiclass or regression.
+    task: NotRequired[str]
+    # Class labels of a multiclass model, in output order; empty for other tasks.
+    classes: NotRequired[list[str]]
     # The artifact itself; may be empty when artifact_uri is set.
     artifact: bytes
     # Where the artifact is stored (file:// or http(s)://) when it is not inline; null when inline.
@@ -135,10 +100,12 @@ class ModelVersion(TypedDict):
     # When this version was created, ms since the Unix epoch (UTC).
     created_ts: int
     # Ed25519 signature of the version's statement (model, version, flavor, sha256, feature_names;
-    # models/signing.py); null when unsigned.
+    # infra/signing.py); null when unsigned.
     signature: NotRequired[bytes | None]
     # The signing key: first 16 hex digits of the SHA-256 of its raw public key; null when unsigned.
     key_id: NotRequired[str | None]
+    # Digest of the project definitions the version was trained with; null when unknown.
+    definitions_digest: NotRequired[str | None]
 
 
 class Deployment(TypedDict):
@@ -191,11 +158,30 @@ class DriftAlert(TypedDict):
     ts: int
 
 
+class Definitions(TypedDict):
+    """One applied version of a project's definitions: what every service runs.
+
+    Avro ``tide.Definitions``, version 1.
+    """
+
+    # Project name.
+    project: str
+    # Registry version, increasing by one per apply.
+    version: int
+    # Hex SHA-256 of the canonical JSON of the definitions.
+    digest: str
+    # The definitions as canonical JSON (schemas.definitions.Project.to_dict).
+    body: str
+    # Who applied them (user@host).
+    applied_by: NotRequired[str]
+    # When they were applied, ms since the Unix epoch (UTC).
+    ts: int
+
+
 RECORD_TYPES: dict[str, type] = {
-    "event": Event,
-    "label": Label,
     "prediction": Prediction,
     "model_version": ModelVersion,
     "deployment": Deployment,
     "drift_alert": DriftAlert,
+    "definitions": Definitions,
 }

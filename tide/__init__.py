@@ -10,4 +10,13 @@ and progressive evaluations.
 
 from schemas.definitions import Aggregation, Entity, Feature, FeatureView, Labels, Model, Project, Source
 
-__all__ = ["Aggregation", "Entity", "Feature", "FeatureView", "Labels", "Model", "Project", "Source"]
+__all__ = ["Aggregation", "Client", "Entity", "Feature", "FeatureView", "Labels", "Model", "Project", "Source"]
+
+
+def __getattr__(name: str) -> object:
+    # The client pulls in the Kafka client; definitions files should not pay for it.
+    if name == "Client":
+        from tide.client import Client
+
+        return Client
+    raise AttributeError(f"module 'tide' has no attribute {name!r}")

@@ -30,10 +30,7 @@ def _module_files(root: Path) -> list[Path]:
 
 
 def _import(path: Path) -> ModuleType:
-    name = path.stem
-    existing = sys.modules.get(name)
-    if existing is not None and Path(getattr(existing, "__file__", "") or "").resolve() == path.resolve():
-        return existing
+    name = path.stem  # always executed afresh: a project may be loaded again after an edit
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise DefinitionError(f"{path}: cannot be imported")
