@@ -1,7 +1,9 @@
 """``make bench-features``: the online feature processor against its ceiling and a peer, in one run.
 
-On a private embedded stack (tansu + Redis on free ports) it pre-fills one ``events`` topic with N
-events over E distinct entities, then measures, on that same topic:
+The fraud example's definitions (``examples/fraud``, loaded with :func:`tide.project.load_project` and
+applied to each namespace as ``tide apply`` does, since ``tide features`` reads them from the registry)
+give the source and its views. On a private embedded stack (tansu + Redis on free ports) it pre-fills
+the source's topic with N events over E distinct entities, then measures, on that same topic:
 
 (a) the ceiling: bare consume rate (confluent-kafka, no decoding; the same with Avro decoding by
     ``schemas.codec``; aiokafka for reference);
@@ -9,9 +11,9 @@ events over E distinct entities, then measures, on that same topic:
     in Redis to the last (completion read from the store's offsets hashes, never from broker end
     offsets, which this broker reports wrongly), and freshness (event time to visible in Redis) while
     events are produced at half of that throughput;
-(c) Quix Streams computing the same views (windows and aggregations translated from
-    ``schemas.definitions.VIEWS``) in one process, at-least-once, with its own RocksDB state store and
-    changelog topics, timed from the first message processed to the last.
+(c) Quix Streams computing the same views (windows and aggregations translated from the project's
+    definitions) in one process, at-least-once, with its own RocksDB state store and changelog topics,
+    timed from the first message processed to the last.
 
 Throughputs are medians of ``--reps`` runs. Results go to ``out/bench/features.json``; ``python -m
 bench.readme`` puts them in README.md. The Quix worker runs in ``.venv-bench`` (``make bench-venv``):
@@ -21,7 +23,6 @@ quixstreams pins confluent-kafka, pydantic and pydantic-settings below Tide's lo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -51,7 +52,8 @@ BENCH_PYTHON = Path(".venv-bench/bin/python")
 PY_SPY = Path(".venv-bench/bin/py-spy")
 PREFIX = "bench-"  # topic prefix = Redis namespace of the throughput runs
 FRESH_PREFIX = "bench-fresh-"
-KEY_FIELD = "card_id"  # what producers key events by (streams.produce.EventProducer)
+PROJECT_DIR = Path(__file__).resolve().parent.parent / "examples" / "fraud"
+SOURCE = "transactions"  # the source benchmarked (its views are the ones measured)
 POLL_S = 0.005  # how often Redis is polled for the applied offsets
 FRESH_POLL_S = 0.002  # how often sampled events are looked for in Redis
 GOALS = {"events_per_s": 50_000, "vs_quix": 2.0, "freshness_p99_ms": 300}
@@ -60,41 +62,113 @@ GOALS = {"events_per_s": 50_000, "vs_quix": 2.0, "freshness_p99_ms": 300}
 # --- events -----------------------------------------------------------------------------------------------
 
 
-def generate(n: int, entities: int, seed: int = 7) -> Iterator[dict[str, Any]]:
-    """``n`` generator events whose card ids run through every one of ``entities`` ids (reshuffled each
-    round), so all entities are touched and each gets ``n / entities`` events."""
+def generate(n: int, entities: int, seed: int = 7, key: str = "card_id") -> Iterator[dict[str, Any]]:
+    """``n`` generator events whose entity keys (field ``key``) run through every one of ``entities``
+    ids (reshuffled each round), so all entities are touched and each gets ``n / entities`` events."""
     from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
 
     gen = TransactionGenerator(GeneratorConfig(cards=1000, seed=seed))
-    ids = [f"card-{i:06d}" for i in range(entities)]
+    ids = [f"e-{i:06d}" for i in range(entities)]
     rng = random.Random(seed)
     for i in range(n):
         if i % entities == 0:
             rng.shuffle(ids)
         event, _ = gen.next()
-        event["card_id"] = ids[i % entities]
+        event[key] = ids[i % entities]
         yield event
 
 
-def prefill(settings: Any, n: int, entities: int) -> dict[str, Any]:
-    from streams.produce import EventProducer
+class SourceProducer:
+    """Produces records of one source to its topic, keyed by the source's key field, as a team's
+    producer would; ``last_offset`` holds the highest delivered offset per partition."""
 
-    sender = EventProducer(settings, validate=False, **{"linger.ms": 20, "batch.num.messages": 10000})
+    def __init__(self, settings: Any, source: Any, *, validate: bool = True, **config: Any) -> None:
+        from infra.kafka import make_producer
+        from infra.topics import prefixed
+
+        self.source = source
+        self.topic = prefixed(settings, source.topic_name)
+        self._producer = make_producer(settings, **config)
+        self._validate = validate
+        self.failed = 0
+        self.last_offset: dict[int, int] = {}
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self.failed += 1
+        elif msg.offset() > self.last_offset.get(msg.partition(), -1):
+            self.last_offset[msg.partition()] = msg.offset()
+
+    def send(self, record: Mapping[str, Any]) -> None:
+        from schemas import codec
+
+        payload = codec.encode(self.source.name, record, validate=self._validate)
+        key = str(record[self.source.key]).encode()
+        while True:
+            try:
+                self._producer.produce(self.topic, key=key, value=payload, on_delivery=self._on_delivery)
+                break
+            except BufferError:  # local queue full: wait for deliveries, then retry
+                self._producer.poll(0.05)
+        self._producer.poll(0)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        if self._producer.flush(timeout):
+            raise RuntimeError("records still undelivered after the flush timeout")
+        if self.failed:
+            raise RuntimeError(f"{self.failed} records failed delivery")
+
+
+def prefill(settings: Any, source: Any, n: int, entities: int) -> dict[str, Any]:
+    sender = SourceProducer(
+        settings, source, validate=False, **{"linger.ms": 20, "batch.num.messages": 10000}
+    )
     started = time.perf_counter()
-    for event in generate(n, entities):
-        sender.send_event(event)
+    for event in generate(n, entities, key=source.key):
+        sender.send(event)
     sender.flush()
     seconds = time.perf_counter() - started
     produced = sum(o + 1 for o in sender.last_offset.values())
     if produced != n:  # offsets are dense from 0 on a fresh topic; anything else would skew the counts
         raise RuntimeError(f"{n} events sent but the delivered offsets account for {produced}")
-    return {"topic": sender.events_topic, "final_offsets": sender.last_offset, "seconds": round(seconds, 2)}
+    return {"topic": sender.topic, "final_offsets": sender.last_offset, "seconds": round(seconds, 2)}
+
+
+def load_definitions(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
+    """(project, source, the source's views) of ``--project`` / ``--source``."""
+    from schemas.registry import register_schemas
+    from tide.project import load_project
+
+    project = load_project(args.project)
+    register_schemas(project)  # this process encodes and decodes the source's records
+    if args.source not in project.sources:
+        raise SystemExit(
+            f"--source {args.source!r}: not a source of {args.project} ({sorted(project.sources)})"
+        )
+    views = [v for v in project.views.values() if v.source_name == args.source]
+    if not views:
+        raise SystemExit(f"--source {args.source!r}: no feature view reads it")
+    return project, project.sources[args.source], views
+
+
+def namespace(info: Any, prefix: str, project: Any) -> Any:
+    """Settings of namespace ``prefix`` with the project applied (topics created, definitions registered:
+    ``tide features`` reads them from the registry)."""
+    from infra.topics import ensure_topics
+    from tide.plan import apply
+
+    settings = info.settings(topic_prefix=prefix)
+    ensure_topics(settings)  # the registry topic first: plan reads it
+    apply(settings, project)
+    return settings
 
 
 # --- (a) ceilings -----------------------------------------------------------------------------------------
 
 
-def consume_confluent(bootstrap: str, topic: str, partitions: int, n: int, decode: bool) -> dict[str, Any]:
+def consume_confluent(
+    bootstrap: str, topic: str, partitions: int, n: int, decode: bool, record: str = SOURCE
+) -> dict[str, Any]:
     """Bare assign-from-beginning consume of ``n`` records; rate from the first batch to the last."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
@@ -114,7 +188,7 @@ def consume_confluent(bootstrap: str, topic: str, partitions: int, n: int, decod
             for msg in consumer.consume(1000, 1.0):
                 if msg.error() is None:
                     if decode:
-                        codec.decode(msg.value() or b"", "event")
+                        codec.decode(msg.value() or b"", record)
                     good += 1
             got += good
             if good and not t0:
@@ -323,9 +397,11 @@ class VisibilityPoller(threading.Thread):
         self._client = _redis(redis_url)
         self._views = views
         self._prefix = prefix
-        hashes = list(dict.fromkeys((v.source, v.entity) for v in views))
-        self._firsts = [next(i for i, v in enumerate(views) if (v.source, v.entity) == h) for h in hashes]
-        self._slot = [hashes.index((v.source, v.entity)) for v in views]  # view -> its hash's index
+        hashes = list(dict.fromkeys((v.source_name, v.entity_key) for v in views))
+        self._firsts = [
+            next(i for i, v in enumerate(views) if (v.source_name, v.entity_key) == h) for h in hashes
+        ]
+        self._slot = [hashes.index((v.source_name, v.entity_key)) for v in views]  # view -> its hash's index
         self._lock = threading.Lock()
         self._queues: dict[int, deque[tuple[int, list[str], list[float | None]]]] = {}
         self._deque = deque
@@ -338,7 +414,8 @@ class VisibilityPoller(threading.Thread):
         """Watches ``event``, delivered to ``partition`` (in delivery order, i.e. offset order)."""
         # views of one source and entity field share one hash (and its ``ts``): one read per hash
         keys = [
-            self._key(self._views[i], str(event[self._views[i].entity]), self._prefix) for i in self._firsts
+            self._key(self._views[i], str(event[self._views[i].entity_key]), self._prefix)
+            for i in self._firsts
         ]
         with self._lock:
             queue = self._queues.setdefault(partition, self._deque())
@@ -390,12 +467,11 @@ class AckTimer:
     events are far apart, so an entity has one watched event at a time). Delivery reports are served
     at every send, so an event is watched well within a poll interval of its acknowledgement."""
 
-    def __init__(self, settings: Any, poller: VisibilityPoller, **config: Any) -> None:
-        from streams.produce import EventProducer
-
+    def __init__(self, settings: Any, source: Any, poller: VisibilityPoller, **config: Any) -> None:
         timer = self
+        self.key = source.key
 
-        class Timed(EventProducer):
+        class Timed(SourceProducer):
             def _on_delivery(self, err: Any, msg: Any) -> None:
                 super()._on_delivery(err, msg)
                 event = timer.watched.pop(msg.key(), None)
@@ -405,36 +481,41 @@ class AckTimer:
 
         self.watched: dict[bytes, Mapping[str, Any]] = {}
         self.ack_ms: list[float] = []
-        self._producer = Timed(settings, **config)
+        self._producer = Timed(settings, source, **config)
 
     def watch(self, event: Mapping[str, Any]) -> None:
-        self.watched[str(event[KEY_FIELD]).encode()] = dict(event)
+        self.watched[str(event[self.key]).encode()] = dict(event)
 
     def send_event(self, event: Mapping[str, Any]) -> None:
-        self._producer.send_event(event)
+        self._producer.send(event)
 
     def flush(self, timeout: float = 30.0) -> None:
         self._producer.flush(timeout)
 
 
 def run_freshness(
-    info: Any, views: list[Any], rate: float, seconds: float, run_dir: Path, samples: int = 1500
+    info: Any,
+    project: Any,
+    source: Any,
+    views: list[Any],
+    rate: float,
+    seconds: float,
+    run_dir: Path,
+    samples: int = 1500,
 ) -> dict[str, Any]:
     """Produce at ``rate`` for ``seconds`` to a fresh topic while one ``tide features`` runs; sample
     events and time event time → visible in Redis. The processor is warmed up (joined, first batch
     applied) before the clock starts."""
     from tide.processes import Services, wait_until
-    from infra.topics import ensure_topics
 
-    settings = info.settings(topic_prefix=FRESH_PREFIX)
-    ensure_topics(settings)
+    settings = namespace(info, FRESH_PREFIX, project)
     _redis(info.redis_url).flushall()
     services = Services(tide_env(info, FRESH_PREFIX, "bench-fresh", run_dir / "fresh"), run_dir / "logs")
     proc = services.start("fresh", "features")
     poller = VisibilityPoller(info.redis_url, views, FRESH_PREFIX)
-    sender = AckTimer(settings, poller, validate=False)  # the project's producer settings (linger 5 ms)
+    sender = AckTimer(settings, source, poller, validate=False)  # Tide's producer settings (linger 5 ms)
     poller.start()
-    events = generate(10**9, 100_000, seed=11)
+    events = generate(10**9, 100_000, seed=11, key=source.key)
     try:
         # warm-up: a probe every 100 ms until one is visible
         deadline = time.monotonic() + 90
@@ -541,13 +622,16 @@ QUIX_AGGS = {
 
 
 def run_quix(
-    info: Any, topic: str, final_offsets: dict[int, int], name: str, run_dir: Path
+    info: Any, project: Any, source: Any, topic: str, final_offsets: dict[int, int], name: str, run_dir: Path
 ) -> dict[str, Any]:
     result = run_dir / f"{name}.json"
+    definitions = run_dir / "definitions.json"  # as the registry holds them: the worker has no project code
+    definitions.write_text(json.dumps(project.to_dict()))
     cmd = [
         str(BENCH_PYTHON), "-m", "bench.features", "quix-worker",
         "--bootstrap", info.kafka_bootstrap, "--topic", topic, "--group", f"bench-{name}",
         "--state-dir", str(run_dir / name), "--final", json.dumps(final_offsets), "--result", str(result),
+        "--definitions", str(definitions), "--source", source.name,
     ]  # fmt: skip
     log_path = run_dir / "logs" / f"{name}.log"
     launched = time.perf_counter()
@@ -568,19 +652,23 @@ def run_quix(
 
 
 def quix_worker(args: argparse.Namespace) -> int:
-    """Runs inside .venv-bench: the VIEWS translated to Quix Streams on the pre-filled topic."""
+    """Runs inside .venv-bench: the source's views translated to Quix Streams on the pre-filled topic."""
     import quixstreams
     from quixstreams import Application
     from quixstreams.dataframe.windows import aggregations as qa
     from quixstreams.models.serializers import Deserializer
 
     from features import aggregations as tide_aggs
-    from schemas.definitions import VIEWS
     from schemas import codec
+    from schemas.definitions import Project
+
+    project = Project.from_dict(json.loads(Path(args.definitions).read_text()))
+    source = project.sources[args.source]
+    codec.register(source.name, list(source.versions))
 
     class AvroEvent(Deserializer):
         def __call__(self, value: bytes, ctx: Any) -> Any:
-            return codec.decode(value, "event")
+            return codec.decode(value, source.name)
 
     class StdDev(qa.Aggregator):
         def initialize(self) -> Any:
@@ -655,7 +743,7 @@ def quix_worker(args: argparse.Namespace) -> int:
             done.set()
             app.stop()
 
-    views = list(VIEWS.values())
+    views = [v for v in project.views.values() if v.source_name == source.name]
     app = Application(
         broker_address=args.bootstrap,
         consumer_group=args.group,
@@ -678,7 +766,8 @@ def quix_worker(args: argparse.Namespace) -> int:
     source.broker_config.extra_config.setdefault("retention.ms", str(7 * 86_400_000))
     sdf = app.dataframe(source)
     for view in views:
-        branch = sdf if view.entity == KEY_FIELD else sdf.group_by(view.entity, name=f"by-{view.entity}")
+        key = view.entity_key
+        branch = sdf if key == source.key else sdf.group_by(key, name=f"by-{key}")
         aggs = {a.name: q for a in view.aggregations if (q := aggregator(a)) is not None}
         kind = getattr(view, "kind", "sliding")
         grace = getattr(view, "allowed_lateness_ms", 0)
@@ -770,6 +859,9 @@ def reproduce_command(args: argparse.Namespace) -> str:
     extra = f" --entities {args.entities}" if args.entities != 100_000 else ""
     extra += f" --fresh-seconds {args.fresh_seconds:g}" if args.fresh_seconds != 20 else ""
     extra += " --skip-quix" * args.skip_quix + " --profile" * args.profile
+    if Path(args.project).resolve() != PROJECT_DIR:
+        extra += f" --project {args.project}"
+    extra += f" --source {args.source}" if args.source != SOURCE else ""
     make_args = f' BENCH_ARGS="{extra.strip()}"' if extra else ""
     return (
         f"make bench-features BENCH_EVENTS={args.events} BENCH_REPS={args.reps}{make_args}"
@@ -782,16 +874,14 @@ def median_of(runs: list[dict[str, Any]]) -> float:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from schemas.definitions import VIEWS
     from features.settings import FeatureSettings
     from tide.embedded import EmbeddedStack
-    from infra.topics import TOPICS, ensure_topics
 
     if not BENCH_PYTHON.exists() and not args.skip_quix:
         print("missing .venv-bench: run `make bench-venv` (or pass --skip-quix)", file=sys.stderr)
         return 2
-    views = list(VIEWS.values())
-    partitions = TOPICS["events"].partitions
+    project, source, views = load_definitions(args)
+    partitions = source.partitions
     run_dir = OUT_DIR / "features-run"
     if run_dir.exists():
         import shutil
@@ -801,9 +891,8 @@ def bench(args: argparse.Namespace) -> int:
     print(f"reproduce: {reproduce_command(args)}", flush=True)
     started = time.perf_counter()
     with EmbeddedStack(run_dir / "stack") as info:
-        settings = info.settings(topic_prefix=PREFIX)
-        ensure_topics(settings)
-        fill = prefill(settings, args.events, args.entities)
+        settings = namespace(info, PREFIX, project)
+        fill = prefill(settings, source, args.events, args.entities)
         topic, final = fill["topic"], fill["final_offsets"]
         print(
             f"pre-filled {topic}: {args.events} events over {args.entities} entities, "
@@ -815,12 +904,12 @@ def bench(args: argparse.Namespace) -> int:
             # interleaved, so drift in the machine's load hits every contender alike
             runs["raw"].append(consume_confluent(info.kafka_bootstrap, topic, partitions, args.events, False))
             runs["decode"].append(
-                consume_confluent(info.kafka_bootstrap, topic, partitions, args.events, True)
+                consume_confluent(info.kafka_bootstrap, topic, partitions, args.events, True, source.name)
             )
             runs["aiokafka"].append(consume_aiokafka(info.kafka_bootstrap, topic, partitions, args.events))
             runs["tide"].append(run_tide(info, views, topic, args.events, f"tide-{rep}", run_dir))
             if not args.skip_quix:
-                runs["quix"].append(run_quix(info, topic, final, f"quix-{rep}", run_dir))
+                runs["quix"].append(run_quix(info, project, source, topic, final, f"quix-{rep}", run_dir))
             print(
                 f"rep {rep + 1}/{args.reps}: "
                 + ", ".join(f"{k} {v[-1]['events_per_s']:,.0f}/s" for k, v in runs.items() if v),
@@ -829,7 +918,7 @@ def bench(args: argparse.Namespace) -> int:
         ceiling, ceiling_decode = median_of(runs["raw"]), median_of(runs["decode"])
         tide = median_of(runs["tide"])
         quix = median_of(runs["quix"]) if runs["quix"] else None
-        fresh = run_freshness(info, views, 0.5 * tide, args.fresh_seconds, run_dir)
+        fresh = run_freshness(info, project, source, views, 0.5 * tide, args.fresh_seconds, run_dir)
         print(
             f"freshness at {fresh['achieved_rate']:,.0f}/s: p50 {fresh['p50']} ms, p99 {fresh['p99']} ms",
             flush=True,
@@ -894,10 +983,10 @@ def bench(args: argparse.Namespace) -> int:
 def freshness_only(args: argparse.Namespace) -> int:
     """Only the freshness run, at ``--fresh-rate`` (tuning the processor's latency without the whole
     benchmark); the result goes to its own file, never to the README's ``features.json``."""
-    from schemas.definitions import VIEWS
     from features.settings import FeatureSettings
     from tide.embedded import EmbeddedStack
 
+    project, source, views = load_definitions(args)
     command = (
         f".venv/bin/python -m bench.features --only freshness --fresh-rate {args.fresh_rate:g}"
         f" --fresh-seconds {args.fresh_seconds:g}"
@@ -910,7 +999,7 @@ def freshness_only(args: argparse.Namespace) -> int:
         shutil.rmtree(run_dir)
     (run_dir / "logs").mkdir(parents=True)
     with EmbeddedStack(run_dir / "stack") as info:
-        fresh = run_freshness(info, list(VIEWS.values()), args.fresh_rate, args.fresh_seconds, run_dir)
+        fresh = run_freshness(info, project, source, views, args.fresh_rate, args.fresh_seconds, run_dir)
         feature_settings = info.settings(FeatureSettings)
     result = {
         "benchmark": "features-freshness",
@@ -949,9 +1038,7 @@ SEMANTICS = (
 
 
 def _view_dict(view: Any) -> dict[str, Any]:
-    d = dataclasses.asdict(view)
-    d.pop("source_fields", None)
-    return d
+    return dict(view.to_dict())
 
 
 def print_summary(r: dict[str, Any]) -> None:
@@ -1014,8 +1101,14 @@ def main(argv: list[str] | None = None) -> int:
         help="freshness: only the freshness run, at --fresh-rate, to out/bench/features-freshness.json",
     )
     parser.add_argument("--fresh-rate", type=float, help="events/s of a --only freshness run")
+    parser.add_argument(
+        "--project", type=Path, default=PROJECT_DIR, help="the project (default: examples/fraud)"
+    )
+    parser.add_argument("--source", default=SOURCE, help=f"the source whose views run (default {SOURCE})")
     worker = sub.add_parser("quix-worker", help="internal: the Quix Streams side, run in .venv-bench")
-    for flag in ("--bootstrap", "--topic", "--group", "--state-dir", "--final", "--result"):
+    for flag in ("--bootstrap", "--topic", "--group", "--state-dir", "--final", "--result", "--definitions"):
+        worker.add_argument(flag, required=True)
+    for flag in ("--source",):
         worker.add_argument(flag, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -59,7 +59,7 @@ def distinct_estimate(hashes: Iterable[int]) -> float:
 
 GAMMA = (1 + ALPHA) / (1 - ALPHA)
 _LOG_GAMMA = math.log(GAMMA)
-ZERO_BUCKET = "z"  # values <= 0 (amounts, counts); the sketch is for non-negative quantities
+ZERO_BUCKET = "z"  # values <= 0 (sizes, counts); the sketch is for non-negative quantities
 
 Partial = dict[str, Any]
 
@@ -86,9 +86,10 @@ def partial_of(view: FeatureView, event: Mapping[str, Any]) -> Partial:
             continue
         value = event[f]
         if agg.kind in ("sum", "mean", "stddev"):
-            p["s:" + f] = float(value)
+            v = float(value)
+            p["s:" + f] = v
             if agg.kind == "stddev":
-                p["q:" + f] = float(value) ** 2
+                p["q:" + f] = v * v  # v * v, not v ** 2: a huge value overflows to inf instead of raising
         elif agg.kind in ("min", "max"):
             p[f"{agg.kind}:{f}"] = float(value)
         elif agg.kind == "quantile":
@@ -124,7 +125,8 @@ class Folder:
         for slot, f in self.sums:
             p[slot] = p.get(slot, 0.0) + float(event[f])
         for slot, f in self.squares:
-            p[slot] = p.get(slot, 0.0) + float(event[f]) ** 2
+            v = float(event[f])
+            p[slot] = p.get(slot, 0.0) + v * v
         for slot, f in self.mins:
             v = float(event[f])
             if slot not in p or v < p[slot]:
@@ -188,7 +190,7 @@ def quantile(histogram: Mapping[str, float], q: float) -> float | None:
 def values(
     view: FeatureView, merged: Mapping[str, Any], distinct: Mapping[str, int] | None = None
 ) -> dict[str, Any]:
-    """Feature values of a merged partial; ``distinct`` overrides the distinct counts (HyperLogLog)."""
+    """Feature values of a merged partial; ``distinct`` (field -> count) overrides the sketches' counts."""
     n = float(merged.get("n", 0.0))
     out: dict[str, Any] = {}
     for agg in view.aggregations:

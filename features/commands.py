@@ -1,4 +1,11 @@
-"""``tide features``: the online feature processor and its read-outs."""
+"""``tide features``: the online feature processor and its read-outs, for the registry's definitions.
+
+- ``tide features`` (or ``run``): the processor, every view of every source of the project;
+- ``tide features list``: every feature of every view, one JSON line each;
+- ``tide features get VIEW ENTITY``: one view's current values for one entity (value, window, status,
+  age);
+- ``tide features training-set --model NAME --out FILE``: the model's point-in-time training set (Avro).
+"""
 
 from __future__ import annotations
 
@@ -8,66 +15,109 @@ from pathlib import Path
 from typing import Any
 
 from infra.console import AddCommand, emit, run_service
+from infra.errors import FeatureError
 from infra.settings import CommonSettings, load
+from schemas.definitions import FeatureView, Project
+
+
+def feature_listing(project: Project) -> list[dict[str, Any]]:
+    """Every feature of every view of ``project``, as ``tide features list`` prints them."""
+    out = []
+    for view in project.views.values():
+        for agg in view.aggregations:
+            out.append(
+                {
+                    "feature": agg.name,
+                    "view": view.name,
+                    "entity": view.entity.name,
+                    "entity_key": view.entity_key,
+                    "source": view.source_name,
+                    "aggregation": agg.kind,
+                    "field": agg.field,
+                    **({"q": agg.q} if agg.q is not None else {}),
+                    "window": view.describe(),
+                    "event_time": view.event_time,
+                    "allowed_lateness_ms": view.allowed_lateness_ms,
+                    "ttl_ms": view.ttl_ms,
+                    "default": agg.default,
+                }
+            )
+    return out
+
+
+def view_named(project: Project, name: str) -> FeatureView:
+    view = project.views.get(name)
+    if view is None:
+        raise FeatureError(f"no feature view {name!r} (views: {', '.join(project.views) or 'none'})")
+    return view
+
+
+def get_row(settings: CommonSettings, view: FeatureView, entity: str) -> dict[str, Any]:
+    """One view's current values for one entity, as ``tide features get`` prints them."""
+    from features.store import RedisOnlineStore
+
+    async def read() -> dict[str, Any]:
+        store = RedisOnlineStore.from_url(settings.redis_url, settings.topic_prefix)
+        try:
+            (row,) = await store.read(view, [entity])
+            return row.as_dict()
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def _training_model(project: Project, name: str | None) -> str:
+    if name is not None:
+        return name
+    learning = [m.name for m in project.models.values() if m.labels is not None]
+    if len(learning) != 1:
+        raise FeatureError(f"pass --model NAME (models with labels: {', '.join(learning) or 'none'})")
+    return learning[0]
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from schemas.definitions import VIEWS
+    if args.action == "run":
+        if args.target:
+            raise FeatureError(f"`tide features` takes no arguments, got {args.target}")
+        from features.processor import run
+        from features.settings import FeatureSettings
 
+        return run_service(FeatureSettings, run)
+    from schemas import registry
+
+    settings = load(CommonSettings)
+    project = registry.load(settings).project
     if args.action == "list":
-        for view in VIEWS.values():
-            for agg in view.aggregations:
-                emit(
-                    {
-                        "feature": agg.name,
-                        "view": view.name,
-                        "entity": view.entity,
-                        "source": view.source,
-                        "aggregation": agg.kind,
-                        "field": agg.field,
-                        **({"q": agg.q} if agg.q is not None else {}),
-                        "window": view.describe(),
-                        "event_time": view.event_time,
-                        "allowed_lateness_ms": view.allowed_lateness_ms,
-                        "ttl_ms": view.ttl_ms,
-                        "default": agg.default,
-                    }
-                )
+        for line in feature_listing(project):
+            emit(line)
         return 0
     if args.action == "get":
-        from features.store import RedisOnlineStore
-
-        settings = load(CommonSettings)
-
-        async def read() -> dict[str, Any]:
-            store = RedisOnlineStore.from_url(settings.redis_url, settings.topic_prefix)
-            try:
-                rows = await store.read_many(list(VIEWS.values()), [args.entity])
-                return {name: found[0].as_dict() for name, found in rows.items()}
-            finally:
-                await store.close()
-
-        emit({"entity": args.entity, "views": asyncio.run(read())})
+        if len(args.target) != 2:
+            raise FeatureError("usage: tide features get VIEW ENTITY")
+        view_name, entity = args.target
+        emit(get_row(settings, view_named(project, view_name), entity))
         return 0
-    if args.action == "training-set":
-        from features.training import from_topics
+    from features.training import from_topics
 
-        emit(from_topics(load(CommonSettings), list(VIEWS.values()), Path(args.out)))
-        return 0
-    from features.processor import run
-    from features.settings import FeatureSettings
-
-    return run_service(FeatureSettings, run)
+    model = _training_model(project, args.model)
+    out = Path(args.out or f"out/training/{model}.avro")
+    emit(from_topics(settings, project, model, out))
+    return 0
 
 
 def add_commands(add: AddCommand) -> None:
     fe = add(
         "features",
         cmd_features,
-        "Run the online feature processor (default), or `list` the definitions, `get ENTITY` to print an "
-        "entity's current values as JSON, or `training-set --out FILE` to replay the events and labels "
-        "topics into a point-in-time training set (Avro).",
+        "Run the online feature processor over every view the registry holds (default), `list` every "
+        "feature, `get VIEW ENTITY` to print one view's current values for an entity as JSON, or "
+        "`training-set --model NAME --out FILE` to replay the topics into the model's point-in-time "
+        "training set (Avro).",
     )
     fe.add_argument("action", nargs="?", choices=("run", "list", "get", "training-set"), default="run")
-    fe.add_argument("entity", nargs="?", help="entity key for `get`")
-    fe.add_argument("--out", default="out/training/training_set.avro", help="`training-set` output (Avro)")
+    fe.add_argument("target", nargs="*", metavar="VIEW ENTITY", help="`get`: the view and the entity's key")
+    fe.add_argument(
+        "--model", help="`training-set`: the model (default: the project's one model with labels)"
+    )
+    fe.add_argument("--out", help="`training-set` output (Avro; default out/training/MODEL.avro)")

@@ -1,10 +1,15 @@
-"""The online feature processor: a confluent-kafka group consumer that folds each batch of the source
-topics into the Redis tiles of every view declared on that source.
+"""The online feature processor: a confluent-kafka group consumer that folds each batch of the project's
+source topics into the Redis tiles of every view declared on that source.
 
-Per batch (every record fetched when the processor is free, up to ``TIDE_FEATURES_BATCH``; see
-:meth:`FeatureProcessor.take`): records are decoded with the Avro codec
-(a malformed one becomes a dead letter, with the reason in its headers, instead of stopping the
-processor), grouped by partition, split into on-time and late events per view and folded into
+The views come from the registry (:func:`schemas.registry.load`, in :func:`run`): every source that
+some view reads is consumed, labels sources included. Per batch (every record fetched when the
+processor is free, up to ``TIDE_FEATURES_BATCH``; see :meth:`FeatureProcessor.take`): records are
+decoded with the Avro codec as their source's records and checked by the source's admission rule
+(:mod:`features.admission`). A record that does not decode, or that is poison (a field a view reads is
+missing, null, of the wrong type, NaN or infinite, or its event time is further ahead of the wall clock
+than the source's ``max_future_skew``) becomes a dead letter with the reason in its headers instead of
+stopping the processor, and never moves its partition's watermark. The rest are grouped by partition,
+split into on-time and late events per view and folded into
 per-(entity, view, tile) partials in one pass (:func:`features.tiles.fold_partition`); then every
 partition's batch is applied in one Redis round trip, each atomically with its position and watermark
 (:mod:`features.store`). Late events go to the dead-letter topic with the view and how late they were.
@@ -21,7 +26,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,15 +35,17 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from features import tiles
-from schemas.definitions import VIEWS, FeatureView
+from features.admission import Admission
 from features.settings import FeatureSettings
 from features.store import RedisWriter, apply_command
-from infra.errors import StreamError
-from infra.metrics import serve_metrics
-from schemas import codec
 from infra.deadletter import DeadLetter, DeadLetterSink, KafkaDeadLetters
+from infra.errors import StreamError
 from infra.kafka import make_consumer, make_producer
-from infra.topics import TOPICS, topic
+from infra.metrics import serve_metrics
+from infra.settings import CommonSettings
+from infra.topics import prefixed, topic
+from schemas import codec, registry
+from schemas.definitions import FeatureView, Project, Source
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +59,39 @@ FRESHNESS = Histogram(
 )
 WRITE_LATENCY = Histogram("tide_feature_redis_write_seconds", "Redis batch write latency", ["view"])
 LATE = Counter("tide_feature_late_events_total", "Events later than the allowed lateness", ["view", "fate"])
+REJECTED = Counter(
+    "tide_feature_rejected_records_total",
+    "Source records dead-lettered before folding (undecodable or poison), by reason",
+    ["source", "reason"],
+)
 LAG = Gauge(
     "tide_feature_consumer_lag", "Records behind the partition's high watermark", ["topic", "partition"]
 )
 FRESHNESS_SAMPLES = 16  # events per view and batch observed in the freshness histogram
 MAX_ATTEMPTS = 5  # refusals in a row before a batch is given up on (another writer keeps moving it)
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """One consumed topic: its source, the views that read it and the source's admission check."""
+
+    source: Source
+    topic: str
+    views: list[FeatureView]
+    admission: Admission
+
+
+def plan_sources(settings: CommonSettings, views: Sequence[FeatureView]) -> dict[str, SourcePlan]:
+    """The topics to consume (full names) for ``views``: one per source some view reads."""
+    by_source: dict[str, list[FeatureView]] = {}
+    for view in views:
+        by_source.setdefault(view.source_name, []).append(view)
+    plans = {}
+    for group in by_source.values():
+        source = group[0].source
+        name = prefixed(settings, source.topic_name)
+        plans[name] = SourcePlan(source, name, group, Admission.of_source(group))
+    return plans
 
 
 @dataclass(frozen=True)
@@ -83,6 +118,44 @@ class PartitionBatch:
     @property
     def source(self) -> str:
         return f"{self.topic}:{self.partition}"
+
+
+def split_messages(
+    sources: Mapping[str, SourcePlan], msgs: Sequence[Message], dlq: DeadLetterSink, now_ms: int
+) -> list[PartitionBatch]:
+    """Decodes consumed records into per-partition batches, each as a record of its topic's source.
+
+    Undecodable and poison records (:mod:`features.admission`, with ``now_ms`` as the wall clock) are
+    sent to ``dlq`` with the reason: their positions are taken, their event times never reach the
+    partition's watermark.
+    """
+    by_partition: dict[tuple[str, int], PartitionBatch] = {}
+    for msg in msgs:
+        err = msg.error()
+        if err is not None:
+            if err.fatal():
+                raise StreamError(f"fatal consumer error: {err}")
+            continue
+        name, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+        plan = sources[name]
+        b = by_partition.get((name, partition))
+        if b is None:
+            b = by_partition[(name, partition)] = PartitionBatch(name, partition, plan.views)
+        b.last = offset
+        value = msg.value() or b""
+        try:
+            event = codec.decode(value, plan.source.name)
+        except Exception as exc:  # a bad record is data: it goes to the dead letters
+            error_type, reason = type(exc).__name__, str(exc) or type(exc).__name__
+        else:
+            rejection = plan.admission.check(event, now_ms)
+            if rejection is None:
+                b.records.append(SourceRecord(offset, event, msg.key(), value))
+                continue
+            error_type, reason = rejection.error_type, rejection.reason
+        REJECTED.labels(plan.source.name, error_type).inc()
+        dlq.send(DeadLetter(STEP, reason, error_type, msg.key(), value, name, partition, offset))
+    return list(by_partition.values())
 
 
 @dataclass
@@ -134,8 +207,7 @@ class FeatureFolder:
                 position, watermark = self._state[b.source]
                 if b.last <= position:
                     continue  # applied already (by this worker before a restart, or by another)
-                records = [(r.offset, r.event) for r in b.records if r.offset > position]
-                folded = tiles.fold_partition(b.views, records, watermark)
+                folded = self._fold_partition(b, position, watermark)
                 ns, wm = self.writer.namespace, folded.watermark
                 command = apply_command(b.views, ns, b.source, folded.deltas, position, b.last, wm)
                 work.append((b, folded, command))
@@ -158,6 +230,30 @@ class FeatureFolder:
         for view in {v.name for b in batches for v in b.views}:
             WRITE_LATENCY.labels(view).observe(elapsed)
 
+    def _fold_partition(self, b: PartitionBatch, position: int, watermark: int) -> tiles.PartitionFold:
+        """The batch's records after ``position`` folded from ``watermark``. Admitted records fold
+        (:mod:`features.admission`); should one still fail, it is found, dead-lettered and dropped
+        from the batch, so no single record can stop the processor."""
+        records = [(r.offset, r.event) for r in b.records if r.offset > position]
+        try:
+            return tiles.fold_partition(b.views, records, watermark)
+        except Exception:
+            log.exception("a batch of %s failed to fold; looking for the record at fault", b.source)
+        bad = set()
+        for r in b.records:
+            try:
+                tiles.fold_partition(b.views, [(r.offset, r.event)], tiles.NO_WATERMARK)
+            except Exception as exc:
+                bad.add(r.offset)
+                reason = f"cannot be folded: {type(exc).__name__}: {exc}"
+                letter = DeadLetter(
+                    STEP, reason, type(exc).__name__, r.key, r.value, b.topic, b.partition, r.offset
+                )
+                self.dlq.send(letter)
+        b.records = [r for r in b.records if r.offset not in bad]
+        records = [(r.offset, r.event) for r in b.records if r.offset > position]
+        return tiles.fold_partition(b.views, records, watermark)
+
     def prepare(self, batches: Sequence[PartitionBatch]) -> InFlight:
         """Folds the batches into apply commands, assuming every earlier batch gets applied (the cached
         positions move on at once). If one is refused instead, so is every later one of its partition,
@@ -169,8 +265,7 @@ class FeatureFolder:
             position, watermark = self._state[b.source]
             if b.last <= position:
                 continue
-            records = [(r.offset, r.event) for r in b.records if r.offset > position]
-            folded = tiles.fold_partition(b.views, records, watermark)
+            folded = self._fold_partition(b, position, watermark)
             ns, wm = self.writer.namespace, folded.watermark
             work.append(
                 (b, folded, apply_command(b.views, ns, b.source, folded.deltas, position, b.last, wm))
@@ -238,14 +333,15 @@ class FeatureFolder:
 
 
 class FeatureProcessor:
-    """The consumer loop: one group member reading every source topic that has feature views."""
+    """The consumer loop: one group member reading every source topic that has feature views.
 
-    def __init__(self, settings: FeatureSettings, views: Sequence[FeatureView] | None = None) -> None:
+    ``views``: the views to keep (a project's, ``project.views.values()``); every source they read is
+    consumed.
+    """
+
+    def __init__(self, settings: FeatureSettings, views: Sequence[FeatureView]) -> None:
         self.settings = settings
-        self.sources: dict[str, tuple[str | None, list[FeatureView]]] = {}  # topic -> (record, views)
-        for view in views if views is not None else VIEWS.values():
-            name = topic(settings, view.source)
-            self.sources.setdefault(name, (TOPICS[view.source].record, []))[1].append(view)
+        self.sources = plan_sources(settings, views)  # topic -> its source, views and admission
         self.producer = make_producer(settings)
         self.dlq = KafkaDeadLetters(self.producer, topic(settings, "dead-letter"))
         self.writer = RedisWriter.from_url(settings.redis_url, settings.topic_prefix)
@@ -268,7 +364,7 @@ class FeatureProcessor:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Starts each assigned partition right after its position in the store."""
         self.folder.forget([f"{tp.topic}:{tp.partition}" for tp in partitions])
-        batches = [PartitionBatch(tp.topic, tp.partition, self.sources[tp.topic][1]) for tp in partitions]
+        batches = [PartitionBatch(tp.topic, tp.partition, self.sources[tp.topic].views) for tp in partitions]
         self.folder.load(batches)
         for tp, b in zip(partitions, batches, strict=True):
             position = self.folder.position(b.source)
@@ -284,29 +380,8 @@ class FeatureProcessor:
         consumer.unassign()
 
     def split(self, msgs: Sequence[Message]) -> list[PartitionBatch]:
-        """Decodes a consumed batch into per-partition batches; undecodable records are dead letters."""
-        by_partition: dict[tuple[str, int], PartitionBatch] = {}
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.fatal():
-                    raise StreamError(f"fatal consumer error: {err}")
-                continue
-            name, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
-            b = by_partition.get((name, partition))
-            if b is None:
-                b = by_partition[(name, partition)] = PartitionBatch(name, partition, self.sources[name][1])
-            b.last = offset
-            value = msg.value() or b""
-            try:
-                event = codec.decode(value, self.sources[name][0])
-            except Exception as exc:  # a bad record is data: it goes to the dead letters
-                self.dlq.send(
-                    DeadLetter(STEP, str(exc), type(exc).__name__, msg.key(), value, name, partition, offset)
-                )
-                continue
-            b.records.append(SourceRecord(offset, event, msg.key(), value))
-        return list(by_partition.values())
+        """Decodes a consumed batch into per-partition batches (see :func:`split_messages`)."""
+        return split_messages(self.sources, msgs, self.dlq, int(time.time() * 1000))
 
     def step(self, msgs: Sequence[Message]) -> None:
         """Folds one consumed batch and starts its writes; finishes the previous batch's meanwhile, so
@@ -354,7 +429,13 @@ class FeatureProcessor:
         return msgs
 
     def run(self, stop: threading.Event) -> None:
-        log.info("%s consuming %s", STEP, sorted(self.sources))
+        if not self.sources:
+            log.warning("%s: the project declares no feature views; nothing to do", STEP)
+            stop.wait()
+            self._close()
+            return
+        views = [v.name for p in self.sources.values() for v in p.views]
+        log.info("%s consuming %s for views %s", STEP, sorted(self.sources), views)
         self.consumer.subscribe(list(self.sources), on_assign=self._on_assign, on_revoke=self._on_revoke)
         batch, wait = self.settings.features_batch, self.settings.features_batch_ms / 1000
         try:
@@ -364,17 +445,23 @@ class FeatureProcessor:
                     self.step(msgs)
             self.drain()
         finally:
-            self.consumer.close()  # leaves the group: the partitions move at once
-            self._executor.shutdown()
-            self.producer.flush(10)
-            self.writer.close()
-            log.info("%s stopped", STEP)
+            self._close()
+
+    def _close(self) -> None:
+        self.consumer.close()  # leaves the group: the partitions move at once
+        self._executor.shutdown()
+        self.producer.flush(10)
+        self.writer.close()
+        log.info("%s stopped", STEP)
 
 
-def run(settings: FeatureSettings) -> None:
-    """Run the processor until SIGTERM or SIGINT."""
+def run(settings: FeatureSettings, project: Project | None = None) -> None:
+    """Run the processor over every view of ``project`` (default: the registry's newest definitions)
+    until SIGTERM or SIGINT."""
+    if project is None:
+        project = registry.load(settings).project
     serve_metrics(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    FeatureProcessor(settings).run(stop)
+    FeatureProcessor(settings, list(project.views.values())).run(stop)

@@ -221,12 +221,12 @@ class FeatureRow:
 def entity_key(view: FeatureView, entity: str, namespace: str = "") -> str:
     """The hash holding ``entity``'s tiles of ``view`` and of every other view of its source and entity
     field (its ``ts`` field is the entity's newest event time)."""
-    return f"{namespace}tide:f:{view.source}:{view.entity}:{entity}"
+    return f"{namespace}tide:f:{view.source_name}:{view.entity_key}:{entity}"
 
 
 def offsets_key(view: FeatureView, namespace: str = "") -> str:
     """The positions and watermarks of ``view``'s source partitions (shared by the source's views)."""
-    return f"{namespace}tide:f:{view.source}:offsets"
+    return f"{namespace}tide:f:{view.source_name}:offsets"
 
 
 # --- packed partials ------------------------------------------------------------------------------------
@@ -301,10 +301,10 @@ def apply_payload(
     """
     fields: dict[str, list[FeatureView]] = {}
     for view in views:
-        fields.setdefault(view.entity, []).append(view)
+        fields.setdefault(view.entity_key, []).append(view)
     field_index = {f: i for i, f in enumerate(fields, start=1)}
     header: list[Any] = [
-        [[f"{namespace}tide:f:{vs[0].source}:{f}:", _ttl(vs)] for f, vs in fields.items()],
+        [[f"{namespace}tide:f:{vs[0].source_name}:{f}:", _ttl(vs)] for f, vs in fields.items()],
         [],
     ]
     per_entity: dict[tuple[int, str], list[Any]] = {}
@@ -313,7 +313,7 @@ def apply_payload(
         header[1].append([view.name, _KIND[view.kind], view.tile_ms, view.window_ms])
         if not by_entity:
             continue
-        group = field_index[view.entity]
+        group = field_index[view.entity_key]
         lifetime, tumbling, tile_ms = view.kind == "lifetime", view.kind == "tumbling", view.tile_ms
         span = 0 if tumbling else view.window_ms - tile_ms
         for entity, delta in by_entity.items():
@@ -395,22 +395,19 @@ def row_of(
     return FeatureRow(entity, view.name, values, "present", newest, age, window)
 
 
-def read_request(
-    views: Sequence[FeatureView], entities: Sequence[str], now_ms: int, namespace: str = ""
-) -> list[Any]:
-    """The read script's document: per entity hash, the views read from it and their windows."""
-    per_key: dict[str, list[Any]] = {}
-    for view in views:
-        lo, hi = tiles.first_tile(view, now_ms), tiles.tile_of(view, now_ms)
-        spec = [view.name, lo, hi]
-        for entity in entities:
-            key = entity_key(view, entity, namespace)
-            entry = per_key.get(key)
-            if entry is None:
-                per_key[key] = [key, [spec]]
-            else:
-                entry[1].append(spec)
-    return list(per_key.values())
+def read_request(pairs: Sequence[tuple[FeatureView, str]], now_ms: int, namespace: str = "") -> list[Any]:
+    """The read script's document for ``(view, entity)`` pairs: per entity hash (pairs of one source and
+    entity field share one), the views read from it and their windows, each asked once."""
+    per_key: dict[str, tuple[list[Any], set[str]]] = {}
+    for view, entity in pairs:
+        key = entity_key(view, entity, namespace)
+        entry = per_key.get(key)
+        if entry is None:
+            entry = per_key[key] = ([key, []], set())
+        if view.name not in entry[1]:
+            entry[1].add(view.name)
+            entry[0][1].append([view.name, tiles.first_tile(view, now_ms), tiles.tile_of(view, now_ms)])
+    return [request for request, _ in per_key.values()]
 
 
 class RedisOnlineStore:
@@ -470,33 +467,40 @@ class RedisOnlineStore:
         )
         return int(await self._apply(keys=keys, args=args)) == APPLIED
 
-    async def read_many(
-        self, views: Sequence[FeatureView], entities: Sequence[str], now_ms: int | None = None
-    ) -> dict[str, list[FeatureRow]]:
-        """Current values of many views for many entities, in one round trip (one script call)."""
+    async def read_pairs(
+        self, pairs: Sequence[tuple[FeatureView, str]], now_ms: int | None = None
+    ) -> list[FeatureRow]:
+        """Current values of each ``(view, entity)`` pair, in the order asked, in one round trip (one
+        script call), whatever the views, sources and entity types: what a model's features need."""
+        if not pairs:
+            return []
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        request = read_request(views, entities, now, self.namespace)
-        if not request:
-            return {view.name: [] for view in views}
+        request = read_request(pairs, now, self.namespace)
         answer = await self._read(args=[orjson.dumps(request)])
         found: dict[tuple[str, str], list[Any]] = {}
         for (key, specs), rows in zip(request, answer, strict=True):
             for spec, row in zip(specs, rows, strict=True):
                 found[(key, spec[0])] = row
-        out: dict[str, list[FeatureRow]] = {}
-        for view in views:
-            rows_out = []
-            for entity in entities:
-                meta, *packed = found[(entity_key(view, entity, self.namespace), view.name)]
-                rows_out.append(row_of(view, entity, meta, packed, now))
-            out[view.name] = rows_out
+        out = []
+        for view, entity in pairs:
+            meta, *packed = found[(entity_key(view, entity, self.namespace), view.name)]
+            out.append(row_of(view, entity, meta, packed, now))
         return out
+
+    async def read_many(
+        self, views: Sequence[FeatureView], entities: Sequence[str], now_ms: int | None = None
+    ) -> dict[str, list[FeatureRow]]:
+        """Current values of many views for many entities (every view for every entity), in one round
+        trip; rows per view name, in the order of ``entities``."""
+        rows = await self.read_pairs([(view, entity) for view in views for entity in entities], now_ms)
+        n = len(entities)
+        return {view.name: rows[i * n : (i + 1) * n] for i, view in enumerate(views)}
 
     async def read(
         self, view: FeatureView, entities: Sequence[str], now_ms: int | None = None
     ) -> list[FeatureRow]:
         """Current values of one view for many entities in one round trip."""
-        return (await self.read_many([view], entities, now_ms))[view.name]
+        return await self.read_pairs([(view, entity) for entity in entities], now_ms)
 
 
 class RedisWriter:

@@ -89,7 +89,7 @@ def batch_deltas(view: FeatureView, events: Iterable[Mapping[str, Any]]) -> dict
     out: dict[str, EntityDelta] = {}
     folder = aggregations.Folder(view)
     for event in events:
-        entity = str(event[view.entity])
+        entity = str(event[view.entity_key])
         ts = int(event[view.event_time])
         delta = out.get(entity)
         if delta is None:
@@ -129,7 +129,7 @@ def fold_partition(
     if any(v.event_time != event_time for v in views):
         raise ValueError(f"views {[v.name for v in views]} do not share one event-time field")
     plan = [
-        (v.name, v.entity, v.allowed_lateness_ms, v.kind == "lifetime", v.tile_ms, aggregations.Folder(v))
+        (v.name, v.entity_key, v.allowed_lateness_ms, v.kind == "lifetime", v.tile_ms, aggregations.Folder(v))
         for v in views
     ]
     deltas: dict[str, dict[str, EntityDelta]] = {v.name: {} for v in views}

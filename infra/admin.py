@@ -127,3 +127,11 @@ def delete_topics(bootstrap: str, topics: Iterable[str], *, timeout: float = 15.
             raise StreamError(f"topics still listed on {bootstrap} after {timeout:.1f} s: {remaining}")
         time.sleep(0.1)
     logger.info("topics deleted on %s: %s", bootstrap, names)
+
+
+def topic_exists(bootstrap: str, name: str, *, timeout: float = 10.0) -> bool:
+    """Whether the broker knows topic ``name`` (readers of a missing topic would wait for nothing)."""
+    metadata = _metadata(_admin(bootstrap), time.monotonic() + timeout)
+    if metadata is None:
+        raise StreamError(f"no metadata from {bootstrap} within {timeout:.0f} s")
+    return name in metadata.topics

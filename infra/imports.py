@@ -27,7 +27,9 @@ def import_object(spec: str, where: str = "") -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise ConfigError(f"{prefix}cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(
+            f"{prefix}cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     try:
         return getattr(module, attr)
     except AttributeError:

@@ -216,7 +216,9 @@ def decode(data: bytes | bytearray | memoryview, expected: str | None = None) ->
     return record
 
 
-def decode_named(data: bytes | bytearray | memoryview, expected: str | None = None) -> tuple[str, dict[str, Any]]:
+def decode_named(
+    data: bytes | bytearray | memoryview, expected: str | None = None
+) -> tuple[str, dict[str, Any]]:
     """(record name, record) of a single-object payload: :func:`decode` that also says what it read."""
     record = decode(data, expected)
     return record_name(data), record

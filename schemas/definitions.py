@@ -120,6 +120,8 @@ class Source:
             raise DefinitionError(f"{where}: the name is reserved for Tide's own records")
         if self.topic is not None and not _TOPIC.match(self.topic):
             raise DefinitionError(f"{where}, field 'topic': {self.topic!r} is not a valid topic name")
+        if self.topic in RESERVED:
+            raise DefinitionError(f"{where}, field 'topic': {self.topic!r} is one of Tide's own topics")
         if not isinstance(self.partitions, int) or not 1 <= self.partitions <= 1024:
             raise DefinitionError(f"{where}, field 'partitions': must be an integer in 1..1024")
         duration_ms(self.max_future_skew, f"{where}, field 'max_future_skew'")
@@ -247,7 +249,13 @@ class Aggregation:
             object.__setattr__(self, "default", default)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "agg": self.kind, "field": self.field, "default": self.default, "q": self.q}
+        return {
+            "name": self.name,
+            "agg": self.kind,
+            "field": self.field,
+            "default": self.default,
+            "q": self.q,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Aggregation:
@@ -301,7 +309,11 @@ class FeatureView:
             if self.window is None:
                 raise DefinitionError(f"{where}, field 'window': a {self.kind} window needs a duration")
             window = duration_ms(self.window, f"{where}, field 'window'")
-            tile = window if self.kind == "tumbling" else duration_ms(self.tile or "1m", f"{where}, field 'tile'")
+            tile = (
+                window
+                if self.kind == "tumbling"
+                else duration_ms(self.tile or "1m", f"{where}, field 'tile'")
+            )
             if tile <= 0 or window % tile:
                 raise DefinitionError(f"{where}, field 'window': must be a positive multiple of tile")
             if self.kind == "tumbling" and self.tile is not None and duration_ms(self.tile, where) != window:
@@ -397,7 +409,9 @@ class FeatureView:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], sources: Mapping[str, Source], entities: Mapping[str, Entity]) -> FeatureView:
+    def from_dict(
+        cls, d: Mapping[str, Any], sources: Mapping[str, Source], entities: Mapping[str, Entity]
+    ) -> FeatureView:
         lifetime = d["kind"] == "lifetime"
         return cls(
             name=d["name"],
@@ -450,7 +464,8 @@ class Labels:
             value = getattr(self, attr)
             if value not in fields:
                 raise DefinitionError(
-                    f"labels {self.name!r}, field {attr!r}: {value!r} is not a field of source {self.source.name!r}"
+                    f"labels {self.name!r}, field {attr!r}: {value!r} is not a field of source "
+                    f"{self.source.name!r}"
                 )
         kind = fields[self.target]
         wanted = {
@@ -460,7 +475,8 @@ class Labels:
         }
         if kind not in wanted[self.task]:
             raise DefinitionError(
-                f"labels {self.name!r}, field 'target': a {self.task} target cannot be {kind} ({self.target!r})"
+                f"labels {self.name!r}, field 'target': a {self.task} target cannot be {kind} "
+                f"({self.target!r})"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -477,7 +493,13 @@ class Labels:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], sources: Mapping[str, Source]) -> Labels:
         return cls(
-            d["name"], sources[d["source"]], d["key"], d["target"], d["task"], d["max_delay_ms"], d.get("description", "")
+            d["name"],
+            sources[d["source"]],
+            d["key"],
+            d["target"],
+            d["task"],
+            d["max_delay_ms"],
+            d.get("description", ""),
         )
 
 
@@ -530,7 +552,9 @@ class Model:
         for attr in ("learner", "batch_trainer"):
             value = getattr(self, attr)
             if value is not None and not (isinstance(value, str) and _IMPORT_PATH.match(value)):
-                raise DefinitionError(f"{where}, field {attr!r}: {value!r} is not an import path 'module:factory'")
+                raise DefinitionError(
+                    f"{where}, field {attr!r}: {value!r} is not an import path 'module:factory'"
+                )
         if self.learner is None and self.batch_trainer is None:
             raise DefinitionError(f"{where}: needs a learner or a batch_trainer (or both)")
         if (self.learner or self.batch_trainer) and self.labels is None:
@@ -543,7 +567,9 @@ class Model:
         refs = [split_ref(r, f"{where}, field 'features[{i}]'") for i, r in enumerate(self.features)]
         names = [*self.request_fields, *(f for _, f in refs)]
         if dupes := sorted({n for n in names if names.count(n) > 1}):
-            raise DefinitionError(f"{where}: input names must be unique across request fields and features: {dupes}")
+            raise DefinitionError(
+                f"{where}: input names must be unique across request fields and features: {dupes}"
+            )
         for i, m in enumerate(self.monitor):
             if m not in names:
                 raise DefinitionError(f"{where}, field 'monitor[{i}]': {m!r} is not an input of the model")
@@ -573,11 +599,13 @@ class Model:
             if name not in fields:
                 raise DefinitionError(f"{where}: {name!r} is not a field of source {self.request.name!r}")
             if fields[name] not in PRIMITIVE_AVRO:
-                raise DefinitionError(f"{where}: {name!r} is {fields[name]}; request fields must be primitives")
+                raise DefinitionError(
+                    f"{where}: {name!r} is {fields[name]}; request fields must be primitives"
+                )
         if self.labels is not None and self.labels.key not in fields:
             raise DefinitionError(
-                f"model {self.name!r}, field 'labels': key {self.labels.key!r} of labels {self.labels.name!r} "
-                f"is not a field of the request source {self.request.name!r}"
+                f"model {self.name!r}, field 'labels': key {self.labels.key!r} of labels "
+                f"{self.labels.name!r} is not a field of the request source {self.request.name!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -597,7 +625,9 @@ class Model:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], sources: Mapping[str, Source], labels: Mapping[str, Labels]) -> Model:
+    def from_dict(
+        cls, d: Mapping[str, Any], sources: Mapping[str, Source], labels: Mapping[str, Labels]
+    ) -> Model:
         return cls(
             name=d["name"],
             task=d["task"],
@@ -615,7 +645,13 @@ class Model:
 
 
 Definition = Source | Entity | FeatureView | Labels | Model
-KIND_OF: dict[type, str] = {Source: "source", Entity: "entity", FeatureView: "view", Labels: "labels", Model: "model"}
+KIND_OF: dict[type, str] = {
+    Source: "source",
+    Entity: "entity",
+    FeatureView: "view",
+    Labels: "labels",
+    Model: "model",
+}
 
 
 @dataclass(frozen=True)
@@ -636,7 +672,9 @@ class Project:
         _name(self.name, f"project {self.name!r}")
 
     @classmethod
-    def of(cls, name: str, definitions: Sequence[Definition], origins: Mapping[int, str] | None = None) -> Project:
+    def of(
+        cls, name: str, definitions: Sequence[Definition], origins: Mapping[int, str] | None = None
+    ) -> Project:
         """A project of ``definitions`` (Sources, Entities, FeatureViews, Labels, Models), validated.
 
         Objects a definition refers to (a view's source and entity, a model's labels) are part of the
@@ -657,7 +695,8 @@ class Project:
                     return
                 first = where_of.get(f"{kind}:{obj.name}", "?")
                 raise DefinitionError(
-                    f"{origin or 'project'}: {kind} {obj.name!r} is declared twice, differently (also in {first})"
+                    f"{origin or 'project'}: {kind} {obj.name!r} is declared twice, differently "
+                    f"(also in {first})"
                 )
             found[kind][obj.name] = obj
             if origin:
@@ -705,20 +744,24 @@ class Project:
         for model in self.models.values():
             with _located(self.where("model", model.name)):
                 model.check_fields()
-                for i, (view, feat) in enumerate(model.feature_refs):
+                for i, (view_name, feat) in enumerate(model.feature_refs):
                     where = f"model {model.name!r}, field 'features[{i}]'"
-                    if view not in self.views:
-                        raise DefinitionError(f"{where}: no feature view {view!r} (views: {', '.join(self.views)})")
-                    if (view, feat) not in features:
+                    found_view = self.views.get(view_name)
+                    if found_view is None:
                         raise DefinitionError(
-                            f"{where}: view {view!r} has no feature {feat!r} "
-                            f"(features: {', '.join(self.views[view].feature_names)})"
+                            f"{where}: no feature view {view_name!r} (views: {', '.join(self.views)})"
                         )
-                    key = self.views[view].entity_key
-                    if key not in model.request.fields:
+                    if (view_name, feat) not in features:
                         raise DefinitionError(
-                            f"{where}: the request source {model.request.name!r} has no field {key!r}, the join "
-                            f"key of entity {self.views[view].entity.name!r} that view {view!r} is kept per"
+                            f"{where}: view {view_name!r} has no feature {feat!r} "
+                            f"(features: {', '.join(found_view.feature_names)})"
+                        )
+                    if found_view.entity_key not in model.request.fields:
+                        raise DefinitionError(
+                            f"{where}: the request source {model.request.name!r} has no field "
+                            f"{found_view.entity_key!r}, the join key of entity "
+                            f"{found_view.entity.name!r} that view "
+                            f"{view_name!r} is kept per"
                         )
 
     def model_views(self, model: Model) -> list[FeatureView]:

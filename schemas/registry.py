@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from infra.admin import topic_exists
 from infra.errors import DefinitionError, SchemaError
 from infra.kafka import make_producer, read_to_end
 from infra.settings import CommonSettings
@@ -46,6 +47,8 @@ def latest(settings: CommonSettings) -> Registered | None:
     """The newest applied definitions, or None when nothing was applied yet."""
     newest: dict[str, Any] | None = None
     name = topic(settings, "registry")
+    if not topic_exists(settings.kafka_bootstrap, name):
+        return None
     for msg in read_to_end(settings, name, TOPICS["registry"].partitions):
         try:
             record = _decode(msg.value() or b"")
@@ -74,10 +77,13 @@ def load(settings: CommonSettings) -> Registered:
     found = latest(settings)
     if found is None:
         raise DefinitionError(
-            f"no definitions applied in namespace {settings.topic_prefix!r}: run 'tide apply --project DIR' first"
+            f"no definitions applied in namespace {settings.topic_prefix!r}: "
+            "run 'tide apply --project DIR' first"
         )
     register_schemas(found.project)
-    log.info("definitions of project %s, version %d (%s)", found.project.name, found.version, found.digest[:12])
+    log.info(
+        "definitions of project %s, version %d (%s)", found.project.name, found.version, found.digest[:12]
+    )
     return found
 
 
@@ -85,16 +91,19 @@ def publish(settings: CommonSettings, project: Project, version: int) -> Registe
     """Append ``project`` as registry ``version``; returns what was written once the broker has it."""
     applied_by = f"{getpass.getuser()}@{socket.gethostname()}"
     ts = int(time.time() * 1000)
+    digest = project.digest()
     record = {
         "project": project.name,
         "version": version,
-        "digest": project.digest(),
+        "digest": digest,
         "body": project.canonical_json().decode(),
         "applied_by": applied_by,
         "ts": ts,
     }
     producer = make_producer(settings)
-    producer.produce(topic(settings, "registry"), key=project.name.encode(), value=codec.encode("definitions", record))
+    producer.produce(
+        topic(settings, "registry"), key=project.name.encode(), value=codec.encode("definitions", record)
+    )
     if producer.flush(15):
         raise DefinitionError("the registry did not acknowledge the definitions within 15 s")
-    return Registered(version, record["digest"], project, applied_by, ts)
+    return Registered(version, digest, project, applied_by, ts)

@@ -1,77 +1,91 @@
-"""``tide produce``, ``tide tail`` and ``tide drift``: data in and out, and the drift scorer."""
+"""``tide produce``, ``tide tail`` and ``tide drift``: data in and out, and the drift scorer.
+
+Each loads the project's definitions from the registry (``schemas.registry.load``) and passes them down.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import sys
 from pathlib import Path
 
-from infra.console import AddCommand, emit, run_service
+from infra.console import AddCommand, emit, run_service, setup_logging, stop_event
 from infra.settings import CommonSettings, load
+from infra.topics import TOPICS
+
+
+def _stderr(line: object) -> None:
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from streams.produce import produce_file, produce_generated
+    from schemas import registry
+    from streams.produce import produce_file
+    from streams.sources import find_source
 
     settings = load(CommonSettings)
-    if args.file:
-        stats = produce_file(settings, Path(args.file))
-    elif args.score_url:
-        from examples.fraud.driver.traffic import TrafficConfig, drive
-
-        cfg = TrafficConfig(
-            events=args.count,
-            rate=args.rate,
-            drift_at=args.drift_at,
-            label_delay=args.label_delay,
-            seed=args.seed,
-        )
-        stats = asyncio.run(drive(cfg, settings, args.score_url.rstrip("/"))).summary()
-    else:
-        stats = produce_generated(
-            settings,
-            count=args.count,
-            rate=args.rate,
-            drift_at=args.drift_at,
-            label_delay=args.label_delay,
-            seed=args.seed,
-        )
-    emit(stats)
-    return 1 if stats.get("rejected") or stats.get("non_2xx") else 0
+    setup_logging(settings.log_level)
+    source = find_source(registry.load(settings).project, args.source)
+    summary = produce_file(
+        settings,
+        source,
+        Path(args.file),
+        fmt=args.format,
+        on_progress=None if args.quiet else _stderr,
+        on_rejected=_stderr,
+        progress_every_s=args.progress_every,
+    )
+    emit(summary)
+    return 1 if summary["rejected_count"] else 0
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    from schemas import registry
     from streams.tail import tail
 
     settings = load(CommonSettings)
-    for record in tail(settings, args.topic, max_records=args.max, follow=args.follow):
+    # Tide's own topics need no definitions (the registry itself, or dead letters before any apply).
+    project = None if args.topic in TOPICS else registry.load(settings).project
+    for record in tail(settings, args.topic, project=project, max_records=args.max, follow=args.follow):
         emit(record)
     return 0
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
+    from schemas import registry
     from streams.drift import DriftSettings, run
 
-    return run_service(DriftSettings, run)
+    stop = stop_event()
+    return run_service(DriftSettings, lambda settings: run(settings, registry.load(settings).project, stop))
 
 
 def add_commands(add: AddCommand) -> None:
     pr = add(
         "produce",
         cmd_produce,
-        "Produce card-transaction events (and their late labels) to Kafka, from "
-        "the built-in generator or a JSONL file.",
+        "Produce a file of records to a source's topic, keyed by the source's key field. Every record is "
+        "checked against the source's registered schema first (types, defaults, nulls, finite numbers); "
+        "when any is bad, each is reported with its line (record number for Avro) and nothing is sent. "
+        "Progress goes to stderr, a JSON summary to stdout; exit status 1 when records were rejected.",
     )
-    pr.add_argument("--file", help='JSONL file: one event per line, or {"label": {...}} lines for labels')
-    pr.add_argument("--count", type=int, default=10_000, help="generated events (default 10000)")
-    pr.add_argument("--rate", type=float, default=0.0, help="events per second; 0 = as fast as possible")
-    pr.add_argument("--drift-at", type=int, default=None, help="inject drift from this record index on")
-    pr.add_argument("--label-delay", type=int, default=200, help="labels arrive this many events later")
-    pr.add_argument("--seed", type=int, default=7)
+    pr.add_argument("source", help="the source's name, or its topic (without the prefix)")
     pr.add_argument(
-        "--score-url",
-        help="scoring service base URL (e.g. http://127.0.0.1:8000): score each event there before producing "
-        "it, as an application would at authorisation; the prediction log is what the trainer learns from",
+        "--file",
+        required=True,
+        help="JSON Lines (.jsonl, .ndjson, .json), CSV with a header row (.csv) or an Avro container (.avro)",
+    )
+    pr.add_argument(
+        "--format",
+        choices=("jsonl", "csv", "avro"),
+        default=None,
+        help="the file's format (default: by its name)",
+    )
+    pr.add_argument(
+        "--progress-every", type=float, default=1.0, help="seconds between progress lines (default 1)"
+    )
+    pr.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress lines (bad records are still listed)"
     )
 
     tl = add(
@@ -81,12 +95,14 @@ def add_commands(add: AddCommand) -> None:
     )
     tl.add_argument(
         "topic",
-        help="topic name without prefix: events, labels, predictions, models, deployments, "
-        "drift-alerts, dead-letter",
+        help=f"a source's name or topic, or one of Tide's topics ({', '.join(TOPICS)}); no prefix",
     )
     tl.add_argument("--max", type=int, default=None, help="stop after this many records")
     tl.add_argument("--follow", "-f", action="store_true", help="keep waiting for new records")
 
     add(
-        "drift", cmd_drift, "Run the drift scorer: compare live inputs and scores with the model's reference."
+        "drift",
+        cmd_drift,
+        "Run the drift scorer: every model's monitored inputs and output compared with the reference "
+        "profile of its version (PSI over a sliding window); alerts go to the drift-alerts topic.",
     )

@@ -1,12 +1,25 @@
-"""The drift scorer: live inputs and scores of the champion compared with its model's reference profile.
+"""The drift scorer: each model's live inputs and output compared with its reference profile.
 
-Each model version may carry a reference profile (one histogram per profiled feature and one of the
-scores, see :mod:`models.profile`). For every champion prediction the scorer pushes each profiled
-feature value and the score into a sliding window per histogram and, every ``drift_check_every``
-predictions, computes the population stability index (PSI) of each window against its reference. A PSI
-above the threshold on a full window raises one :class:`~schemas.records.DriftAlert` (rising edge only,
-re-armed once the PSI has fallen back below ``threshold * rearm_ratio``); every check also appends a
-compact stats point to the Redis stream ``{topic_prefix}tide:drift:{model}`` for dashboards.
+The scorer watches every model of the project (its definitions from the registry, passed down from the
+entry point). Each model version may carry a reference profile (one histogram per profiled input and
+one of the output, see :mod:`models.profile`). What is watched per model:
+
+- the inputs its definition names in ``monitor`` (each one the reference has a histogram of; an input
+  the profile could not histogram, e.g. a string, is logged once and left out);
+- its output, under :data:`models.profile.SCORE`: the prediction's ``score`` for every task. For binary
+  models that is the probability of ``True``, for regression the predicted value, and for multiclass
+  models the probability of the predicted class (top-class confidence). The multiclass choice: the
+  ``score`` is what every task's prediction and reference profile share, so no second profile convention
+  is needed, and falling confidence is how a multiclass model meets inputs unlike its training data.
+
+For every champion prediction of a watched model the scorer pushes each watched value into a sliding
+window per histogram and, every ``drift_check_every`` predictions of that model, computes the
+population stability index (PSI) of each full window against its reference. A PSI above the threshold
+raises one :class:`~schemas.records.DriftAlert` naming the model, the version whose reference was
+compared and the input (rising edge only, re-armed once the PSI has fallen back below
+``threshold * rearm_ratio``); every check also appends a compact stats point to the Redis stream
+``{topic_prefix}tide:drift:{model}`` for dashboards. A prediction is compared with its own version's
+reference when that version has one, else with the model's newest reference.
 
 Alerts are produced in the processor's Kafka transaction, so they are committed exactly once with the
 consumed offsets. Stats points are best-effort and may repeat after a crash.
@@ -17,7 +30,6 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import signal
 import threading
 import time
 import uuid
@@ -25,23 +37,23 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from types import FrameType
 from typing import Any, Protocol
 
 import redis
 from prometheus_client import Counter, Gauge
 from pydantic import Field
 
-from infra.errors import StreamError
-from infra.metrics import serve_metrics
-from infra.settings import CommonSettings
-from models.profile import SCORE, as_number, psi
-from schemas import codec
-from schemas.records import DriftAlert, Histogram
 from infra import processor
 from infra.deadletter import KafkaDeadLetters
+from infra.errors import StreamError
 from infra.kafka import make_consumer, make_transactional_producer, read_to_end
+from infra.metrics import serve_metrics
+from infra.settings import CommonSettings
 from infra.topics import TOPICS, topic
+from models.profile import SCORE, as_number, psi
+from schemas import codec
+from schemas.definitions import Model, Project
+from schemas.records import DriftAlert, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -266,11 +278,23 @@ class RedisStatsSink:
             log.warning("dropped %d drift stats points: %s", len(points), exc)
 
 
+def watched(model: Model) -> tuple[str, ...]:
+    """What the scorer compares for ``model``: its monitored inputs, then its output (:data:`SCORE`)."""
+    return (*model.monitor, SCORE)
+
+
+def output_value(record: Mapping[str, Any]) -> Any:
+    """The output of a prediction that is compared with the reference's output histogram: ``score`` for
+    every task (multiclass: the probability of the predicted class; see the module docstring)."""
+    return record["score"]
+
+
 class DriftStep:
     """Stream step ``drift``: model versions set references, champion predictions feed the detectors.
 
-    A prediction is compared with its own version's reference when known, else its model's latest
-    (highest version). Rising edges are produced as ``drift_alert`` records to ``alerts_topic``.
+    Only the models of ``project`` are watched, each on :func:`watched` (its monitored inputs and its
+    output). A prediction is compared with its own version's reference when known, else its model's
+    latest (highest version). Rising edges are produced as ``drift_alert`` records to ``alerts_topic``.
     """
 
     name = STEP_NAME
@@ -278,6 +302,7 @@ class DriftStep:
     def __init__(
         self,
         settings: DriftSettings,
+        project: Project,
         producer: AlertProducer,
         alerts_topic: str,
         stats_sink: StatsSink | None = None,
@@ -285,6 +310,8 @@ class DriftStep:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
+        self._definitions: Mapping[str, Model] = project.models
+        self._unwatched: set[tuple[str, int]] = set()  # (model, version) whose missing histograms were logged
         self._producer = producer
         self._alerts_topic = alerts_topic
         self._stats_sink = stats_sink
@@ -325,6 +352,9 @@ class DriftStep:
     # -- records ---------------------------------------------------------------------------------------
 
     def _on_model_version(self, record: Mapping[str, Any]) -> None:
+        if record["model"] not in self._definitions:
+            log.debug("model %s v%s is not a model of the project", record["model"], record["version"])
+            return
         ref = Reference.from_model_version(record)
         if ref is None:
             log.debug("model %s v%s has no reference profile", record["model"], record["version"])
@@ -360,10 +390,24 @@ class DriftStep:
         )
 
     def _build(self, ref: Reference) -> _Monitor:
+        """Detectors of what the model watches that ``ref`` has a histogram of."""
         s = self._settings
+        names = watched(self._definitions[ref.model])
+        missing = [n for n in names if n not in ref.histograms]
+        if missing and (ref.model, ref.version) not in self._unwatched:
+            self._unwatched.add((ref.model, ref.version))
+            log.warning(
+                "model %s v%d: the reference profile has no histogram of %s; not watched",
+                ref.model,
+                ref.version,
+                ", ".join(missing),
+            )
         detectors = {
-            name: PsiDriftDetector(hist, s.drift_window, s.drift_psi_threshold, s.drift_rearm_ratio)
-            for name, hist in ref.histograms.items()
+            name: PsiDriftDetector(
+                ref.histograms[name], s.drift_window, s.drift_psi_threshold, s.drift_rearm_ratio
+            )
+            for name in names
+            if name in ref.histograms
         }
         return _Monitor(ref, detectors)
 
@@ -396,14 +440,16 @@ class DriftStep:
         monitor = self._monitor_for(record["model"], int(record["version"]))
         if monitor is None:
             return
-        features = record["features"]
+        inputs = record["features"]
         values: dict[str, float] = {}
         for name in monitor.detectors:  # convert all first: a bad value must not update half the windows
-            raw = record["score"] if name == SCORE else features.get(name)
+            raw = output_value(record) if name == SCORE else inputs.get(name)
             try:
                 values[name] = as_number(raw)
             except (TypeError, ValueError):
-                raise StreamError(f"feature {name!r} is not numeric: {raw!r}") from None
+                raise StreamError(
+                    f"model {record['model']} v{record['version']}: input {name!r} is not numeric: {raw!r}"
+                ) from None
         for name, value in values.items():
             monitor.detectors[name].update(value)
         monitor.seen += 1
@@ -446,7 +492,7 @@ class DriftStep:
         )
         DRIFT_ALERTS.labels(ref.model, detector.name).inc()
         log.warning(
-            "drift alert %s: model %s v%d feature %s psi %.3f > %.3f (window %d, trigger event %s)",
+            "drift alert %s: model %s v%d input %s psi %.3f > %.3f (window %d, trigger event %s)",
             alert["alert_id"],
             ref.model,
             ref.version,
@@ -482,7 +528,7 @@ def replay_references(settings: DriftSettings, step: DriftStep, *, timeout_s: fl
     try:
         for msg in read_to_end(settings, name, TOPICS["models"].partitions, timeout_s=timeout_s):
             try:
-                step.handle(processor.decode_message(msg, "model_version"))
+                step.handle(processor.decode_message(msg, "model_version", codec.decode_named))
             except Exception as exc:  # the group consumer dead-letters it, if it is still ahead of it
                 log.warning(
                     "replay %s partition %s offset %s skipped: %s", name, msg.partition(), msg.offset(), exc
@@ -495,34 +541,20 @@ def replay_references(settings: DriftSettings, step: DriftStep, *, timeout_s: fl
     return read
 
 
-def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
-    """Set ``stop`` on SIGTERM/SIGINT (main thread only); returns a function restoring the old handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+def run(settings: DriftSettings, project: Project, stop: threading.Event | None = None) -> None:
+    """Watch every model of ``project`` until ``stop`` is set.
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %s: stopping step %s", signal.Signals(signum).name, STEP_NAME)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def restore() -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-    return restore
-
-
-def run(settings: DriftSettings, stop: threading.Event | None = None) -> None:
-    """Run the drift scorer until ``stop`` is set (or SIGTERM/SIGINT when run in the main thread)."""
+    ``project`` is what the registry holds (``schemas.registry.load``) and ``stop`` the entry point's
+    stop event (``infra.console.stop_event``: SIGTERM and SIGINT set it); both are passed down.
+    """
     stop = stop if stop is not None else threading.Event()
-    restore = _stop_on_signals(stop)
     serve_metrics(settings)
     client = redis.Redis.from_url(settings.redis_url)
+    log.info("watching models %s of project %s", ", ".join(sorted(project.models)) or "(none)", project.name)
     try:
         producer = make_transactional_producer(settings, transactional_id(settings))
         sink = RedisStatsSink(client, namespace=settings.topic_prefix)
-        step = DriftStep(settings, producer, topic(settings, "drift-alerts"), sink)
+        step = DriftStep(settings, project, producer, topic(settings, "drift-alerts"), sink)
         replay_references(settings, step)
         consumer = make_consumer(settings, settings.drift_group)
         dlq = KafkaDeadLetters(producer, topic(settings, "dead-letter"))
@@ -530,7 +562,6 @@ def run(settings: DriftSettings, stop: threading.Event | None = None) -> None:
             topic(settings, "predictions"): "prediction",
             topic(settings, "models"): "model_version",
         }
-        processor.run(step, consumer, producer, dlq, expected, stop)
+        processor.run(step, consumer, producer, dlq, expected, stop, codec.decode_named)
     finally:
         client.close()
-        restore()

@@ -1,4 +1,5 @@
-"""Reading a topic back as decoded records (``tide tail``)."""
+"""Reading a topic back as decoded records (``tide tail``): any of Tide's own topics, or any source of
+the project, named by the source's name or its topic."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from typing import Any
 from confluent_kafka import Message
 
 from infra.errors import StreamError
-from infra.settings import CommonSettings
-from schemas import codec
 from infra.kafka import messages, read_to_end, reader_from_beginning
-from infra.topics import TOPICS, topic
+from infra.settings import CommonSettings
+from infra.topics import TOPICS, prefixed, topic
+from schemas import codec
+from schemas.definitions import Project
+from streams.sources import find_source
 
 
 def _printable(value: Any) -> Any:
@@ -45,23 +48,49 @@ def decoded(msg: Message, record: str | None) -> dict[str, Any]:
     return out
 
 
-def tail(
-    settings: CommonSettings, name: str, *, max_records: int | None = None, follow: bool = False
-) -> Iterator[dict[str, Any]]:
-    """Yield records of topic ``name`` (short name) from the beginning, decoded, with their position.
+def resolve(settings: CommonSettings, name: str, project: Project | None) -> tuple[str, int, str | None]:
+    """(full topic name, partitions, record name or None for raw) of ``name``: one of Tide's own topics
+    (:data:`infra.topics.TOPICS`), else a source of ``project`` by name or by topic."""
+    spec = TOPICS.get(name)
+    if spec is not None:
+        return topic(settings, name), spec.partitions, spec.record
+    if project is None:
+        raise StreamError(f"unknown topic {name!r}; Tide's topics: {', '.join(TOPICS)}")
+    source = find_source(project, name)
+    return prefixed(settings, source.topic_name), source.partitions, source.name
 
-    Stops at the topic's current end, or after ``max_records``; with ``follow`` it waits for more.
+
+def tail(
+    settings: CommonSettings,
+    name: str,
+    *,
+    project: Project | None = None,
+    max_records: int | None = None,
+    follow: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """Yield records of ``name`` from the beginning, decoded, with their position.
+
+    ``name`` is one of Tide's topics (short name) or, with ``project``, a source's name or topic (its
+    records decode with every schema version the registry holds). Stops at the topic's current end, or
+    after ``max_records``; with ``follow`` it waits for more.
     """
-    if name not in TOPICS:
-        raise StreamError(f"unknown topic {name!r}; one of {', '.join(TOPICS)}")
-    spec = TOPICS[name]
-    full = topic(settings, name)
-    if follow:
-        consumer = reader_from_beginning(settings, full, spec.partitions)
-        source: Iterator[Message] = (m for batch in messages(consumer) for m in batch)
-    else:
-        source = read_to_end(settings, full, spec.partitions)
+    full, partitions, record = resolve(settings, name, project)
+    if max_records is not None and max_records <= 0:
+        return
+    if not follow:
+        yield from _decoded(read_to_end(settings, full, partitions), record, max_records)
+        return
+    consumer = reader_from_beginning(settings, full, partitions)
+    try:
+        yield from _decoded((m for batch in messages(consumer) for m in batch), record, max_records)
+    finally:
+        consumer.close()
+
+
+def _decoded(
+    source: Iterator[Message], record: str | None, max_records: int | None
+) -> Iterator[dict[str, Any]]:
     for seen, msg in enumerate(source, 1):
-        yield decoded(msg, spec.record)
+        yield decoded(msg, record)
         if max_records is not None and seen >= max_records:
             return

@@ -17,13 +17,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from infra.errors import DefinitionError, StreamError
 from infra.imports import add_code_path
-from infra.kafka import make_producer
 from infra.settings import CommonSettings, load
-from infra.topics import prefixed
-from schemas import codec, registry
+from schemas import registry
 from schemas.definitions import Project
+from streams.produce import SourceProducer
+from streams.sources import find_source
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +41,14 @@ class Client:
         add_code_path(settings.project)
         return cls(settings, found.project, found.version)
 
-    def produce(self, source: str, records: Iterable[Mapping[str, Any]], *, flush_s: float = 30.0) -> int:
-        """Validate each record against ``source``'s schema and produce it, keyed by the source's key.
+    def produce(self, source: str, records: Iterable[Mapping[str, Any]], *, flush_s: float = 60.0) -> int:
+        """Check each record against ``source``'s schema and produce it, keyed by the source's key.
 
-        Raises :class:`SchemaError` naming the record and field before anything is sent for that
-        record; returns how many were produced once the broker has acknowledged them all.
+        A bad record raises :class:`SchemaError` naming the field before it is sent (those before it are
+        sent); returns how many were produced once the broker has acknowledged them all.
         """
-        spec = self.project.sources.get(source)
-        if spec is None:
-            raise DefinitionError(f"no source {source!r} (sources: {', '.join(self.project.sources)})")
-        producer = make_producer(self.settings)
-        name = prefixed(self.settings, spec.topic_name)
-        failed: list[str] = []
-
-        def on_delivery(err: Any, msg: Any) -> None:
-            if err is not None:
-                failed.append(str(err))
-
-        sent = 0
+        producer = SourceProducer(self.settings, find_source(self.project, source))
         for record in records:
-            payload = codec.encode(spec.name, record)
-            producer.produce(name, key=str(record[spec.key]).encode(), value=payload, on_delivery=on_delivery)
-            sent += 1
-            if sent % 10_000 == 0:
-                producer.poll(0)
-        if producer.flush(flush_s) or failed:
-            raise StreamError(f"{source}: {len(failed)} records not delivered: {failed[:3]}")
-        return sent
+            producer.send(record)
+        producer.flush(flush_s)
+        return producer.sent

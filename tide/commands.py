@@ -86,6 +86,25 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_registry(args: argparse.Namespace) -> int:
+    from schemas import registry
+
+    found = registry.latest(load(CommonSettings))
+    if found is None:
+        raise ConfigError("no definitions applied in this namespace: run 'tide apply' first")
+    emit(
+        {
+            "project": found.project.name,
+            "version": found.version,
+            "digest": found.digest,
+            "applied_by": found.applied_by,
+            "ts": found.ts,
+            "body": found.project.to_dict(),
+        }
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tide.demo import DemoConfig, run_demo
 
@@ -123,6 +142,11 @@ def add_commands(add: AddCommand) -> None:
     ):
         sp = add(name, fn, help_)
         sp.add_argument("--project", default=None, help="project folder (default: TIDE_PROJECT)")
+    add(
+        "registry",
+        cmd_registry,
+        "Print the definitions every service runs (the newest applied version, with its digest) as JSON.",
+    )
     de = add("demo", cmd_demo, "Run the whole loop on the embedded stack and write a report to out/demo/.")
     de.add_argument("--duration", type=float, default=90.0, help="seconds of traffic (default 90)")
     de.add_argument("--rate", type=float, default=200.0, help="events per second (default 200)")

@@ -6,18 +6,27 @@ Steps (each name is the operator's name in Flink's UI and in logs)::
            -> key by (entity field, bucket) -> fold (batched APPLY_SCRIPT, pipelined) -> stats
                                \\-> dead letters (undecodable or later than the allowed lateness)
 
-Sources:
+Definitions: ``--definitions project.json``, the project's definitions as the registry holds them
+(:meth:`schemas.definitions.Project.to_dict`, e.g. the ``body`` of the newest ``definitions`` record),
+and ``--source NAME``, the source whose views the job keeps (default: the only source with views). Its
+records are decoded with every schema version the document carries.
+
+Inputs:
 
 - ``--input events.jsonl`` (local mini-cluster, tests): one event per line, as JSON; the line's index is
   its position and the file is partition 0 of input ``--input-name`` (default: the file's stem).
-- ``--kafka host:port --topic events`` (the compose image only: it needs the ``flink-sql-connector-kafka``
+- ``--kafka host:port [--topic T]`` (the compose image only: it needs the ``flink-sql-connector-kafka``
   jar, which is not obtainable on a development machine): Flink's Kafka SQL connector with the record's
-  ``partition`` and ``offset`` metadata, Avro-decoded here; positions are the Kafka offsets.
+  ``partition`` and ``offset`` metadata, Avro-decoded here; positions are the Kafka offsets. The topic
+  defaults to the namespace + the source's topic.
 
 Guarantees (docs/2026-11-21-flink.md):
 
-- Exactly-once *effect* on the Redis tiles. Lateness is decided per source partition, in partition order,
-  by the shared rule (:func:`features.tiles.split_late`), with the partition's watermark in Flink state.
+- Exactly-once *effect* on the Redis tiles. Poison records (a field a view reads missing, null, of the
+  wrong type, NaN or infinite; an event further ahead of the wall clock than the source's
+  ``max_future_skew``) are dead letters, by the shared admission check (:mod:`features.admission`).
+  Lateness is decided per source partition, in partition order, by the shared rule
+  (:func:`features.tiles.split_late`), with the partition's watermark in Flink state.
   Entities are spread over ``--buckets`` stable hash buckets (crc32), and each (partition, entity field,
   bucket) is one ordered position source ``flink:{input}:{partition}:{field}:{bucket}`` in the source's
   offsets hash, shared by the views of that entity field: its records reach one fold operator in
@@ -59,11 +68,11 @@ from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 from pyflink.java_gateway import get_gateway
 
 from features import tiles
-from schemas.definitions import VIEWS, FeatureView
+from features.admission import Admission
 from features.store import APPLIED, APPLY_SCRIPT, apply_command, offsets_key
-from schemas import codec
 from infra.letters import DeadLetter
-from infra.topics import TOPICS
+from schemas import codec
+from schemas.definitions import FeatureView, Project, Source
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +87,10 @@ class JobConfig:
     """Everything the job needs, built once in :func:`main` and shipped to the operators."""
 
     redis_url: str
+    definitions: str  # the project's definitions, as JSON (Project.to_dict())
+    source: str  # the name of the source whose views the job keeps
     namespace: str = ""
-    source: str = "events"  # the logical source (a key of infra.topics.TOPICS): selects the views
-    input_name: str = "events"  # names the position sources; the Kafka topic, or the input file's stem
+    input_name: str = "input"  # names the position sources; the Kafka topic, or the input file's stem
     buckets: int = 64
     batch: int = 1000  # records per bucket before a flush
     flush_ms: int = 200  # the longest a record waits in a bucket's buffer
@@ -92,8 +102,11 @@ class JobConfig:
     dead_letter_topic: str = "dead-letter"
 
     def __post_init__(self) -> None:
-        if self.source not in TOPICS or TOPICS[self.source].record is None:
-            raise ValueError(f"--source {self.source!r}: not a topic with records ({sorted(TOPICS)})")
+        project = self.project
+        if self.source not in project.sources:
+            raise ValueError(
+                f"--source {self.source!r}: not a source of the project ({sorted(project.sources)})"
+            )
         if not self.views:
             raise ValueError(f"--source {self.source!r}: no feature view reads it")
         for key in ("buckets", "batch", "flush_ms"):
@@ -103,12 +116,24 @@ class JobConfig:
             raise ValueError(f"--input-name {self.input_name!r} must not contain ':'")
 
     @property
+    def project(self) -> Project:
+        """The definitions (parsed again where asked: the config travels to the workers as JSON)."""
+        return Project.from_dict(json.loads(self.definitions))
+
+    @property
     def views(self) -> list[FeatureView]:
-        return [v for v in VIEWS.values() if v.source == self.source]
+        return [v for v in self.project.views.values() if v.source_name == self.source]
 
     @property
     def record(self) -> str:
-        return str(TOPICS[self.source].record)
+        """The codec's name of the source's records (the source's name)."""
+        return self.source
+
+    def register_schemas(self) -> Source:
+        """Makes the source's schema versions known to this process's codec; returns the source."""
+        source = self.project.sources[self.source]
+        codec.register(source.name, list(source.versions))
+        return source
 
 
 def bucket_of(entity: str, buckets: int) -> int:
@@ -126,7 +151,7 @@ def entity_groups(views: Sequence[FeatureView]) -> dict[str, list[FeatureView]]:
     """Views by entity field: an event is routed once per entity it aggregates into."""
     out: dict[str, list[FeatureView]] = defaultdict(list)
     for view in views:
-        out[view.entity].append(view)
+        out[view.entity_key].append(view)
     return dict(out)
 
 
@@ -162,8 +187,10 @@ class Admit(KeyedProcessFunction):
         self.config = config
 
     def open(self, runtime_context: RuntimeContext) -> None:
+        self.config.register_schemas()
         self.views = self.config.views
         self.groups = entity_groups(self.views)
+        self.admission = Admission.of_source(self.views)
         self.watermark = runtime_context.get_state(ValueStateDescriptor("watermark", Types.LONG()))
 
     def process_element(self, value: Any, ctx: KeyedProcessFunction.Context) -> Iterator[Any]:
@@ -179,6 +206,11 @@ class Admit(KeyedProcessFunction):
         except Exception as exc:
             raw = payload.encode() if isinstance(payload, str) else payload
             yield DEAD_LETTERS, dead_letter("flink.decode", str(exc), type(exc).__name__, key, raw, where)
+            return
+        rejection = self.admission.check(event, int(time.time() * 1000))
+        if rejection is not None:  # poison: never folded, never moves the watermark
+            letter = dead_letter("flink.admit", rejection.reason, rejection.error_type, key, payload, where)
+            yield DEAD_LETTERS, letter
             return
         before = self.watermark.value()
         before = tiles.NO_WATERMARK if before is None else before
@@ -222,8 +254,9 @@ class Fold(KeyedProcessFunction):
         self.config = config
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        self.views = {v.name: v for v in self.config.views}
-        self.groups = entity_groups(self.config.views)
+        views = self.config.views
+        self.views = {v.name: v for v in views}
+        self.groups = entity_groups(views)
         self.client = redis.Redis.from_url(self.config.redis_url)
         self.script = self.client.register_script(APPLY_SCRIPT)
         self.positions: dict[str, int] = {}  # position source -> applied position
@@ -467,10 +500,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[JobConfig, Path | Non
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--input", type=Path, help="JSONL events: run on a local mini-cluster")
     where.add_argument("--kafka", help="bootstrap servers, host:port (the compose image only)")
-    p.add_argument("--topic", help="the Kafka topic (default: the namespace + --source)")
+    p.add_argument("--definitions", type=Path, required=True, help="the project's definitions (JSON)")
+    p.add_argument("--source", help="the source whose views to keep (default: the only one with views)")
+    p.add_argument("--topic", help="the Kafka topic (default: the namespace + the source's topic)")
     p.add_argument("--redis-url", required=True)
     p.add_argument("--namespace", default="", help="key prefix of the deployment (its topic prefix)")
-    p.add_argument("--source", default="events", help="the logical source; selects the views")
     p.add_argument("--input-name", help="names the position sources (default: the topic or file stem)")
     p.add_argument("--buckets", type=int, default=JobConfig.buckets)
     p.add_argument("--batch", type=int, default=JobConfig.batch)
@@ -482,18 +516,39 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[JobConfig, Path | Non
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    topic = a.topic or a.namespace + a.source
+    try:
+        document = json.loads(a.definitions.read_text(encoding="utf-8"))
+        if "body" in document:  # a registry record: its body is the definitions
+            body = document["body"]  # a string in the record, an object in `tide registry` output
+            document = body if isinstance(body, dict) else json.loads(body)
+        project = Project.from_dict(document)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        p.error(f"--definitions {a.definitions}: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # DefinitionError names the object and field
+        p.error(f"--definitions {a.definitions}: {exc}")
+    source = a.source or _only_source(p, project)
+    if source not in project.sources:
+        p.error(f"--source {source!r}: not a source of the project ({sorted(project.sources)})")
+    topic = a.topic or a.namespace + project.sources[source].topic_name
     name = a.input_name or (a.input.stem if a.input is not None else topic)
     try:
         config = JobConfig(
-            redis_url=a.redis_url, namespace=a.namespace, source=a.source, input_name=name,
-            buckets=a.buckets, batch=a.batch, flush_ms=a.flush_ms, parallelism=a.parallelism,
-            checkpoint_ms=a.checkpoint_ms, kafka=a.kafka, topic=topic if a.kafka else None, group=a.group,
+            redis_url=a.redis_url, definitions=json.dumps(project.to_dict()), source=source,
+            namespace=a.namespace, input_name=name, buckets=a.buckets, batch=a.batch, flush_ms=a.flush_ms,
+            parallelism=a.parallelism, checkpoint_ms=a.checkpoint_ms, kafka=a.kafka,
+            topic=topic if a.kafka else None, group=a.group,
             dead_letter_topic=a.dead_letter_topic or a.namespace + "dead-letter",
         )  # fmt: skip
     except ValueError as exc:
         p.error(str(exc))
     return config, a.input
+
+
+def _only_source(p: argparse.ArgumentParser, project: Project) -> str:
+    with_views = sorted({v.source_name for v in project.views.values()})
+    if len(with_views) != 1:
+        p.error(f"pass --source (sources with views: {', '.join(with_views) or 'none'})")
+    return with_views[0]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -503,6 +558,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_kafka(config)
         return
     started = time.perf_counter()
+    config.register_schemas()  # file lines are encoded and decoded in the admit operator
     lines = read_lines(path)
     totals = run_local(config, lines)
     # stdout, not the log: in local runs Beam's worker takes over the root logger's handlers

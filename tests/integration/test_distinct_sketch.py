@@ -8,14 +8,17 @@ import time
 import pytest
 
 from features import aggregations
-from schemas.definitions import CARD_ACTIVITY
 from features.store import RedisOnlineStore
 from infra.settings import CommonSettings
+from schemas.definitions import Project
 
 pytestmark = pytest.mark.integration
 
 
-async def test_redis_merges_the_sketch_as_python_does(settings: CommonSettings) -> None:
+async def test_redis_merges_the_sketch_as_python_does(
+    settings: CommonSettings, fraud_project: Project
+) -> None:
+    view = fraud_project.views["card_activity"]  # merchants_1h: distinct merchant_id
     store = RedisOnlineStore.from_url(settings.redis_url, settings.topic_prefix)
     now = int(time.time() * 1000)
     tile_start = now - now % 60_000
@@ -28,8 +31,8 @@ async def test_redis_merges_the_sketch_as_python_does(settings: CommonSettings) 
                 {"card_id": "card-k", "amount": 1.0, "merchant_id": m, "ts": tile_start + i % 1000}
                 for i, m in enumerate(batch)
             ]
-            assert await store.apply(CARD_ACTIVITY, source, events, position - 1, position, tile_start)
-        [row] = await store.read(CARD_ACTIVITY, ["card-k"], now_ms=now)
+            assert await store.apply(view, source, events, position - 1, position, tile_start)
+        [row] = await store.read(view, ["card-k"], now_ms=now)
     finally:
         await store.close()
     hashes = {aggregations.value_hash(m) for m in merchants}

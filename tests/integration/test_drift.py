@@ -1,4 +1,5 @@
-"""The drift scorer against the real broker and Redis: alerts after a shift, dead letters, replay."""
+"""The drift scorer against the real broker and Redis: alerts after a shift, dead letters, replay, and a
+project of two models watched at once."""
 
 from __future__ import annotations
 
@@ -13,23 +14,27 @@ import pytest
 import redis
 from confluent_kafka import Message, Producer
 
-from tide.embedded import StackInfo
-from examples.fraud.model import PROFILED
-from models.profile import build_profile
-from schemas import codec
-from streams import drift
-from streams.drift import DriftSettings, DriftStep
 from infra.kafka import make_producer, reader_from_beginning
 from infra.topics import ensure_topics, topic
+from models.profile import SCORE, build_profile
+from schemas import codec, registry
+from schemas.definitions import Labels, Model, Project, Source
+from streams import drift
+from streams.drift import DriftSettings, DriftStep
+from tide.embedded import StackInfo
+from tide.plan import apply
 
 pytestmark = pytest.mark.integration
 
 SHIFT_AT = 1500
 TOTAL = 3000
+MODEL = "fraud"  # the fraud example's model: it monitors amount and card_present
+PROFILED = ("amount", "card_present", "amount_mean_1h")  # what its reference profiles hold
 
 
 @pytest.fixture
 def settings(stack: StackInfo, topic_prefix: str, tmp_path: Path) -> DriftSettings:
+    """The scorer's settings on this test's namespace (the ``fraud`` fixture applies the example on it)."""
     s = stack.settings(
         DriftSettings, topic_prefix=topic_prefix, state_dir=tmp_path, drift_group=topic_prefix + "drift"
     )
@@ -38,8 +43,9 @@ def settings(stack: StackInfo, topic_prefix: str, tmp_path: Path) -> DriftSettin
 
 
 @pytest.fixture
-def model(topic_prefix: str) -> str:
-    return "fraud-" + topic_prefix.rstrip(".")
+def project(fraud: DriftSettings) -> Project:
+    """What the scorer's entry point passes down: the definitions the registry holds."""
+    return registry.load(fraud).project
 
 
 def _rows(rng: np.random.Generator, n: int, amount_scale: float = 1.0) -> list[dict[str, Any]]:
@@ -52,32 +58,42 @@ def _rows(rng: np.random.Generator, n: int, amount_scale: float = 1.0) -> list[d
     ]
 
 
-def _publish_model(settings: DriftSettings, producer: Producer, model: str, rng: np.random.Generator) -> None:
-    rows = _rows(rng, 2000)
+def _model_version(
+    model: str,
+    rows: list[dict[str, Any]],
+    scores: list[float],
+    profiled: tuple[str, ...],
+    task: str = "binary",
+) -> bytes:
     record = {
         "model": model,
         "version": 1,
         "flavor": "river",
+        "task": task,
         "artifact": b"",
         "sha256": "0" * 64,
-        "feature_names": list(PROFILED),
+        "feature_names": list(profiled),
         "metric_name": "logloss",
         "trained_on": len(rows),
-        "reference": build_profile(rows, list(rng.beta(1, 20, len(rows))), PROFILED),
+        "reference": build_profile(rows, scores, profiled),
         "created_ts": int(time.time() * 1000),
     }
-    producer.produce(
-        topic(settings, "models"), key=model.encode(), value=codec.encode("model_version", record)
-    )
+    return codec.encode("model_version", record)
 
 
-def _prediction(model: str, i: int, row: dict[str, Any], score: float) -> bytes:
+def _publish_model(settings: DriftSettings, producer: Producer, model: str, rng: np.random.Generator) -> None:
+    rows = _rows(rng, 2000)
+    record = _model_version(model, rows, list(rng.beta(1, 20, len(rows))), PROFILED)
+    producer.produce(topic(settings, "models"), key=model.encode(), value=record)
+
+
+def _prediction(model: str, i: int, row: dict[str, Any], score: float, entities: dict[str, str]) -> bytes:
     return codec.encode(
         "prediction",
         {
             "request_id": f"r{i}",
             "event_id": f"e{i:05d}",
-            "entity": "card-1",
+            "entities": entities,
             "model": model,
             "version": 1,
             "arm": "champion",
@@ -89,6 +105,10 @@ def _prediction(model: str, i: int, row: dict[str, Any], score: float) -> bytes:
     )
 
 
+def _card(model: str, i: int, row: dict[str, Any], score: float) -> bytes:
+    return _prediction(model, i, row, score, {"card_id": "card-1"})
+
+
 class Runner:
     """Runs ``drift.run`` in a thread; ``stop`` joins it and re-raises what it raised."""
 
@@ -97,10 +117,12 @@ class Runner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._errors: list[BaseException] = []
+        self.project: Project | None = None
 
     def _target(self) -> None:
+        assert self.project is not None, "set the runner's project first"
         try:
-            drift.run(self._settings, self._stop)
+            drift.run(self._settings, self.project, self._stop)
         except BaseException as exc:
             self._errors.append(exc)
 
@@ -157,7 +179,9 @@ def _read_all(
     return got
 
 
-def test_alert_after_shift_and_dead_letter(settings: DriftSettings, model: str, runner: Runner) -> None:
+def test_alert_after_shift_and_dead_letter(settings: DriftSettings, project: Project, runner: Runner) -> None:
+    model = MODEL
+    runner.project = project
     rng = np.random.default_rng(2024)
     producer = make_producer(settings)
     _publish_model(settings, producer, model, rng)
@@ -166,9 +190,7 @@ def test_alert_after_shift_and_dead_letter(settings: DriftSettings, model: str, 
     scores = rng.beta(1, 20, TOTAL)
     for i, (row, score) in enumerate(zip(rows, scores, strict=True)):
         # One partition: the shift must reach the scorer in order for "no alert before it" to hold.
-        producer.produce(
-            predictions, key=b"card-1", value=_prediction(model, i, row, float(score)), partition=0
-        )
+        producer.produce(predictions, key=b"card-1", value=_card(model, i, row, float(score)), partition=0)
         if i == 100:
             producer.produce(predictions, key=b"bad", value=b"definitely not avro", partition=0)
     assert producer.flush(30) == 0
@@ -178,7 +200,15 @@ def test_alert_after_shift_and_dead_letter(settings: DriftSettings, model: str, 
     points = _wait_for_points(settings, model, TOTAL // settings.drift_check_every)
     assert len(points) == TOTAL // settings.drift_check_every
     _, last = points[-1]
-    assert {k.decode() for k in last} == {"ts", "version", "trigger_event_id", *PROFILED, "__score__"}
+    # The monitored inputs and the output; amount_mean_1h is in the reference but not monitored.
+    assert {k.decode() for k in last} == {
+        "ts",
+        "version",
+        "trigger_event_id",
+        "amount",
+        "card_present",
+        SCORE,
+    }
     assert last[b"version"] == b"1" and last[b"trigger_event_id"] == f"e{TOTAL - 1:05d}".encode()
     assert float(last[b"amount"]) > settings.drift_psi_threshold > float(last[b"card_present"])
 
@@ -213,9 +243,7 @@ def test_alert_after_shift_and_dead_letter(settings: DriftSettings, model: str, 
     runner.start()
     more = zip(_rows(rng, 1000, amount_scale=3.0), rng.beta(1, 20, 1000), strict=True)
     for i, (row, score) in enumerate(more, start=TOTAL):
-        producer.produce(
-            predictions, key=b"card-1", value=_prediction(model, i, row, float(score)), partition=0
-        )
+        producer.produce(predictions, key=b"card-1", value=_card(model, i, row, float(score)), partition=0)
     assert producer.flush(30) == 0
     _wait_for_points(settings, model, (TOTAL + 1000) // settings.drift_check_every)
     alerts = [
@@ -229,14 +257,15 @@ def test_alert_after_shift_and_dead_letter(settings: DriftSettings, model: str, 
     )
 
 
-def test_replay_references_reads_models_topic_to_its_end(settings: DriftSettings, model: str) -> None:
+def test_replay_references_reads_models_topic_to_its_end(settings: DriftSettings, project: Project) -> None:
+    model = MODEL
     rng = np.random.default_rng(7)
     producer = make_producer(settings)
     for _ in range(3):
         _publish_model(settings, producer, model, rng)
     producer.produce(topic(settings, "models"), value=b"garbage")
     assert producer.flush(30) == 0
-    step = DriftStep(settings, Producerless(), topic(settings, "drift-alerts"))
+    step = DriftStep(settings, project, Producerless(), topic(settings, "drift-alerts"))
     started = time.monotonic()
     assert drift.replay_references(settings, step, timeout_s=20) == 3
     assert time.monotonic() - started < 10  # ended at the partition's end, not by the timeout
@@ -244,8 +273,8 @@ def test_replay_references_reads_models_topic_to_its_end(settings: DriftSettings
     assert ref is not None and ref.version == 1 and ref.size == 2000
 
 
-def test_replay_references_of_an_empty_topic_ends(settings: DriftSettings) -> None:
-    step = DriftStep(settings, Producerless(), topic(settings, "drift-alerts"))
+def test_replay_references_of_an_empty_topic_ends(settings: DriftSettings, project: Project) -> None:
+    step = DriftStep(settings, project, Producerless(), topic(settings, "drift-alerts"))
     started = time.monotonic()
     assert drift.replay_references(settings, step, timeout_s=20) == 0
     assert time.monotonic() - started < 10
@@ -254,3 +283,108 @@ def test_replay_references_of_an_empty_topic_ends(settings: DriftSettings) -> No
 class Producerless:
     def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> None:
         raise AssertionError("replay must not produce")
+
+
+READINGS: dict[str, Any] = {
+    "type": "record",
+    "name": "Reading",
+    "namespace": "tests.drift",
+    "fields": [
+        {"name": "reading_id", "type": "string"},
+        {"name": "sensor_id", "type": "string"},
+        {"name": "value", "type": "double"},
+        {"name": "level", "type": "double"},
+        {"name": "ts", "type": "long"},
+    ],
+}
+OUTCOMES: dict[str, Any] = {
+    "type": "record",
+    "name": "Outcome",
+    "namespace": "tests.drift",
+    "fields": [
+        {"name": "reading_id", "type": "string"},
+        {"name": "sensor_id", "type": "string"},
+        {"name": "faulty", "type": "boolean"},
+        {"name": "minutes", "type": "double"},
+        {"name": "ts", "type": "long"},
+    ],
+}
+
+
+def plant() -> Project:
+    """A second project: a binary and a regression model on one source, each monitoring another input."""
+    readings = Source("readings", READINGS, key="sensor_id", event_time="ts")
+    outcomes = Source("outcomes", OUTCOMES, key="sensor_id", event_time="ts")
+    detector = Model(
+        "detector",
+        "binary",
+        readings,
+        ["value", "level"],
+        labels=Labels("faulty", outcomes, "reading_id", "faulty", "binary"),
+        learner="river.linear_model:LogisticRegression",
+        monitor=["value"],
+    )
+    estimator = Model(
+        "estimator",
+        "regression",
+        readings,
+        ["value", "level"],
+        labels=Labels("minutes", outcomes, "reading_id", "minutes", "regression"),
+        learner="river.linear_model:LinearRegression",
+        monitor=["level"],
+    )
+    return Project.of("plant", [detector, estimator])
+
+
+def _readings(rng: np.random.Generator, n: int, shifted: bool) -> list[dict[str, Any]]:
+    values = rng.normal(85.0 if shifted else 50.0, 10, n)
+    levels = rng.normal(80.0 if shifted else 50.0, 5, n)
+    return [{"value": float(v), "level": float(m)} for v, m in zip(values, levels, strict=True)]
+
+
+def test_two_models_alert_per_model_and_input(settings: DriftSettings, runner: Runner) -> None:
+    apply(settings, plant())
+    runner.project = registry.load(settings).project  # as the entry point does
+    rng = np.random.default_rng(99)
+    producer = make_producer(settings)
+    reference = _readings(rng, 2000, shifted=False)
+    models = topic(settings, "models")
+    detector_scores, minutes = list(rng.beta(2, 8, 2000)), list(rng.normal(10, 2, 2000))
+    producer.produce(
+        models,
+        key=b"detector",
+        value=_model_version("detector", reference, detector_scores, ("value", "level")),
+    )
+    producer.produce(
+        models,
+        key=b"estimator",
+        value=_model_version("estimator", reference, minutes, ("value", "level"), task="regression"),
+    )
+    # One stream of readings scored by both models. From the shift on, value and level move for both; the
+    # detector's scores stay as they were, the estimator predicts longer. Each model watches only its own.
+    rows = _readings(rng, 1000, shifted=False) + _readings(rng, 1000, shifted=True)
+    scores = {
+        "detector": rng.beta(2, 8, 2000),
+        "estimator": np.concatenate([rng.normal(10, 2, 1000), rng.normal(25, 2, 1000)]),
+    }
+    predictions = topic(settings, "predictions")
+    for i, row in enumerate(rows):
+        for model in ("detector", "estimator"):
+            value = _prediction(model, i, row, float(scores[model][i]), {"sensor_id": "s-1"})
+            producer.produce(predictions, key=b"s-1", value=value, partition=0)
+    assert producer.flush(30) == 0
+
+    runner.start()
+    for model in ("detector", "estimator"):
+        _wait_for_points(settings, model, 2000 // settings.drift_check_every)
+    alerts = [
+        codec.decode(m.value() or b"", "drift_alert")
+        for m in _read_all(settings, "drift-alerts", lambda got: len(got) > 3, 10)  # all there is
+    ]
+    assert sorted((a["model"], a["version"], a["feature"]) for a in alerts) == [
+        ("detector", 1, "value"),
+        ("estimator", 1, SCORE),
+        ("estimator", 1, "level"),
+    ]
+    for alert in alerts:
+        assert 1000 <= int((alert["trigger_event_id"] or "e-1")[1:]) < 1000 + settings.drift_window

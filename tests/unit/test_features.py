@@ -1,63 +1,93 @@
-"""Feature definitions, mergeable aggregations, window math and lateness (pure code)."""
+"""Mergeable aggregations, window math, lateness, admission of poison records (pure code)."""
 
 from __future__ import annotations
 
 import math
 import random
 import statistics
+from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
+from typing import Any
 
 import pytest
+from confluent_kafka import Message
 
 from features import aggregations, tiles
-from schemas.definitions import CARD_ACTIVITY, VIEWS, Aggregation, FeatureView, load
-from features.store import pack, parse_tiles, row_of, unpack
-from infra.errors import FeatureError
+from features.admission import FUTURE_EVENT, MISSING_FIELD, NON_FINITE, WRONG_TYPE, Admission
+from features.commands import feature_listing
+from features.processor import FeatureFolder, PartitionBatch, SourceRecord, plan_sources, split_messages
+from features.store import pack, parse_tiles, read_request, row_of, unpack
+from infra.deadletter import MemoryDeadLetters
+from infra.settings import CommonSettings
+from schemas import codec
+from schemas.definitions import Entity, Feature, FeatureView, Project, Source
 
 HOUR, MIN, DAY = 3_600_000, 60_000, 86_400_000
 START = 1_700_000_000_000
 
+SCHEMA = {
+    "type": "record",
+    "name": "Visit",
+    "namespace": "tide.test",
+    "fields": [
+        {"name": "visit_id", "type": "string"},
+        {"name": "user", "type": "string"},
+        {"name": "shop", "type": "long"},
+        {"name": "amount", "type": "double"},
+        {"name": "page", "type": "string"},
+        {"name": "kind", "type": ["null", "string"], "default": None},
+        {"name": "ts", "type": "long"},
+    ],
+}
+VISITS = Source("visits", SCHEMA, key="user", event_time="ts", topic="visits", max_future_skew="1h")
+USER = Entity("user", "user")
+SHOP = Entity("shop", "shop")
+
 ALL_KINDS = FeatureView(
     name="all_kinds",
-    entity="card_id",
-    source="events",
-    event_time="ts",
-    window_ms=HOUR,
-    tile_ms=MIN,
-    aggregations=(
-        Aggregation("n", "count"),
-        Aggregation("total", "sum", "amount"),
-        Aggregation("avg", "mean", "amount"),
-        Aggregation("lo", "min", "amount", None),
-        Aggregation("hi", "max", "amount", None),
-        Aggregation("sd", "stddev", "amount"),
-        Aggregation("latest", "last", "category", None),
-        Aggregation("merchants", "distinct", "merchant_id"),
-        Aggregation("p90", "quantile", "amount", None, 0.9),
-        Aggregation("p50", "quantile", "amount", None, 0.5),
-    ),
+    source=VISITS,
+    entity=USER,
+    kind="sliding",
+    window="1h",
+    tile="1m",
+    features=[
+        Feature("n", "count"),
+        Feature("total", "sum", "amount"),
+        Feature("avg", "mean", "amount"),
+        Feature("lo", "min", "amount"),
+        Feature("hi", "max", "amount"),
+        Feature("sd", "stddev", "amount"),
+        Feature("latest", "last", "page"),
+        Feature("pages", "distinct", "page"),
+        Feature("p90", "quantile", "amount", q=0.9),
+        Feature("p50", "quantile", "amount", q=0.5),
+    ],
+)
+PER_SHOP = FeatureView(
+    name="per_shop", source=VISITS, entity=SHOP, kind="lifetime", features=[Feature("visits", "count")]
 )
 
 
-def events(n: int, seed: int = 1, span: int = 2 * HOUR, cards: int = 5) -> list[dict[str, object]]:
+def events(n: int, seed: int = 1, span: int = 2 * HOUR, users: int = 5) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     return [
         {
-            "card_id": f"c{rng.randrange(cards)}",
+            "visit_id": f"v{seed}-{i}",
+            "user": f"u{rng.randrange(users)}",
+            "shop": rng.randrange(3),
             "amount": round(rng.lognormvariate(3, 1), 2),
-            "merchant_id": f"m{rng.randrange(40)}",
-            "category": rng.choice(["grocery", "fuel", "travel"]),
+            "page": f"p{rng.randrange(40)}",
+            "kind": rng.choice(["a", "b", None]),
             "ts": START + rng.randrange(span),
         }
-        for _ in range(n)
+        for i in range(n)
     ]
 
 
-def brute_force(evs: list[dict[str, object]], q: float) -> dict[str, object]:
-    amounts = [float(e["amount"]) for e in evs]  # type: ignore[arg-type]
+def brute_force(evs: list[dict[str, Any]], q: float) -> dict[str, Any]:
+    amounts = [float(e["amount"]) for e in evs]
     rank = max(math.ceil(q * len(amounts)), 1)
-    newest = max(evs, key=lambda e: e["ts"])  # type: ignore[arg-type, return-value]
+    newest = max(evs, key=lambda e: int(e["ts"]))
     return {
         "n": len(evs),
         "total": sum(amounts),
@@ -65,8 +95,8 @@ def brute_force(evs: list[dict[str, object]], q: float) -> dict[str, object]:
         "lo": min(amounts),
         "hi": max(amounts),
         "sd": statistics.pstdev(amounts),
-        "latest": newest["category"],
-        "merchants": len({e["merchant_id"] for e in evs}),
+        "latest": newest["page"],
+        "pages": len({e["page"] for e in evs}),
         "quantile": sorted(amounts)[rank - 1],
     }
 
@@ -75,8 +105,8 @@ def brute_force(evs: list[dict[str, object]], q: float) -> dict[str, object]:
     ("view", "now", "first", "last"),
     [
         (ALL_KINDS, 10 * HOUR + 30_000, 9 * HOUR + MIN, 10 * HOUR),
-        (replace(ALL_KINDS, kind="tumbling", window_ms=DAY, tile_ms=DAY), 3 * DAY + 5, 3 * DAY, 3 * DAY),
-        (replace(ALL_KINDS, kind="lifetime", window_ms=0, tile_ms=0), 3 * DAY + 5, 0, 0),
+        (replace(ALL_KINDS, kind="tumbling", window="1d", tile=None), 3 * DAY + 5, 3 * DAY, 3 * DAY),
+        (replace(ALL_KINDS, kind="lifetime", window=None, tile=None), 3 * DAY + 5, 0, 0),
     ],
 )
 def test_window_tiles_per_kind(view: FeatureView, now: int, first: int, last: int) -> None:
@@ -105,13 +135,13 @@ def test_every_aggregation_matches_brute_force() -> None:
     evs = events(800)
     now = START + 2 * HOUR
     lo = tiles.first_tile(ALL_KINDS, now)
-    for card, delta in tiles.batch_deltas(ALL_KINDS, evs).items():
+    for user, delta in tiles.batch_deltas(ALL_KINDS, evs).items():
         got = tiles.window_values(ALL_KINDS, delta.tiles, now)
-        inside = [e for e in evs if e["card_id"] == card and lo <= e["ts"] <= now]  # type: ignore[operator]
+        inside = [e for e in evs if e["user"] == user and lo <= e["ts"] <= now]
         want = brute_force(inside, 0.9)
         for name in ("n", "total", "avg", "lo", "hi", "sd"):
             assert got[name] == pytest.approx(want[name], rel=1e-9), name
-        assert got["merchants"] == want["merchants"]
+        assert got["pages"] == want["pages"]
         assert got["latest"] == want["latest"]
         # the sketch's quantile lies within ALPHA (relative) of the true one
         assert got["p90"] == pytest.approx(want["quantile"], rel=aggregations.ALPHA * 1.01)
@@ -122,13 +152,13 @@ def test_every_aggregation_matches_brute_force() -> None:
 
 def test_empty_window_serves_declared_defaults() -> None:
     values = tiles.window_values(ALL_KINDS, {}, START)
-    assert values["n"] == 0 and values["total"] == 0.0 and values["merchants"] == 0.0
+    assert values["n"] == 0 and values["total"] == 0.0 and values["pages"] == 0.0
     assert values["lo"] is None and values["latest"] is None and values["p90"] is None
 
 
 def test_lateness_is_decided_in_partition_order() -> None:
-    view = replace(ALL_KINDS, allowed_lateness_ms=10_000)
-    records = [
+    view = replace(ALL_KINDS, allowed_lateness=10_000)
+    records: list[tuple[int, dict[str, Any]]] = [
         (0, {"ts": 100_000}),
         (1, {"ts": 95_000}),
         (2, {"ts": 80_000}),
@@ -147,22 +177,22 @@ def test_lateness_is_decided_in_partition_order() -> None:
 
 
 def test_store_rows_missing_expired_present() -> None:
-    view = replace(CARD_ACTIVITY, ttl_ms=DAY)
+    view = replace(ALL_KINDS, ttl="1d")
     now = 10 * DAY
     missing = row_of(view, "nobody", None, [], now)
-    assert missing.status == "missing" and missing.values["txn_count_1h"] == 0
+    assert missing.status == "missing" and missing.values["n"] == 0
     stale_tile = tiles.tile_of(view, now - 2 * DAY)
     expired = row_of(view, "old", f"{now - 2 * DAY} {stale_tile}".encode(), [], now)
-    assert expired.status == "expired" and expired.values["txn_count_1h"] == 0
+    assert expired.status == "expired" and expired.values["n"] == 0
     tile = tiles.tile_of(view, now)
-    packed = [str(tile).encode(), b'n=2\ns:amount=30.0\nlast:category=7 "fuel"\nd:merchant_id=["m1","m2"]']
+    packed = [str(tile).encode(), b'n=2\ns:amount=30.0\nlast:page=7 "home"\nd:page=[1,2]']
     row = row_of(view, "x", f"{now - 5} {tile}".encode(), packed, now)
     assert row.status == "present" and row.age_ms == 5
-    assert row.values["amount_mean_1h"] == 15.0 and row.values["merchants_1h"] == 2.0
-    assert parse_tiles(packed)[tile]["last:category"] == (7, "fuel")
+    assert row.values["avg"] == 15.0 and row.values["pages"] == 2.0 and row.values["latest"] == "home"
+    assert parse_tiles(packed)[tile]["last:page"] == (7, "home")
     # idle for longer than the window but within the TTL: a real zero, not a missing value
     idle = row_of(view, "idle", f"{now - 3 * HOUR} {tile}".encode(), [], now)
-    assert idle.status == "present" and idle.values["txn_count_1h"] == 0
+    assert idle.status == "present" and idle.values["n"] == 0
 
 
 def test_packed_partials_round_trip_exactly() -> None:
@@ -170,7 +200,7 @@ def test_packed_partials_round_trip_exactly() -> None:
     for seed in range(5):
         partial: aggregations.Partial = {}
         for e in events(40, seed=seed):
-            folder.fold(partial, e, int(e["ts"]))  # type: ignore[call-overload]
+            folder.fold(partial, e, int(e["ts"]))
         assert unpack(pack(partial)) == partial
     assert unpack(pack({"last:x": (5, 'a "quoted"\nline = 1')}))["last:x"] == (5, 'a "quoted"\nline = 1')
 
@@ -180,92 +210,22 @@ def test_folder_matches_partial_of_and_merge() -> None:
     folder = aggregations.Folder(ALL_KINDS)
     folded: aggregations.Partial = {}
     for e in evs:
-        folder.fold(folded, e, int(e["ts"]))  # type: ignore[call-overload]
+        folder.fold(folded, e, int(e["ts"]))
     assert folded == aggregations.merge(aggregations.partial_of(ALL_KINDS, e) for e in evs)
 
 
 def test_fold_partition_splits_like_split_late_per_view() -> None:
-    strict = replace(ALL_KINDS, name="strict", allowed_lateness_ms=MIN)
-    loose = replace(
-        ALL_KINDS, name="loose", kind="lifetime", window_ms=0, tile_ms=0, allowed_lateness_ms=HOUR
-    )
+    strict = replace(ALL_KINDS, name="strict", allowed_lateness="1m")
+    loose = replace(ALL_KINDS, name="loose", kind="lifetime", window=None, tile=None, allowed_lateness="1h")
     records = list(enumerate(events(300, seed=6, span=3 * HOUR)))
-    folded = tiles.fold_partition([strict, loose], records, tiles.NO_WATERMARK)
-    for view in (strict, loose):
+    folded = tiles.fold_partition([strict, loose, PER_SHOP], records, tiles.NO_WATERMARK)
+    for view in (strict, loose, PER_SHOP):
         on_time, late, watermark = tiles.split_late(view, records, tiles.NO_WATERMARK)
         assert folded.late[view.name] == late and folded.watermark == watermark
         assert folded.on_time[view.name] == len(on_time)
-        want = tiles.batch_deltas(view, [e for _, e in on_time])
-        assert folded.deltas[view.name] == want
+        assert folded.deltas[view.name] == tiles.batch_deltas(view, [e for _, e in on_time])
     assert len(folded.late["strict"]) > len(folded.late["loose"]) > 0
-
-
-def test_shipped_definitions_load() -> None:
-    assert {"card_activity", "card_daily", "card_profile"} <= set(VIEWS)
-    kinds = {a.kind for v in VIEWS.values() for a in v.aggregations}
-    assert kinds == {"count", "sum", "mean", "max", "min", "stddev", "distinct", "quantile", "last"}
-
-
-BASE = """
-[[view]]
-name = "v"
-entity = "card_id"
-source = "events"
-event_time = "ts"
-window = "1h"
-tile = "1m"
-features = [ {FEATURE} ]
-"""
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        (
-            BASE.replace("{FEATURE}", '{ name = "a", agg = "median", field = "amount" }'),
-            "unknown aggregation",
-        ),
-        (BASE.replace("{FEATURE}", '{ name = "a", agg = "sum", field = "amountt" }'), "'amountt' is not in"),
-        (
-            BASE.replace("{FEATURE}", '{ name = "a", agg = "mean", field = "category" }'),
-            "needs a numeric field",
-        ),
-        (
-            BASE.replace("{FEATURE}", '{ name = "a", agg = "quantile", field = "amount" }'),
-            "q between 0 and 1",
-        ),
-        (
-            BASE.replace("{FEATURE}", '{ name = "a", agg = "count", colour = "red" }'),
-            "unknown keys ['colour']",
-        ),
-        (
-            BASE.replace("{FEATURE}", '{ name = "a", agg = "count" }, { name = "a", agg = "count" }'),
-            "repeated",
-        ),
-        (
-            BASE.replace('"1h"', '"1 hour"').replace("{FEATURE}", '{ name = "a", agg = "count" }'),
-            "not a duration",
-        ),
-        (
-            BASE.replace('"1m"', '"7m"').replace("{FEATURE}", '{ name = "a", agg = "count" }'),
-            "multiple of tile",
-        ),
-        (
-            BASE.replace('"card_id"', '"card"').replace("{FEATURE}", '{ name = "a", agg = "count" }'),
-            "entity 'card'",
-        ),
-        (
-            BASE.replace('"events"', '"dead-letter"').replace("{FEATURE}", '{ name = "a", agg = "count" }'),
-            "source",
-        ),
-    ],
-)
-def test_invalid_definitions_name_view_feature_and_key(tmp_path: Path, text: str, message: str) -> None:
-    path = tmp_path / "views.toml"
-    path.write_text(text)
-    with pytest.raises(FeatureError, match="feature view 'v'") as err:
-        load(path)
-    assert message in str(err.value)
+    assert set(folded.deltas["per_shop"]) == {"0", "1", "2"}  # kept per its own entity key
 
 
 def test_distinct_sketch_is_exact_when_small_bounded_and_close_when_large() -> None:
@@ -286,3 +246,149 @@ def test_distinct_sketch_is_exact_when_small_bounded_and_close_when_large() -> N
     assert aggregations.distinct_estimate(merged) == pytest.approx(20_000, rel=0.2)  # ~3 standard errors
     packed = unpack(pack({"d:x": set().union(*parts)}))
     assert packed["d:x"] == merged  # stored bounded, whatever a tile saw
+
+
+def test_huge_finite_values_fold_without_raising() -> None:
+    (event,) = events(1)
+    event["amount"] = 1e300  # its square overflows: inf in the partial, never an OverflowError
+    partial: aggregations.Partial = {}
+    aggregations.Folder(ALL_KINDS).fold(partial, event, int(event["ts"]))
+    assert partial["q:amount"] == math.inf and partial["s:amount"] == 1e300
+
+
+# --- admission: poison records ------------------------------------------------------------------------------
+
+NOW = START + 10 * HOUR
+GOOD = {"visit_id": "v", "user": "u1", "shop": 2, "amount": 5.0, "page": "p", "kind": None, "ts": NOW}
+
+
+@pytest.mark.parametrize(
+    ("change", "error_type", "words"),
+    [
+        ({"amount": math.nan}, NON_FINITE, ["'amount'", "nan", "view 'all_kinds'"]),
+        ({"amount": math.inf}, NON_FINITE, ["'amount'", "inf"]),
+        ({"amount": -math.inf}, NON_FINITE, ["'amount'", "-inf"]),
+        ({"amount": None}, MISSING_FIELD, ["'amount' is null"]),
+        ({"amount": "12.5"}, WRONG_TYPE, ["'amount' is a str", "not a number"]),
+        ({"user": None}, MISSING_FIELD, ["'user' is null", "entity key of view 'all_kinds'"]),
+        ({"user": 1.5}, WRONG_TYPE, ["'user' is a float"]),
+        ({"shop": None}, MISSING_FIELD, ["entity key of view 'per_shop'"]),
+        ({"ts": None}, MISSING_FIELD, ["'ts' is null", "event time of source 'visits'"]),
+        ({"ts": float(NOW)}, WRONG_TYPE, ["'ts' is a float"]),
+        ({"ts": True}, WRONG_TYPE, ["'ts' is a bool"]),
+        ({"ts": NOW + HOUR + 1}, FUTURE_EVENT, ["3600001 ms ahead", "allows 3600000 ms", "watermark"]),
+    ],
+)
+def test_poison_records_are_rejected_with_the_reason(
+    change: dict[str, Any], error_type: str, words: list[str]
+) -> None:
+    admission = Admission.of_source([ALL_KINDS, PER_SHOP])
+    assert admission.check(GOOD, NOW) is None
+    rejection = admission.check({**GOOD, **change}, NOW)
+    assert rejection is not None and rejection.error_type == error_type
+    for word in words:
+        assert word in rejection.reason
+
+
+def test_admission_accepts_what_views_can_fold() -> None:
+    admission = Admission.of_source([ALL_KINDS, PER_SHOP])
+    assert admission.check({**GOOD, "ts": NOW + HOUR}, NOW) is None  # exactly the allowed skew
+    assert admission.check({**GOOD, "amount": 3, "page": None}, NOW) is None  # ints; null is a distinct value
+    assert admission.check({**GOOD, "ts": NOW + DAY}, None) is None  # no wall clock: no future check
+    missing = {k: v for k, v in GOOD.items() if k != "page"}
+    rejection = admission.check(missing, NOW)
+    assert (
+        rejection is not None
+        and rejection.error_type == MISSING_FIELD
+        and "'page' is missing" in rejection.reason
+    )
+    unread = Admission.of_source([PER_SHOP])  # a field no view reads is never checked
+    assert unread.check({**GOOD, "amount": math.nan}, NOW) is None
+
+
+def _message(topic: str, offset: int, value: bytes, partition: int = 0) -> Message:
+    return Message(topic=topic, partition=partition, offset=offset, key=b"u1", value=value)
+
+
+def test_poison_and_future_records_are_dead_lettered_and_never_move_the_watermark() -> None:
+    codec.register("visits", [SCHEMA])
+    settings = CommonSettings(topic_prefix="x.")
+    plans = plan_sources(settings, [ALL_KINDS, PER_SHOP])
+    assert list(plans) == ["x.visits"] and [v.name for v in plans["x.visits"].views] == [
+        "all_kinds",
+        "per_shop",
+    ]
+    now = NOW
+    records = [
+        {**GOOD, "visit_id": "a", "ts": now - 10 * MIN},
+        {**GOOD, "visit_id": "nan", "amount": math.nan},
+        {**GOOD, "visit_id": "future", "ts": now + 2 * HOUR},
+        {**GOOD, "visit_id": "b", "ts": now - 9 * MIN},
+    ]
+    msgs = [_message("x.visits", i, codec.encode("visits", r)) for i, r in enumerate(records)]
+    msgs.append(_message("x.visits", 4, b"not avro"))
+    dlq = MemoryDeadLetters()
+    (batch,) = split_messages(plans, msgs, dlq, now)
+    assert batch.last == 4 and [r.event["visit_id"] for r in batch.records] == ["a", "b"]
+    assert [(d.error_type, d.offset, d.stage, d.source_topic) for d in dlq.letters] == [
+        (NON_FINITE, 1, "features", "x.visits"),
+        (FUTURE_EVENT, 2, "features", "x.visits"),
+        ("SchemaError", 4, "features", "x.visits"),
+    ]
+    headers = dict(dlq.letters[1].headers())
+    assert headers["tide.error_type"] == b"FutureEvent" and headers["tide.source.offset"] == b"2"
+    assert b"ahead of the wall clock" in headers["tide.error"]  # type: ignore[operator]
+    folded = tiles.fold_partition(
+        batch.views, [(r.offset, r.event) for r in batch.records], tiles.NO_WATERMARK
+    )
+    assert folded.watermark == now - 9 * MIN  # the future event did not move it
+    assert not any(folded.late.values())
+
+
+class FakeWriter:
+    namespace = ""
+
+    def positions(self, pairs: Sequence[Any]) -> list[tuple[int, int]]:
+        return [(-1, tiles.NO_WATERMARK)] * len(pairs)
+
+
+def test_a_record_that_still_fails_to_fold_is_dead_lettered_not_fatal() -> None:
+    dlq = MemoryDeadLetters()
+    folder = FeatureFolder(FakeWriter(), dlq)  # type: ignore[arg-type]
+    good = [SourceRecord(i, {**GOOD, "ts": NOW + i}, b"k", b"v") for i in range(3)]
+    broken = SourceRecord(3, {**GOOD, "amount": object(), "ts": NOW + 3}, b"k", b"raw")  # past admission
+    batch = PartitionBatch("x.visits", 0, [ALL_KINDS, PER_SHOP], [*good, broken], last=3)
+    flight = folder.prepare([batch])
+    ((_, folded, _),) = flight.work
+    assert folded.on_time["all_kinds"] == 3 and folded.watermark == NOW + 2
+    assert [(d.offset, d.value, d.error_type) for d in dlq.letters] == [(3, b"raw", "TypeError")]
+    assert "cannot be folded" in dlq.letters[0].error
+
+
+# --- reads and listing --------------------------------------------------------------------------------------
+
+
+def test_read_request_asks_each_hash_once_and_each_view_once_per_hash() -> None:
+    daily = replace(ALL_KINDS, name="daily", kind="tumbling", window="1d", tile=None)
+    pairs = [(ALL_KINDS, "u1"), (daily, "u1"), (ALL_KINDS, "u1"), (PER_SHOP, "2"), (ALL_KINDS, "u2")]
+    request = read_request(pairs, NOW, "ns.")
+    assert [key for key, _ in request] == [
+        "ns.tide:f:visits:user:u1",
+        "ns.tide:f:visits:shop:2",
+        "ns.tide:f:visits:user:u2",
+    ]
+    assert [[spec[0] for spec in specs] for _, specs in request] == [
+        ["all_kinds", "daily"],
+        ["per_shop"],
+        ["all_kinds"],
+    ]
+    assert request[0][1][1][1:] == [tiles.tile_of(daily, NOW)] * 2
+
+
+def test_feature_listing_names_every_feature_of_every_view() -> None:
+    project = Project.of("visits_project", [ALL_KINDS, PER_SHOP])
+    listing = feature_listing(project)
+    assert [(f["view"], f["feature"]) for f in listing] == [
+        ("all_kinds", a.name) for a in ALL_KINDS.aggregations
+    ] + [("per_shop", "visits")]
+    assert listing[0]["entity_key"] == "user" and listing[-1]["source"] == "visits"
