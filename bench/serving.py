@@ -10,7 +10,11 @@ starts three servers, one worker each, on free ports:
     the model (ONNX when the project can build one, else river; recorded as ``model_flavor``) and the
     prediction log to the predictions topic;
 (c) Feast's Python feature server (``feast serve``) with a Redis online store on the same Redis server,
-    holding the same ``card_activity`` values (features only, no scoring; :mod:`bench.serving_feast`).
+    holding the same values of every online feature the model reads (features only, no scoring;
+    :mod:`bench.serving_feast`).
+
+Everything runs the fraud example (``examples/fraud``): its definitions are applied to the benchmark's
+namespace first, as ``tide apply`` does.
 
 Load comes from wrk (:mod:`bench.serving_load`): closed-loop maximum throughput (median of ``--reps``
 runs, interleaved across targets), then fixed-rate runs at half of each target's own maximum for
@@ -244,8 +248,10 @@ def swapping_run(
 
 def bench(args: argparse.Namespace) -> int:
     from bench.features import machine
-    from tide.embedded import EmbeddedStack, free_port
     from infra.topics import ensure_topics
+    from schemas.registry import register_schemas
+    from tide.embedded import EmbeddedStack, free_port
+    from tide.plan import apply
 
     problems = []
     if wrk_path() is None:
@@ -267,24 +273,29 @@ def bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     load_at_start = machine()
     procs: list[subprocess.Popen[bytes]] = []
+    project = su.fraud_project()
     with EmbeddedStack(run_dir / "stack") as info:
-        settings = info.settings(topic_prefix=PREFIX)
+        settings = info.settings(topic_prefix=PREFIX, project=su.EXAMPLE)
         ensure_topics(settings)
+        apply(settings, project)
+        register_schemas(project)
         env = {
             "TIDE_KAFKA_BOOTSTRAP": info.kafka_bootstrap,
             "TIDE_REDIS_URL": info.redis_url,
             "TIDE_TOPIC_PREFIX": PREFIX,
             "TIDE_STATE_DIR": str((run_dir / "state").resolve()),
             "TIDE_LOG_LEVEL": "WARNING",
-            "TIDE_MODEL_NAME": su.MODEL,
+            "TIDE_PROJECT": str(su.EXAMPLE),
         }
-        fill = su.fill_features(info, settings, env, args.entities, args.events_per_entity, 30, run_dir)
+        fill = su.fill_features(
+            info, settings, env, project, args.entities, args.events_per_entity, 30, run_dir
+        )
         print(
             f"features: {fill['events']:,} events over {fill['entities']:,} entities in Redis "
             f"in {fill['seconds']} s",
             flush=True,
         )
-        publisher = su.Publisher(settings, prefer_onnx=not args.river)
+        publisher = su.Publisher(settings, project, prefer_onnx=not args.river)
         publisher.publish()
         print(
             f"model: {publisher.flavor} version 1 published"
@@ -325,10 +336,11 @@ def bench(args: argparse.Namespace) -> int:
             feast_setup = None
             if not args.skip_feast:
                 values = run_dir / "feast-values.json"
-                status_counts = su.feast_values(settings, args.entities, values)
+                status_counts = su.feast_values(settings, project, args.entities, values)
                 feast_setup = su.setup_feast(info, values, run_dir) | status_counts
                 refs = ",".join(f'"{r}"' for r in feast_setup["features"])
-                body = {"features": feast_setup["features"], "entities": {"card_id": [su.entity_id(1)]}}
+                join_key = project.sources[su.SOURCE].key
+                body = {"features": feast_setup["features"], "entities": {join_key: [su.entity_id(1)]}}
                 feast_proc = su.start_feast(feast_port, run_dir, body)
                 procs.append(feast_proc)
                 targets["feast"] = Target(

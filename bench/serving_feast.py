@@ -2,8 +2,9 @@
 
 Feast pins redis-py 7 (Tide's lock has 8) and brings pandas, pyarrow, dask and FastAPI, so it has its own
 venv, and this module imports nothing of Tide. ``setup`` writes a local feature repository whose online
-store is the benchmark's Redis, registers one feature view mirroring Tide's ``card_activity`` (same
-entity, same feature names and types), and writes the values Tide serves for every entity into it with
+store is the benchmark's Redis, registers one feature view holding every online feature the benchmarked
+model reads (Tide keeps them in several views of the same entity; same entity, feature names and types),
+and writes the values Tide serves for every entity into it with
 ``FeatureStore.write_to_online_store`` — the same numbers, materialised, so both servers answer the same
 features from the same Redis server. The server itself is Feast's own ``feast serve`` (gunicorn with one
 uvicorn worker), started by the harness.

@@ -1,12 +1,16 @@
 """What ``make bench-serving`` sets up before it measures: online features, model versions, servers.
 
-- Features: generated events for E entities are produced to ``events`` in event-time order (spread over
-  the last ``span`` minutes, so the sliding hour holds several tiles per entity) and the real feature
-  processor (``tide features``) folds them into Redis. Completion and the values are read through the
-  store's public read API (``RedisOnlineStore.read_many``), never its keys.
-- Models: :class:`Publisher` publishes versions of model ``fraud`` to the models topic: ONNX through
-  ``online_training.publish.publish_model_version`` when that exists, else the river model exactly as
-  the trainer publishes it (``TrainerStep.publish``). The flavor used is recorded.
+- Definitions: the fraud example (``examples/fraud``, loaded by :func:`fraud_project`) is applied to the
+  benchmark's namespace, as ``tide apply`` does; ``tide serve`` and ``tide features`` read it from the
+  registry and import its code from ``TIDE_PROJECT``.
+- Features: generated transactions for E cards are produced to the ``transactions`` source in event-time
+  order (spread over the last ``span`` minutes, so the sliding hour holds several tiles per entity) and
+  the real feature processor (``tide features``) folds them into Redis. Completion and the values are
+  read through the store's public read API (``RedisOnlineStore.read_many``), never its keys.
+- Models: :class:`Publisher` publishes versions of model ``fraud`` to the models topic with
+  ``online_training.publish.publish_model_version``: an ONNX MLP over the model's numeric inputs built by
+  the project's batch path when that works, else the example's river pipeline (its learner factory),
+  trained a little. The flavor used is recorded.
 - Servers: ``tide serve``, the ceiling (:mod:`bench.serving_ceiling`) and ``feast serve``, each one
   worker, on free ports of 127.0.0.1, stopped by PID.
 """
@@ -31,7 +35,16 @@ log = logging.getLogger("bench.serving")
 
 FEAST_PYTHON = Path(".venv-feast/bin/python")
 FEAST_CLI = Path(".venv-feast/bin/feast")
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fraud"
 MODEL = "fraud"
+SOURCE = "transactions"
+
+
+def fraud_project() -> Any:
+    """The fraud example's definitions (its code importable by module name from here on)."""
+    from tide.project import load_project
+
+    return load_project(EXAMPLE)
 
 
 # --- HTTP helpers (stdlib only: the harness must not depend on what it measures) ---------------------------
@@ -105,27 +118,29 @@ def fill_features(
     info: Any,
     settings: Any,
     env: dict[str, str],
+    project: Any,
     entities: int,
     per_entity: int,
     span_min: float,
     run_dir: Path,
 ) -> dict[str, Any]:
-    """Produce ``entities * per_entity`` events and run ``tide features`` until all are in Redis."""
-    from bench.features import generate
-    from schemas.definitions import CARD_ACTIVITY
+    """Produce ``entities * per_entity`` transactions and run ``tide features`` until all are in Redis."""
+    from bench.features import SourceProducer, generate
     from tide.processes import Services
-    from streams.produce import EventProducer
 
+    source = project.sources[SOURCE]
+    view = project.views["card_activity"]
     total = entities * per_entity
     now_ms = int(time.time() * 1000)
     first_ms = now_ms - int(span_min * 60_000)
-    sender = EventProducer(settings, validate=False, **{"linger.ms": 20, "batch.num.messages": 10000})
-    for i, event in enumerate(generate(total, entities, seed=23)):
-        event["ts"] = first_ms + (now_ms - first_ms) * i // total  # event-time order: nothing is late
-        sender.send_event(event)
+    sender = SourceProducer(
+        settings, source, validate=False, **{"linger.ms": 20, "batch.num.messages": 10000}
+    )
+    for i, event in enumerate(generate(total, entities, seed=23, key=source.key)):
+        event[source.key] = entity_id(int(event[source.key].rpartition("-")[2]))
+        event[source.event_time] = first_ms + (now_ms - first_ms) * i // total  # event-time order
+        sender.send(event)
     sender.flush()
-    if sender.failed:
-        raise RuntimeError(f"{sender.failed} of {total} events were not delivered")
     services = Services(env | {"TIDE_FEATURES_GROUP": "bench-serving-fill"}, run_dir / "logs")
     started = time.perf_counter()
     proc = services.start("features", "features")
@@ -134,7 +149,7 @@ def fill_features(
     try:
         deadline = time.monotonic() + 120 + total / 500
         while True:
-            rows = read_rows(settings, [CARD_ACTIVITY], ids)[CARD_ACTIVITY.name]
+            rows = read_rows(settings, [view], ids)[view.name]
             counted = int(sum(float(r.values.get("txn_count_1h") or 0) for r in rows))
             if counted >= total:
                 break
@@ -178,28 +193,37 @@ def read_rows(
     return asyncio.run(read())
 
 
-def feast_values(settings: Any, entities: int, path: Path) -> dict[str, Any]:
-    """Tide's current ``card_activity`` values of every entity, as the Feast side will write them."""
-    from schemas.definitions import CARD_ACTIVITY
-
-    rows = read_rows(settings, [CARD_ACTIVITY], [entity_id(i) for i in range(entities)])[CARD_ACTIVITY.name]
+def feast_values(settings: Any, project: Any, entities: int, path: Path) -> dict[str, Any]:
+    """Tide's current values of the model's online features for every entity, as the Feast side will
+    write them: one Feast view holding every feature the model reads (from its several Tide views)."""
+    model = project.models[MODEL]
+    views = project.model_views(model)
+    wanted = {view: [f for v, f in model.feature_refs if v == view.name] for view in views}
+    ids = [entity_id(i) for i in range(entities)]
+    by_view = read_rows(settings, views, ids)
     integer_kinds = {"count", "distinct"}
-    features = [
-        {"name": a.name, "dtype": "Int64" if a.kind in integer_kinds else "Float64"}
-        for a in CARD_ACTIVITY.aggregations
-    ]
+    features = []
+    for view, names in wanted.items():
+        kinds = {a.name: a.kind for a in view.aggregations}
+        features += [{"name": n, "dtype": "Int64" if kinds[n] in integer_kinds else "Float64"} for n in names]
+    rows = []
+    for i, entity in enumerate(ids):
+        per_view = [by_view[view.name][i] for view in views]
+        values = {
+            n: row.values[n] for row, names in zip(per_view, wanted.values(), strict=True) for n in names
+        }
+        newest = max((r.newest_event_ms or 0) for r in per_view) or int(time.time() * 1000)
+        rows.append({"entity": entity, "event_ms": newest, "values": values})
     spec = {
-        "view": CARD_ACTIVITY.name,
-        "entity": CARD_ACTIVITY.entity,
-        "ttl_ms": CARD_ACTIVITY.ttl_ms,
+        "view": f"{MODEL}_inputs",
+        "entity": views[0].entity_key,
+        "ttl_ms": min(v.ttl_ms for v in views if v.ttl_ms) if any(v.ttl_ms for v in views) else None,
         "features": features,
-        "rows": [
-            {"entity": r.entity, "event_ms": r.newest_event_ms or int(time.time() * 1000), "values": r.values}
-            for r in rows
-        ],
+        "rows": rows,
     }
     path.write_text(json.dumps(spec))
-    return {"status": {s: sum(1 for r in rows if r.status == s) for s in ("present", "missing", "expired")}}
+    statuses = [r.status for rows_ in by_view.values() for r in rows_]
+    return {"status": {s: statuses.count(s) for s in ("present", "missing", "expired")}}
 
 
 # --- model versions -------------------------------------------------------------------------------------
@@ -208,84 +232,95 @@ def feast_values(settings: Any, entities: int, path: Path) -> dict[str, Any]:
 class Publisher:
     """Publishes versions of model ``fraud`` (ONNX when the project can build one, else river)."""
 
-    def __init__(self, settings: Any, prefer_onnx: bool = True) -> None:
-        self.settings = settings
-        self.version = 0
-        self.published: list[tuple[int, float]] = []  # (version, wall time)
-        self._onnx: tuple[Callable[..., Any], bytes, list[str]] | None = None
-        self.flavor = "river"
-        self.onnx_unavailable_reason: str | None = None
-        if prefer_onnx:
-            try:
-                self._onnx = _build_onnx()
-                self.flavor = "onnx"
-            except ImportError as exc:
-                self.onnx_unavailable_reason = f"{type(exc).__name__}: {exc}"
-        if self._onnx is None:
-            self._river_setup()
-        else:
-            from infra.kafka import make_producer
-
-            # One producer for every version: a new one per version would put its connection set-up
-            # into the measured swap delay.
-            self._producer = make_producer(settings)
-
-    def _river_setup(self) -> None:
-        import redis
-
-        from infra.settings import load
-        from online_training.trainer import TrainerSettings, TrainerStep
+    def __init__(self, settings: Any, project: Any, prefer_onnx: bool = True) -> None:
         from infra.kafka import make_producer
 
-        trainer_settings = load(TrainerSettings, **self.settings.model_dump())
-        self._producer = make_producer(trainer_settings)
-        self._redis = redis.Redis.from_url(self.settings.redis_url)
-        # The trainer's own publish path: version record, artifact, reference profile.
-        self._step = TrainerStep(trainer_settings, self._producer, self._redis)
+        self.settings = settings
+        self.model = project.models[MODEL]
+        self.version = 0
+        self.published: list[tuple[int, float]] = []  # (version, wall time)
+        self.flavor = "river"
+        self.onnx_unavailable_reason: str | None = None
+        self._artifact, self._names = b"", list(self.model.input_names)
+        if prefer_onnx:
+            try:
+                self._artifact, self._names = _build_onnx(project)
+                self.flavor = "onnx"
+            except Exception as exc:  # the batch path is optional here: torch may not be installed
+                self.onnx_unavailable_reason = f"{type(exc).__name__}: {exc}"
+        if self.flavor == "river":
+            self._artifact = _build_river(self.model)
+        # One producer for every version: a new one per version would put its connection set-up into
+        # the measured swap delay.
+        self._producer = make_producer(settings)
 
     def publish(self) -> int:
+        from online_training.publish import publish_model_version
+
         self.version += 1
-        if self._onnx is not None:
-            publish, artifact, names = self._onnx
-            publish(
-                self.settings,
-                model=MODEL,
-                version=self.version,
-                flavor="onnx",
-                artifact=artifact,
-                feature_names=names,
-                metric_name="bench",
-                metric_value=0.5,
-                producer=self._producer,
-            )
-            if self._producer.flush(10):
-                raise RuntimeError("model version not delivered")
-        else:
-            self._step.version = self.version - 1
-            self._step.publish(self._producer)
-            if self._producer.flush(10):
-                raise RuntimeError("model version not delivered")
+        publish_model_version(
+            self.settings,
+            model=MODEL,
+            version=self.version,
+            flavor=self.flavor,
+            artifact=self._artifact,
+            feature_names=self._names,
+            metric_name="bench",
+            metric_value=0.5,
+            producer=self._producer,
+        )
+        if self._producer.flush(10):
+            raise RuntimeError("model version not delivered")
         self.published.append((self.version, time.time()))
         return self.version
 
     def close(self) -> None:
-        if self._onnx is None:
-            self._redis.close()
+        self._producer.flush(5)
 
 
-def _build_onnx() -> tuple[Callable[..., Any], bytes, list[str]]:
-    """A small MLP trained on random data and exported to ONNX by the project's own batch path."""
+def _numeric_inputs(project: Any) -> list[str]:
+    from models.inputs import model_inputs
+
+    inputs = model_inputs(project)[MODEL]
+    return [n for n in inputs.names if n not in inputs.strings([n])]
+
+
+def _build_onnx(project: Any) -> tuple[bytes, list[str]]:
+    """A small MLP over the model's numeric inputs, trained on random data and exported to ONNX by the
+    project's own batch path."""
     import numpy as np
 
-    from online_training.batch import NUMERIC_FEATURES, export_onnx, train_mlp
-    from online_training.publish import publish_model_version
+    from online_training.batch import export_onnx, train_mlp
 
     rng = np.random.default_rng(5)
-    names = list(NUMERIC_FEATURES)
+    names = _numeric_inputs(project)
     x = rng.normal(size=(2000, len(names))).astype(np.float32)
     y = (x[:, 0] + 0.5 * rng.normal(size=2000) > 1.0).astype(np.float32)
     module = train_mlp(x, y, epochs=3, device="cpu")
-    return publish_model_version, export_onnx(module, names), names
+    return export_onnx(module, names), names
+
+
+def _build_river(model: Any) -> bytes:
+    """The example's river pipeline (its learner factory), trained on a few synthetic transactions."""
+    import random
+
+    from infra.imports import import_object
+    from models.artifacts import dump_river
+
+    learner = import_object(str(model.learner))()
+    rng = random.Random(5)
+    for _ in range(500):
+        amount = rng.lognormvariate(3.5, 1.0)
+        x = {
+            "amount": amount,
+            "category": rng.choice(["grocery", "travel", "fuel"]),
+            "country": rng.choice(["US", "GB", "FR"]),
+            "card_present": rng.random() < 0.7,
+            "txn_count_1h": rng.randint(0, 5),
+            "amount_mean_1h": amount * rng.uniform(0.5, 1.5),
+        }
+        learner.learn_one(x, amount > 150 and not x["card_present"])
+    return dump_river(learner)[0]
 
 
 # --- servers --------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ A ``model_version`` record carries its artifact inline or names it by ``artifact
 - :func:`fetch` reads ``file://``, ``http://`` and ``https://`` URIs within a time budget and a size bound,
   and :func:`fetch_verified` also checks the digest. Failures raise :class:`ModelLoadError`: the only
   caller that fetches is model loading, where a bad artifact must never replace a good model.
+- :func:`dump_river` and :func:`load_river`: the ``river`` flavor's artifact, a pickle of the learner.
+  Every digest is checked by :func:`check_digest`, so a mismatch is raised the same way wherever an
+  artifact is loaded.
 
 Other schemes (``s3://``, ``gs://``) are refused with a clear error; an object store is reachable over
 ``https://`` (a presigned URL). Messages name URIs without their query string, which may hold credentials.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import tempfile
 import time
 from collections.abc import Mapping
@@ -40,6 +44,35 @@ _MAX_REDIRECTS = 3
 
 def sha256_hex(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
+
+
+def check_digest(blob: bytes, sha256: str) -> None:
+    """Raise :class:`ModelLoadError` unless ``blob``'s SHA-256 is ``sha256`` (hex, any case)."""
+    digest = sha256_hex(blob)
+    if digest != str(sha256).lower():
+        raise ModelLoadError(
+            f"artifact digest {digest[:16]}... does not match its sha256 {str(sha256)[:16]}..."
+        )
+
+
+def dump_river(learner: Any) -> tuple[bytes, str]:
+    """A river learner (or any picklable model) as a ``river`` artifact: ``(bytes, sha256 hex)``."""
+    blob = pickle.dumps(learner, protocol=pickle.HIGHEST_PROTOCOL)
+    return blob, sha256_hex(blob)
+
+
+def load_river(blob: bytes, sha256: str) -> Any:
+    """The learner of a ``river`` artifact, after checking its digest. Raises :class:`ModelLoadError`.
+
+    Artifacts are pickles: load them only from a models topic that only trusted trainers can write to
+    (and sign versions: ``TIDE_SERVE_TRUSTED_KEYS_FILE``). The functions a pickled pipeline refers to
+    are imported by module name: the project's code must be on the path (``infra.imports.add_code_path``).
+    """
+    check_digest(blob, sha256)
+    try:
+        return pickle.loads(blob)
+    except Exception as exc:
+        raise ModelLoadError(f"artifact does not unpickle: {type(exc).__name__}: {exc}") from exc
 
 
 def redact(uri: str) -> str:
@@ -101,11 +134,10 @@ def fetch_verified(
 ) -> bytes:
     """:func:`fetch`, then check the bytes against ``sha256`` (hex)."""
     blob = fetch(uri, timeout_s=timeout_s, max_bytes=max_bytes)
-    digest = sha256_hex(blob)
-    if digest != sha256.lower():
-        raise ModelLoadError(
-            f"artifact at {redact(uri)!r}: digest {digest[:16]}... does not match its sha256 {sha256[:16]}..."
-        )
+    try:
+        check_digest(blob, sha256)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"artifact at {redact(uri)!r}: {exc}") from None
     return blob
 
 
@@ -117,8 +149,7 @@ def record_artifact(
     inline, uri = record.get("artifact"), record.get("artifact_uri")
     if inline:
         blob = bytes(inline)
-        if sha256_hex(blob) != sha256:
-            raise ModelLoadError("artifact digest does not match its sha256")
+        check_digest(blob, sha256)
         return blob
     if not uri:
         raise ModelLoadError("the record has neither an inline artifact nor an artifact_uri")

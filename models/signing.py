@@ -4,9 +4,11 @@ What is signed is a *statement* about the version, not the artifact bytes alone:
 
     b"tide.model_version/1\\n" + canonical JSON of {model, version, flavor, sha256, feature_names}
 
-The artifact is bound through its sha256 (checked against the bytes on load), and the statement names the
-model, version, flavor and input order, so a signed artifact cannot be replayed as another model, another
-version or with its inputs permuted. The canonical JSON has sorted keys, no spaces and ASCII only, so
+plus ``task`` and ``classes`` when the record is not a plain binary model (so the statements of binary
+versions are what they always were). The artifact is bound through its sha256 (checked against the bytes
+on load), and the statement names the model, version, flavor, input order, task and class order, so a
+signed artifact cannot be replayed as another model, another version, with its inputs permuted or its
+outputs given other class names. The canonical JSON has sorted keys, no spaces and ASCII only, so
 every writer produces the same bytes for the same statement.
 
 A key is identified by ``key_id``: the first 16 hex digits of the SHA-256 of its raw 32-byte public key.
@@ -52,6 +54,9 @@ def statement(record: Mapping[str, Any]) -> bytes:
         "sha256": str(record["sha256"]).lower(),
         "feature_names": [str(f) for f in record.get("feature_names") or ()],
     }
+    task, classes = str(record.get("task") or "binary"), [str(c) for c in record.get("classes") or ()]
+    if task != "binary" or classes:
+        body.update(task=task, classes=classes)
     return STATEMENT_PREFIX + json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
 
 

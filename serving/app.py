@@ -3,15 +3,17 @@
 Routes::
 
     POST /v1/models/{name}/score        score one instance or a batch ({"instances": [...]})
-    GET  /v1/models                     loaded versions, aliases and traffic split of every model
+    GET  /v1/models                     every model: loaded versions, aliases and traffic split
     POST /v1/models/{name}/deployments  promote / canary / shadow / rollback / follow (202)
     GET  /healthz                       the process is up
-    GET  /readyz                        a model is loaded for settings.model_name and Redis answers
+    GET  /readyz                        the models are loaded and Redis answers
     GET  /metrics                       Prometheus metrics (all workers' with several: serving.metrics)
     GET  /openapi.json                  the OpenAPI document of all of the above
 
-Every route but /healthz, /readyz and /openapi.json needs an API key once keys are configured
-(serving.auth); request bodies and whole requests are bounded in time (serving.limits).
+One node serves every model of the project's definitions (read from the registry at start, or passed
+in): each with its own request schema (:class:`serving.validation.RequestSchema`), documented in
+/openapi.json. Every route but /healthz, /readyz and /openapi.json needs an API key once keys are
+configured (serving.auth); request bodies and whole requests are bounded in time (serving.limits).
 
 :func:`create_app` takes its collaborators injected (tests) or builds them in the lifespan: a
 :class:`ModelFollower` feeding the registry, the Redis online store and the prediction log.
@@ -38,7 +40,12 @@ from starlette.routing import Route
 
 from features.store import RedisOnlineStore
 from infra.errors import RequestError, StreamError, Unavailable
+from infra.imports import add_code_path
 from infra.settings import load
+from models.inputs import ModelInputs, model_inputs
+from models.runtime import make_loader
+from schemas.definitions import Project
+from schemas.registry import load as load_definitions
 from serving import scoring
 from serving.auth import ApiKeyAuth, configured_keys, default_rules
 from serving.coalesce import CoalescingReader
@@ -48,10 +55,9 @@ from serving.metrics import metrics_payload
 from serving.openapi import openapi_document
 from serving.predlog import PredictionLog
 from serving.registry import ModelFollower, ModelRegistry
-from models.runtime import make_loader
 from serving.scoring import FeatureReader, PredictionSink
-from serving.settings import ServeSettings
-from serving.validation import parse_body, parse_json_object
+from serving.settings import ServeSettings, load_policy
+from serving.validation import RequestSchema, parse_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -160,22 +166,29 @@ class ScoringService:
     def __init__(
         self,
         settings: ServeSettings,
+        project: Project,
         registry: ModelRegistry | None,
         store: FeatureReader | None,
         predlog: PredictionSink | None,
         deployer: Deployer | None = None,
     ) -> None:
         self.settings = settings
+        self.project = project
+        self.inputs: dict[str, ModelInputs] = model_inputs(project)
+        self.schemas = {name: RequestSchema(inputs) for name, inputs in self.inputs.items()}
         self.deployer = deployer or self._publish_deployment
         self._answered: set[tuple[str, int]] = set()
         self._id_prefix = os.urandom(8).hex()
         self._request_count = 0
         self.owns_registry = registry is None
-        self.registry = registry or ModelRegistry(known=[settings.model_name])
+        self.registry = registry or ModelRegistry(known=self.inputs)
+        for name in self.inputs:  # every model is listed, loaded or not
+            self.registry.declare(name)
         self.store = store
         self.predlog = predlog
         self.follower: ModelFollower | None = None
-        self.loader = make_loader(settings)  # reads the trusted keys now: a bad key file fails at start-up
+        # Reads the trusted keys now: a bad key file fails at start-up.
+        self.loader = make_loader(self.inputs, load_policy(settings))
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -189,9 +202,13 @@ class ScoringService:
             self.predlog = owned_log = PredictionLog(self.settings)
             owned_log.start()
         if self.owns_registry:
-            self.follower = ModelFollower(self.settings, self.registry, loader=self.loader)
+            self.follower = ModelFollower(
+                self.settings, self.registry, loader=self.loader, models=self.inputs
+            )
             self.follower.start()
-        logger.info("scoring service started (model %s)", self.settings.model_name)
+        logger.info(
+            "scoring service started (project %s, models %s)", self.project.name, ", ".join(self.inputs)
+        )
         try:
             yield
         finally:
@@ -206,12 +223,17 @@ class ScoringService:
                 self.store = None
             logger.info("scoring service stopped")
 
+    def _schema(self, name: str) -> RequestSchema:
+        schema = self.schemas.get(name)
+        if schema is None:
+            raise RequestError(f"unknown model {name!r}; models: {', '.join(self.schemas)}", status=404)
+        return schema
+
     async def score(self, request: Request) -> Response:
         started = time.perf_counter()
         name = request.path_params["name"]
-        if not self.registry.is_known(name):
-            raise RequestError(f"unknown model {name!r}", status=404)
-        instances, batch = parse_body(await read_body(request, self.settings.serve_max_body_bytes))
+        schema = self._schema(name)
+        instances, batch = schema.parse_body(await read_body(request, self.settings.serve_max_body_bytes))
         routing = self.registry.routing(name)  # read once: a swap from here on does not affect this request
         if routing is None:
             raise Unavailable(f"model {name!r} has no version loaded yet", retry_after=RETRY_AFTER_S)
@@ -219,10 +241,11 @@ class ScoringService:
             raise Unavailable("service is not started", retry_after=RETRY_AFTER_S)
         request_id = request.headers.get(REQUEST_ID_HEADER) or self._new_request_id()
         ids = [f"{request_id}-{i}" for i in range(len(instances))] if batch else [request_id]
+        inputs = schema.inputs
         rows = await scoring.read_features(
-            self.store, [i.entity for i in instances], self.settings.serve_request_timeout_s
+            self.store, inputs, instances, self.settings.serve_request_timeout_s
         )
-        scored = scoring.score(routing, instances, rows, ids)
+        scored = scoring.score(routing, inputs, instances, rows, ids)
         scoring.log_predictions(self.predlog, scored, (time.perf_counter() - started) * 1000)
         self._first_answers(scored)
         items = [scoring.response_item(s) for s in scored]
@@ -250,8 +273,7 @@ class ScoringService:
     async def deploy(self, request: Request) -> Response:
         """Publish a traffic change for a model; every node applies it when it reads it back (202)."""
         name = request.path_params["name"]
-        if not self.registry.is_known(name):
-            raise RequestError(f"unknown model {name!r}", status=404)
+        self._schema(name)
         body = parse_json_object(await read_body(request, self.settings.serve_max_body_bytes))
         extra = sorted(body.keys() - DEPLOYMENT_FIELDS)
         if extra:
@@ -277,10 +299,19 @@ class ScoringService:
         return ORJSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
+        """Ready when the online store answers, a model serves, and every model a version of which was
+        published has one loaded (a model nothing was published for yet does not hold the others up)."""
         reasons = []
-        model = self.registry.get(self.settings.model_name)
-        if model is None:
-            reasons.append(f"no version of model {self.settings.model_name!r} loaded")
+        versions = {}
+        for name in self.inputs:
+            model = self.registry.get(name)
+            versions[name] = model.version if model is not None else None
+            if model is None and self.registry.published(name):
+                reasons.append(f"no version of model {name!r} loaded yet")
+        if all(v is None for v in versions.values()) and not reasons:
+            reasons.append(
+                f"no version of any model loaded ({', '.join(self.inputs) or 'no models defined'})"
+            )
         if self.store is None:
             reasons.append("online store not started")
         else:
@@ -289,9 +320,11 @@ class ScoringService:
                     reasons.append("redis did not answer PING")
             except Exception as exc:
                 reasons.append(f"redis did not answer PING: {type(exc).__name__}: {exc}")
-        if model is None or reasons:
-            return ORJSONResponse({"status": "not ready", "reasons": reasons}, status_code=503)
-        return ORJSONResponse({"status": "ready", "model": model.name, "version": model.version})
+        if reasons:
+            return ORJSONResponse(
+                {"status": "not ready", "reasons": reasons, "models": versions}, status_code=503
+            )
+        return ORJSONResponse({"status": "ready", "models": versions})
 
     async def metrics(self, request: Request) -> Response:
         body, content_type = metrics_payload()  # every worker's, summed, when there are several
@@ -301,20 +334,27 @@ class ScoringService:
 def create_app(
     settings: ServeSettings | None = None,
     *,
+    project: Project | None = None,
     registry: ModelRegistry | None = None,
     store: FeatureReader | None = None,
     predlog: PredictionSink | None = None,
     deployer: Deployer | None = None,
 ) -> Starlette:
-    """The scoring app. Without ``settings`` they are read from ``TIDE_*`` (uvicorn factory mode).
+    """The scoring app. Without ``settings`` they are read from ``TIDE_*`` (uvicorn factory mode); without
+    ``project`` the definitions are read from the registry (``schemas.registry.load``).
 
     Collaborators passed in are used as they are and left running at shutdown; those not passed are
     built, started and stopped by the app's lifespan (an injected ``registry`` gets no follower).
     """
     settings = settings or load(ServeSettings)
     keys = configured_keys(settings)  # a bad key setting fails here, naming it
-    service = ScoringService(settings, registry, store, predlog, deployer)
-    openapi_body = orjson.dumps(openapi_document(settings, auth_enabled=bool(keys)))
+    # Pickled pipelines refer to functions of the project's code by module name.
+    add_code_path(settings.project)
+    if project is None:
+        project = load_definitions(settings).project
+    service = ScoringService(settings, project, registry, store, predlog, deployer)
+    document = openapi_document(settings, auth_enabled=bool(keys), models=service.schemas)
+    openapi_body = orjson.dumps(document)
 
     async def openapi(request: Request) -> Response:
         return Response(openapi_body, media_type="application/json")

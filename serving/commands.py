@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from infra.console import AddCommand, emit, run_service
+from infra.errors import ConfigError
 from infra.settings import CommonSettings, load
 
 
@@ -16,10 +17,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from schemas.registry import load as load_definitions
     from serving.deployments import deployment_record, publish_deployment
 
     settings = load(CommonSettings)
-    model = args.model or settings.model_name
+    models = sorted(load_definitions(settings).project.models)
+    model = args.model
+    if model is None:
+        if len(models) != 1:
+            raise ConfigError(f"--model is required: the project has models {', '.join(models) or 'none'}")
+        model = models[0]
+    elif model not in models:
+        raise ConfigError(
+            f"--model {model!r} is not a model of the project (models: {', '.join(models) or 'none'})"
+        )
     record = deployment_record(model, args.action, args.version, args.weight, args.reason)
     publish_deployment(settings, record)
     emit(record)
@@ -38,8 +49,8 @@ def add_commands(add: AddCommand) -> None:
     add(
         "serve",
         cmd_serve,
-        "Run the HTTP scoring service (POST /v1/models/{name}/score); follows the models "
-        "topic and hot-swaps versions.",
+        "Run the HTTP scoring service for every model of the applied definitions "
+        "(POST /v1/models/{name}/score); follows the models topic and hot-swaps versions.",
     )
     dp = add(
         "deploy",
@@ -52,7 +63,7 @@ def add_commands(add: AddCommand) -> None:
     dp.add_argument("action", choices=("promote", "canary", "shadow", "rollback", "follow"))
     dp.add_argument("version", nargs="?", type=int, default=None, help="model version the action applies to")
     dp.add_argument("--weight", type=float, default=0.0, help="canary share of entities in [0, 1]")
-    dp.add_argument("--model", default=None, help="model name (default: TIDE_MODEL_NAME)")
+    dp.add_argument("--model", default=None, help="model name (required when the project has several models)")
     dp.add_argument("--reason", default=None, help="why, kept with the record")
     ke = add(
         "keys",

@@ -9,9 +9,10 @@ A model's policy is built by replaying its ``deployment`` records (the deploymen
     rollback  the champion goes back to the one before it (or to ``version`` when given); the canary ends
     follow    the champion is the newest version published (the default before any promote)
 
-Canary assignment is sticky per entity: a card's requests all go to the same arm, on every worker and
-every node, because the arm is a pure function of (model, entity, weight) — a stable hash, never
-Python's per-process salted ``hash``. Raising the weight only moves entities from champion to canary.
+Canary assignment is sticky per entity: the requests for the same entity values (all the join keys the
+model is read for) go to the same arm, on every worker and every node, because the arm is a pure
+function of (model, entity values, weight) — a stable hash, never Python's per-process salted
+``hash``. Raising the weight only moves entities from champion to canary.
 
 :class:`TrafficPolicy` is plain data (what the records asked for); :class:`Routing` is what a request
 sees: the loaded champion, canary and shadow. The registry rebuilds a ``Routing`` whenever the policy or
@@ -31,11 +32,11 @@ from typing import Any
 from confluent_kafka import Producer
 
 from infra.errors import DeploymentError, StreamError
-from infra.settings import CommonSettings
-from schemas import codec
-from models.runtime import LoadedModel
 from infra.kafka import make_producer
+from infra.settings import CommonSettings
 from infra.topics import topic
+from models.runtime import LoadedModel
+from schemas import codec
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,8 @@ class TrafficPolicy:
 
 
 def bucket(model: str, entity: str) -> float:
-    """A stable position of ``entity`` in [0, 1) for ``model``, the same in every process."""
+    """A stable position of ``entity`` (a request's entity values, as one string:
+    :meth:`models.inputs.ModelInputs.entity_key`) in [0, 1) for ``model``, the same in every process."""
     digest = hashlib.blake2b(f"{model}\x00{entity}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
 
@@ -190,7 +192,7 @@ class Routing:
     shadow: LoadedModel | None = None
 
     def pick(self, entity: str) -> tuple[LoadedModel, str]:
-        """The model and arm that answer for ``entity``."""
+        """The model and arm that answer for ``entity`` (the request's entity values, as one string)."""
         if self.canary is not None and bucket(self.champion.name, entity) < self.canary_weight:
             return self.canary, ARM_CANARY
         return self.champion, ARM_CHAMPION

@@ -1,11 +1,16 @@
 """The scoring service's OpenAPI 3.1 document, served at ``GET /openapi.json``.
 
-Nothing here is a second copy of a field list: the scoring body's features are the request fields the
-validator checks (:data:`models.inputs.REQUEST_FIELD_TYPES`, typed and described by the Avro ``event``
-schema), the batch bound is :data:`serving.validation.MAX_BATCH`, the deployment body and record follow
-the Avro ``deployment`` schema and :data:`serving.deployments.ACTIONS`, and the statuses are those the
-app and its middlewares answer with. Which routes need which key role follows
-:func:`serving.auth.default_rules`, so the document and the middleware agree on what is public.
+Nothing here is a second copy of a field list: each model's request body is built from the
+:class:`serving.validation.RequestSchema` the validator checks it with (request fields typed and
+described by the model's request source schema, the entities by the join keys of its views), its
+response by its task; the deployment body and record follow the Avro ``deployment`` schema and
+:data:`serving.deployments.ACTIONS`, and the statuses are those the app and its middlewares answer with.
+Which routes need which key role follows :func:`serving.auth.default_rules`, so the document and the
+middleware agree on what is public.
+
+Every model has its own scoring path (``/v1/models/<name>/score``) with its own request and response
+schemas (components ``<name>.Instance``, ``<name>.Batch``, ``<name>.Prediction``, ...); other names
+answer 404.
 """
 
 from __future__ import annotations
@@ -20,12 +25,12 @@ from features.store import Status
 from schemas import codec
 from serving.auth import PUBLIC, ROLES, AccessRules, default_rules
 from serving.deployments import ACTION_RULES, ACTIONS, ARM_CANARY, ARM_CHAMPION, MAX_VERSION
-from models.inputs import REQUEST_FIELD_TYPES
 from serving.settings import ServeSettings
-from serving.validation import MAX_BATCH
+from serving.validation import INTEGER_KEYS, RequestSchema
 
 OPENAPI_VERSION = "3.1.0"
 ARMS_RETURNED = (ARM_CHAMPION, ARM_CANARY)  # a shadow's answer is logged, never returned
+SCORE_PATH = "/v1/models/{name}/score"  # the route; documented once per model with the name filled in
 
 # Avro primitive -> JSON Schema, as serving.validation converts JSON values (an integer is a number).
 _AVRO_TO_JSON: dict[str, dict[str, Any]] = {
@@ -35,6 +40,11 @@ _AVRO_TO_JSON: dict[str, dict[str, Any]] = {
     "long": {"type": "integer", "format": "int64", "minimum": -(2**63), "maximum": 2**63 - 1},
     "boolean": {"type": "boolean"},
     "string": {"type": "string"},
+}
+_SCORE_DOC = {
+    "binary": "The probability of the positive class.",
+    "regression": "The predicted value.",
+    "multiclass": "The probability of the predicted class (`label`).",
 }
 
 _SECURITY_SCHEMES = {
@@ -67,21 +77,136 @@ def _record_fields(record: str) -> dict[str, dict[str, Any]]:
     return {f["name"]: f for f in codec.schema(record)["fields"]}
 
 
-def features_schema(request_field_types: Mapping[str, str] = REQUEST_FIELD_TYPES) -> dict[str, Any]:
-    """The ``features`` object of a scoring instance: every request field, typed as validation types it."""
-    docs = _record_fields("event")
+def features_schema(schema: RequestSchema) -> dict[str, Any]:
+    """The ``features`` object of an instance: every request field, typed as validation types it."""
     properties = {}
-    for name, kind in request_field_types.items():
-        prop = copy.deepcopy(_AVRO_TO_JSON[kind])
-        if "doc" in docs.get(name, {}):
-            prop["description"] = docs[name]["doc"]
-        properties[name] = prop
+    for f in schema.fields:
+        prop = copy.deepcopy(_AVRO_TO_JSON[f.type])
+        if f.nullable:
+            prop["type"] = [prop["type"], "null"]
+        if f.doc:
+            prop["description"] = f.doc
+        properties[f.name] = prop
     return {
         "type": "object",
-        "description": "The event's request fields; the entity's online features are added by the service.",
+        "description": f"The request fields of a {schema.inputs.model.request.name} record; the online "
+        "features are added by the service.",
         "properties": properties,
-        "required": list(request_field_types),
+        "required": [f.name for f in schema.fields],
         "additionalProperties": False,
+    }
+
+
+def _entity_value_schema(schema: RequestSchema, key: str) -> dict[str, Any]:
+    entity = next(v.entity for v in schema.inputs.views if v.entity_key == key)
+    about = entity.description or f"The {entity.name} entity."
+    views = ", ".join(v.name for v in schema.inputs.views if v.entity_key == key)
+    description = f"{about} Its features are read from: {views}."
+    if schema.join_key_types.get(key) in INTEGER_KEYS:
+        return {"type": ["integer", "string"], "pattern": "^-?[0-9]+$", "description": description}
+    return {"type": "string", "minLength": 1, "description": description}
+
+
+def entities_schema(schema: RequestSchema) -> dict[str, Any]:
+    """The ``entities`` object of an instance: a value per join key of the model's views."""
+    return {
+        "type": "object",
+        "description": "The entities whose online features are read, by join key.",
+        "properties": {key: _entity_value_schema(schema, key) for key in schema.join_keys},
+        "required": list(schema.join_keys),
+        "additionalProperties": False,
+    }
+
+
+def _model_components(name: str, schema: RequestSchema) -> dict[str, Any]:
+    """The request and response schemas of one model (see the module docstring)."""
+    task = schema.inputs.task
+    instance_props: dict[str, Any] = {
+        "entities": _ref(f"{name}.Entities"),
+        "event_id": {
+            "type": ["string", "null"],
+            "description": _record_fields("prediction")["event_id"].get("doc", ""),
+        },
+        "features": _ref(f"{name}.Features"),
+    }
+    instance: dict[str, Any] = {"type": "object", "properties": instance_props, "required": ["features"]}
+    if schema.shorthand:
+        key = schema.join_keys[0]
+        instance_props["entity"] = {
+            **_entity_value_schema(schema, key),
+            "description": f"Shorthand for entities: {{{key!r}: value}}.",
+        }
+        instance["oneOf"] = [{"required": ["entity"]}, {"required": ["entities"]}]
+    elif schema.join_keys:
+        instance["required"] = ["entities", "features"]
+    instance["additionalProperties"] = False
+    views = [v.name for v in schema.inputs.views]
+    prediction_props: dict[str, Any] = {
+        "request_id": {"type": "string"},
+        "model": {"const": name},
+        "version": {"type": "integer", "description": "The model version that answered."},
+        "arm": {"type": "string", "enum": list(ARMS_RETURNED)},
+        "score": {"type": "number", "description": _SCORE_DOC[task]},
+        "entities": {
+            "type": "object",
+            "description": "The entities whose online features were read, by join key.",
+            "additionalProperties": {"type": "string"},
+        },
+        "features": {
+            "type": "object",
+            "description": "The exact input scored: request fields and online features (counts as integers).",
+        },
+        "feature_status": {
+            "type": "object",
+            "description": "Per view read: whether the entity's features were present, missing or expired.",
+            "properties": {v: {"type": "string", "enum": list(typing.get_args(Status))} for v in views},
+            "additionalProperties": False,
+        },
+        "feature_age_ms": {
+            "type": "object",
+            "description": "Per view read: age of the entity's newest event in the store (null: none).",
+            "properties": {v: {"type": ["integer", "null"]} for v in views},
+            "additionalProperties": False,
+        },
+    }
+    required = ["request_id", "model", "version", "arm", "score"]
+    if task == "multiclass":
+        prediction_props["label"] = {
+            "type": ["string", "null"],
+            "description": "The predicted class (null when the model knows no class yet).",
+        }
+        prediction_props["probabilities"] = {
+            "type": "object",
+            "description": "Every class's probability, by class.",
+            "additionalProperties": {"type": "number"},
+        }
+        required += ["label", "probabilities"]
+    return {
+        f"{name}.Features": features_schema(schema),
+        f"{name}.Entities": entities_schema(schema),
+        f"{name}.Instance": instance,
+        f"{name}.Batch": {
+            "type": "object",
+            "properties": {
+                "instances": {
+                    "type": "array",
+                    "items": _ref(f"{name}.Instance"),
+                    "minItems": 1,
+                    "maxItems": schema.max_batch,
+                }
+            },
+            "required": ["instances"],
+            "additionalProperties": False,
+        },
+        f"{name}.Prediction": {"type": "object", "properties": prediction_props, "required": required},
+        f"{name}.BatchPrediction": {
+            "type": "object",
+            "properties": {
+                "request_id": {"type": "string"},
+                "predictions": {"type": "array", "items": _ref(f"{name}.Prediction")},
+            },
+            "required": ["request_id", "predictions"],
+        },
     }
 
 
@@ -109,16 +234,16 @@ def _deployment_body_schema(rules: Mapping[str, tuple[str, bool]]) -> dict[str, 
     return {"oneOf": shapes}
 
 
-def _components(
-    request_field_types: Mapping[str, str], actions: Sequence[str], max_batch: int
-) -> dict[str, Any]:
-    ref = _ref
+def _components(models: Mapping[str, RequestSchema], actions: Sequence[str]) -> dict[str, Any]:
     deployment_record = {
         "type": "object",
         "description": codec.schema("deployment").get("doc", ""),
         "properties": {n: avro_field_schema(f) for n, f in _record_fields("deployment").items()},
         "required": list(_record_fields("deployment")),
     }
+    per_model: dict[str, Any] = {}
+    for name in sorted(models):
+        per_model.update(_model_components(name, models[name]))
     return {
         "Error": {
             "type": "object",
@@ -126,66 +251,12 @@ def _components(
                 "error": {"type": "string", "description": "What is wrong."},
                 "field": {
                     "type": "string",
-                    "description": "The offending field, e.g. features.amount or instances[3].entity.",
+                    "description": "The offending field: features.x, entities.y, instances[3].features.x...",
                 },
             },
             "required": ["error"],
         },
-        "Features": features_schema(request_field_types),
-        "Instance": {
-            "type": "object",
-            "properties": {
-                "entity": {"type": "string", "minLength": 1, "description": "The card to score."},
-                "event_id": {
-                    "type": ["string", "null"],
-                    "description": _record_fields("event")["event_id"].get("doc", ""),
-                },
-                "features": ref("Features"),
-            },
-            "required": ["entity", "features"],
-            "additionalProperties": False,
-        },
-        "Batch": {
-            "type": "object",
-            "properties": {
-                "instances": {
-                    "type": "array",
-                    "items": ref("Instance"),
-                    "minItems": 1,
-                    "maxItems": max_batch,
-                }
-            },
-            "required": ["instances"],
-            "additionalProperties": False,
-        },
-        "Prediction": {
-            "type": "object",
-            "properties": {
-                "request_id": {"type": "string"},
-                "model": {"type": "string"},
-                "version": {"type": "integer", "description": "The model version that answered."},
-                "arm": {"type": "string", "enum": list(ARMS_RETURNED)},
-                "score": {"type": "number"},
-                "features": {
-                    "type": "object",
-                    "description": "The exact input scored: request fields and online features.",
-                },
-                "feature_status": {"type": "string", "enum": list(typing.get_args(Status))},
-                "feature_age_ms": {
-                    "type": ["integer", "null"],
-                    "description": "Age of the entity's newest event in the online store.",
-                },
-            },
-            "required": ["request_id", "model", "version", "arm", "score"],
-        },
-        "BatchPrediction": {
-            "type": "object",
-            "properties": {
-                "request_id": {"type": "string"},
-                "predictions": {"type": "array", "items": ref("Prediction")},
-            },
-            "required": ["request_id", "predictions"],
-        },
+        **per_model,
         "ModelList": {
             "type": "object",
             "properties": {
@@ -214,20 +285,22 @@ def _components(
         },
         "Ready": {
             "type": "object",
-            "properties": {
-                "status": {"const": "ready"},
-                "model": {"type": "string"},
-                "version": {"type": "integer"},
-            },
-            "required": ["status"],
+            "properties": {"status": {"const": "ready"}, "models": _ref("ModelVersions")},
+            "required": ["status", "models"],
         },
         "NotReady": {
             "type": "object",
             "properties": {
                 "status": {"const": "not ready"},
                 "reasons": {"type": "array", "items": {"type": "string"}},
+                "models": _ref("ModelVersions"),
             },
             "required": ["status", "reasons"],
+        },
+        "ModelVersions": {
+            "type": "object",
+            "description": "The champion version each model serves (null: none loaded).",
+            "additionalProperties": {"type": ["integer", "null"]},
         },
     }
 
@@ -257,17 +330,15 @@ def openapi_document(
     settings: ServeSettings,
     *,
     auth_enabled: bool,
+    models: Mapping[str, RequestSchema],
     actions: Sequence[str] = ACTIONS,
-    models: Sequence[str] | None = None,
-    request_field_types: Mapping[str, str] = REQUEST_FIELD_TYPES,
-    max_batch: int = MAX_BATCH,
 ) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the app built from ``settings``.
+    """The OpenAPI 3.1 document of the app built from ``settings``, serving ``models``.
 
     ``auth_enabled``: whether API keys are configured (keyed operations then declare their security and
-    401/403; without keys nothing is enforced, and the document says so). ``actions``: the deployment
-    actions (default :data:`serving.deployments.ACTIONS`). ``models``: the model names served (default
-    ``[settings.model_name]``); other names answer 404.
+    401/403; without keys nothing is enforced, and the document says so). ``models``: each model's
+    request schema, by name; other names answer 404. ``actions``: the deployment actions (default
+    :data:`serving.deployments.ACTIONS`).
     """
     limits = (settings.serve_max_body_bytes, settings.serve_body_timeout_s, settings.serve_request_timeout_s)
     max_body, body_timeout, request_timeout = limits
@@ -277,7 +348,7 @@ def openapi_document(
         "in": "path",
         "required": True,
         "description": "Model name.",
-        "schema": {"type": "string", "enum": sorted(models or [settings.model_name])},
+        "schema": {"type": "string", "enum": sorted(models)},
     }
 
     def operation(
@@ -298,54 +369,63 @@ def openapi_document(
     timeout_504 = _error(
         f"Not answered within {request_timeout:g} s (or the online-feature read was slower)."
     )
-    body_errors = {
-        "400": _error("The body is not valid JSON, or Content-Length is invalid."),
-        "404": _error("Unknown model name."),
-        "408": _error(f"The body did not arrive within {body_timeout:g} s (the connection is closed)."),
-        "413": _error(f"The body is larger than {max_body} bytes."),
-        "422": _error("The body does not match the schema; `field` names the offending field."),
-    }
-    score = operation(
-        "post",
-        "/v1/models/{name}/score",
-        "score",
-        "Score one instance or a batch",
-        {
-            "200": _json(
-                {"oneOf": [_ref("Prediction"), _ref("BatchPrediction")]},
-                "One prediction (single instance) or a batch's predictions, in order.",
-                {"X-Request-ID": {"schema": {"type": "string"}, "description": "The request's id."}},
-            ),
-            **body_errors,
-            "503": _error(
-                "No version of the model is loaded yet, or the online store is down.", _RETRY_AFTER
-            ),
-            "504": timeout_504,
-        },
-        description=(
-            'One instance, or a batch `{"instances": [...]}` of 1 to '
-            f"{max_batch}. Each names its entity and carries the event's request fields; the entity's "
-            "online features are read from the store in one round trip. The response names the model "
-            "version and arm (champion or canary) that answered."
-        ),
-        parameters=[
-            name_param,
+
+    def body_errors() -> dict[str, Any]:
+        return {
+            "400": _error("The body is not valid JSON, or Content-Length is invalid."),
+            "404": _error("Unknown model name."),
+            "408": _error(f"The body did not arrive within {body_timeout:g} s (the connection is closed)."),
+            "413": _error(f"The body is larger than {max_body} bytes."),
+            "422": _error("The body does not match the schema; `field` names the offending field."),
+        }
+
+    def score(name: str, schema: RequestSchema) -> dict[str, Any]:
+        model = schema.inputs.model
+        views = ", ".join(v.name for v in schema.inputs.views) or "none"
+        entities = ", ".join(schema.join_keys) or "none"
+        return operation(
+            "post",
+            SCORE_PATH.replace("{name}", name),
+            f"score_{name}",
+            f"Score with {name} ({model.task}){': ' + model.description if model.description else ''}",
             {
-                "name": "X-Request-ID",
-                "in": "header",
-                "required": False,
-                "description": "Id the prediction is logged under (batch items get -0, -1, ...); "
-                "made up when absent.",
-                "schema": {"type": "string"},
+                "200": _json(
+                    {"oneOf": [_ref(f"{name}.Prediction"), _ref(f"{name}.BatchPrediction")]},
+                    "One prediction (single instance) or a batch's predictions, in order.",
+                    {"X-Request-ID": {"schema": {"type": "string"}, "description": "The request's id."}},
+                ),
+                **body_errors(),
+                "503": _error(
+                    "No version of the model is loaded yet, or the online store is down.", _RETRY_AFTER
+                ),
+                "504": timeout_504,
             },
-        ],
-        requestBody={
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"oneOf": [_ref("Instance"), _ref("Batch")]}},
+            description=(
+                f'One instance, or a batch `{{"instances": [...]}}` of 1 to {schema.max_batch}. Each '
+                f"names its entities (join keys: {entities}) and carries the request fields; the online "
+                f"features of views {views} are read from the store in one round trip. The response "
+                "names the model version and arm (champion or canary) that answered."
+            ),
+            parameters=[
+                {
+                    "name": "X-Request-ID",
+                    "in": "header",
+                    "required": False,
+                    "description": "Id the prediction is logged under (batch items get -0, -1, ...); "
+                    "made up when absent.",
+                    "schema": {"type": "string"},
+                },
+            ],
+            requestBody={
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"oneOf": [_ref(f"{name}.Instance"), _ref(f"{name}.Batch")]}
+                    },
+                },
             },
-        },
-    )
+        )
+
     deploy = operation(
         "post",
         "/v1/models/{name}/deployments",
@@ -356,7 +436,7 @@ def openapi_document(
                 _ref("DeploymentAccepted"),
                 "Published to the deployments topic; every node applies it when it reads it back.",
             ),
-            **body_errors,
+            **body_errors(),
             "409": _error(
                 "The action cannot apply to the current policy (a rollback with no earlier champion)."
             ),
@@ -370,45 +450,49 @@ def openapi_document(
         },
     )
     paths: dict[str, Any] = {
-        "/v1/models/{name}/score": {"post": score},
-        "/v1/models/{name}/deployments": {"post": deploy},
-        "/v1/models": {
-            "get": operation(
-                "get",
-                "/v1/models",
-                "listModels",
-                "Loaded versions, aliases and traffic split of each model (admin)",
-                {"200": _json(_ref("ModelList"), "Every model served."), "504": timeout_504},
-            )
-        },
-        "/healthz": {
-            "get": operation(
-                "get", "/healthz", "healthz", "The process is up", {"200": _json(_ref("Health"), "Up.")}
-            )
-        },
-        "/readyz": {
-            "get": operation(
-                "get",
-                "/readyz",
-                "readyz",
-                "Ready: a model is loaded and the feature store answers",
-                {
-                    "200": _json(_ref("Ready"), "Ready to score."),
-                    "503": _json(_ref("NotReady"), "Not ready; `reasons` says why."),
-                    "504": timeout_504,
-                },
-            )
-        },
-        "/openapi.json": {
-            "get": operation(
-                "get",
-                "/openapi.json",
-                "openapi",
-                "This document",
-                {"200": _json({"type": "object"}, "The OpenAPI document.")},
-            )
-        },
+        SCORE_PATH.replace("{name}", n): {"post": score(n, models[n])} for n in sorted(models)
     }
+    paths.update(
+        {
+            "/v1/models/{name}/deployments": {"post": deploy},
+            "/v1/models": {
+                "get": operation(
+                    "get",
+                    "/v1/models",
+                    "listModels",
+                    "Loaded versions, aliases and traffic split of each model (admin)",
+                    {"200": _json(_ref("ModelList"), "Every model served."), "504": timeout_504},
+                )
+            },
+            "/healthz": {
+                "get": operation(
+                    "get", "/healthz", "healthz", "The process is up", {"200": _json(_ref("Health"), "Up.")}
+                )
+            },
+            "/readyz": {
+                "get": operation(
+                    "get",
+                    "/readyz",
+                    "readyz",
+                    "Ready: the models are loaded and the feature store answers",
+                    {
+                        "200": _json(_ref("Ready"), "Ready to score."),
+                        "503": _json(_ref("NotReady"), "Not ready; `reasons` says why."),
+                        "504": timeout_504,
+                    },
+                )
+            },
+            "/openapi.json": {
+                "get": operation(
+                    "get",
+                    "/openapi.json",
+                    "openapi",
+                    "This document",
+                    {"200": _json({"type": "object"}, "The OpenAPI document.")},
+                )
+            },
+        }
+    )
     if settings.serve_metrics_auth != "off":
         paths["/metrics"] = {
             "get": operation(
@@ -439,7 +523,7 @@ def openapi_document(
             "description": "Real-time scoring with online features and hot-swapped models. " + auth_note,
         },
         "paths": paths,
-        "components": {"schemas": _components(request_field_types, actions, max_batch)},
+        "components": {"schemas": _components(models, actions)},
     }
     if auth_enabled:
         doc["components"]["securitySchemes"] = copy.deepcopy(_SECURITY_SCHEMES)

@@ -18,10 +18,10 @@ from confluent_kafka import KafkaError, Message, Producer
 from prometheus_client import Counter
 
 from infra.errors import SchemaError
-from schemas import codec
-from serving.settings import ServeSettings
 from infra.kafka import make_producer
 from infra.topics import topic
+from schemas import codec
+from serving.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,14 @@ PREDICTIONS_DROPPED = Counter(
 MESSAGE_TIMEOUT_MS = 30 * 60 * 1000
 
 
+def record_key(record: Mapping[str, Any]) -> bytes:
+    """A prediction's record key: its entity values (join-key order, unit-separated), else its request id."""
+    entities = record.get("entities")
+    return ("\x1f".join(entities.values()) if entities else str(record["request_id"])).encode()
+
+
 class PredictionLog:
-    """Produces ``prediction`` records asynchronously, keyed by entity."""
+    """Produces ``prediction`` records asynchronously, keyed by their entities (:func:`record_key`)."""
 
     POLL_S = 0.1
 
@@ -79,7 +85,7 @@ class PredictionLog:
             logger.error("dropping prediction %s: %s", record.get("request_id"), exc)
             return
         try:
-            self._producer.produce(self.topic, value=value, key=str(record["entity"]).encode())
+            self._producer.produce(self.topic, value=value, key=record_key(record))
             self._queued += 1
         except BufferError:
             PREDICTIONS_DROPPED.inc()

@@ -18,22 +18,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
 from prometheus_client import Counter, Gauge, Histogram
 
-from infra.errors import DeploymentError, SchemaError, ServingError
-from schemas import codec
-from serving.deployments import ARM_CANARY, ARM_CHAMPION, ARM_SHADOW, Routing, TrafficPolicy
-from models.runtime import LoadedModel, make_loader
-from serving.settings import ServeSettings
 from infra.deadletter import DeadLetterSink, KafkaDeadLetters
+from infra.errors import DeploymentError, SchemaError, ServingError
 from infra.kafka import make_producer, messages, replay_reader
 from infra.letters import DeadLetter
 from infra.topics import TOPICS, topic
+from models.runtime import LoadedModel, Loader
+from schemas import codec
+from serving.deployments import ARM_CANARY, ARM_CHAMPION, ARM_SHADOW, Routing, TrafficPolicy
+from serving.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,12 @@ class ModelRegistry:
     def is_known(self, name: str) -> bool:
         """Whether ``name`` is a model this service serves (loaded or not yet)."""
         return name in self._states
+
+    def published(self, name: str) -> bool:
+        """Whether a loadable version of ``name`` has been published (loaded or still to load)."""
+        with self._changed:
+            state = self._states.get(name)
+            return state is not None and (state.newest is not None or bool(state.loaded))
 
     def describe(self) -> list[dict[str, Any]]:
         """Every model: its routing (aliases, traffic split), policy and loaded versions."""
@@ -303,15 +309,20 @@ class ModelFollower:
         settings: ServeSettings,
         registry: ModelRegistry,
         *,
+        loader: Loader,
+        models: Collection[str] | None = None,
         consumer_factory: ConsumerFactory = _state_reader,
-        loader: Callable[[Mapping[str, Any]], LoadedModel] | None = None,
         dead_letters: DeadLetterSink | None = None,
     ) -> None:
+        """``loader``: builds a version from its record (``models.runtime.make_loader``: the project's
+        models, and the signature policy). ``models``: the model names followed; records of others on
+        the topics are skipped (None: every model)."""
         self.settings = settings
         self.registry = registry
         self._consumer_factory = consumer_factory
-        # The default checks signatures when trusted keys are configured (models.runtime.make_loader).
-        self._loader = loader or make_loader(settings)
+        self._loader = loader
+        self._models = frozenset(models) if models is not None else None
+        self._skipped: set[str] = set()
         self._dead_letters = dead_letters
         self._dl_producer: Producer | None = None  # only when the follower built its own sink
         self._models_topic = topic(settings, "models")
@@ -379,6 +390,14 @@ class ModelFollower:
             logger.warning("skipping undecodable record at %s: %s", source, exc)
             return []
         kind = codec.record_name(payload)
+        name = str(record.get("model"))
+        if self._models is not None and kind in ("model_version", "deployment") and name not in self._models:
+            if name not in self._skipped:
+                self._skipped.add(name)
+                logger.warning(
+                    "skipping records of model %s at %s: not a model of the definitions", name, source
+                )
+            return []
         if kind == "model_version":
             source.payload = payload
             self.registry.remember(record, source)

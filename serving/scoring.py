@@ -1,7 +1,8 @@
 """Scoring one request: online features in one round trip, one routing, one logged prediction each.
 
 The routing (champion, canary, shadow) is read from the registry once by the caller and passed in, so a
-hot swap or a deployment during the request never mixes policies within it.
+hot swap or a deployment during the request never mixes policies within it. Every ``(view, entity)``
+pair the request's instances need, whatever their views and entities, is read in one store call.
 """
 
 from __future__ import annotations
@@ -14,21 +15,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from schemas.definitions import CARD_ACTIVITY, FeatureView
 from features.store import FeatureRow
 from infra.errors import Unavailable
-from serving.deployments import ARM_SHADOW, Routing
-from models.inputs import assemble
+from models.base import Output
+from models.inputs import ModelInputs
 from models.runtime import LoadedModel
+from schemas.definitions import FeatureView
+from serving.deployments import ARM_SHADOW, Routing
 from serving.validation import ScoreRequest
 
 logger = logging.getLogger(__name__)
+
+Pair = tuple[FeatureView, str]
 
 
 class FeatureReader(Protocol):
     """What scoring needs of the online store (:class:`features.store.RedisOnlineStore` is one)."""
 
-    async def read(self, view: FeatureView, entities: Sequence[str]) -> list[FeatureRow]: ...
+    async def read_pairs(self, pairs: Sequence[Pair]) -> list[FeatureRow]: ...
 
 
 class PredictionSink(Protocol):
@@ -38,19 +42,26 @@ class PredictionSink(Protocol):
 
 
 async def read_features(
-    store: FeatureReader, entities: Sequence[str], timeout_s: float
-) -> dict[str, FeatureRow]:
-    """Online features of every distinct entity, in one store round trip bounded by ``timeout_s``."""
-    unique = list(dict.fromkeys(entities))
+    store: FeatureReader, inputs: ModelInputs, instances: Sequence[ScoreRequest], timeout_s: float
+) -> list[dict[str, FeatureRow]]:
+    """Each instance's rows by view name, every distinct pair read once, in one store call bounded by
+    ``timeout_s``."""
+    if not inputs.views:
+        return [{} for _ in instances]
+    wanted = [inputs.pairs(inst.entities) for inst in instances]
+    unique = list(
+        {(view.name, entity): (view, entity) for pairs in wanted for view, entity in pairs}.values()
+    )
     try:
         async with asyncio.timeout(timeout_s):  # no extra task per request, unlike wait_for
-            rows = await store.read(CARD_ACTIVITY, unique)
+            rows = await store.read_pairs(unique)
     except TimeoutError:
         raise Unavailable(f"online feature read took longer than {timeout_s} s", status=504) from None
     except Exception as exc:
         logger.warning("online feature read failed: %s: %s", type(exc).__name__, exc)
         raise Unavailable("online feature store unavailable", retry_after=1) from exc
-    return {row.entity: row for row in rows}
+    found = {(view.name, entity): row for (view, entity), row in zip(unique, rows, strict=True)}
+    return [{view.name: found[(view.name, entity)] for view, entity in pairs} for pairs in wanted]
 
 
 @dataclass(frozen=True)
@@ -59,62 +70,66 @@ class Scored:
 
     request: ScoreRequest
     request_id: str
-    row: FeatureRow
+    rows: dict[str, FeatureRow]  # by view name
     x: dict[str, Any]
     model: LoadedModel
     arm: str
-    score: float
+    output: Output
 
 
 def score(
     routing: Routing,
+    inputs: ModelInputs,
     instances: Sequence[ScoreRequest],
-    rows: Mapping[str, FeatureRow],
+    rows: Sequence[dict[str, FeatureRow]],
     request_ids: Sequence[str],
 ) -> list[Scored]:
-    """Score each instance with the arm its entity routes to (one routing for the whole request).
+    """Score each instance with the arm its entities route to (one routing for the whole request).
 
     A batch is scored with one model call per version that answers part of it.
     """
-    picks = [routing.pick(inst.entity) for inst in instances]
-    xs = [assemble(inst.fields, rows[inst.entity]) for inst in instances]
-    scores = _predict([model for model, _ in picks], xs)
+    picks = [routing.pick(inputs.entity_key(inst.entities)) for inst in instances]
+    xs = [inputs.assemble(inst.fields, r) for inst, r in zip(instances, rows, strict=True)]
+    outputs = _predict([model for model, _ in picks], xs)
     return [
-        Scored(inst, request_id, rows[inst.entity], x, model, arm, value)
-        for inst, request_id, x, (model, arm), value in zip(
-            instances, request_ids, xs, picks, scores, strict=True
+        Scored(inst, request_id, r, x, model, arm, out)
+        for inst, request_id, r, x, (model, arm), out in zip(
+            instances, request_ids, rows, xs, picks, outputs, strict=True
         )
     ]
 
 
-def _predict(models: Sequence[LoadedModel], xs: Sequence[dict[str, Any]]) -> list[float]:
+def _predict(models: Sequence[LoadedModel], xs: Sequence[dict[str, Any]]) -> list[Output]:
     if len(xs) == 1:
         return [models[0].runtime.predict_one(xs[0])]
     groups: dict[int, list[int]] = {}
     for i, model in enumerate(models):
         groups.setdefault(id(model), []).append(i)
-    scores = [0.0] * len(xs)
+    outputs: list[Output] = [Output(0.0)] * len(xs)
     for indexes in groups.values():
-        values = models[indexes[0]].runtime.predict_many([xs[i] for i in indexes])
-        for i, value in zip(indexes, values, strict=True):
-            scores[i] = value
-    return scores
+        answers = models[indexes[0]].runtime.predict_many([xs[i] for i in indexes])
+        for i, answer in zip(indexes, answers, strict=True):
+            outputs[i] = answer
+    return outputs
 
 
 def log_predictions(predlog: PredictionSink, scored: Sequence[Scored], latency_ms: float) -> None:
-    """One prediction record per scored instance, with the exact features and the arm that answered."""
+    """One prediction record per scored instance, with the exact inputs and the arm that answered."""
     ts = int(time.time() * 1000)
     for s in scored:
+        out = s.output
         predlog.log(
             {
                 "request_id": s.request_id,
                 "event_id": s.request.event_id,
-                "entity": s.request.entity,
+                "entities": s.request.entities,
                 "model": s.model.name,
                 "version": s.model.version,
                 "arm": s.arm,
                 "features": s.x,
-                "score": s.score,
+                "score": out.score,
+                "label": out.label,
+                "probabilities": out.probabilities,
                 "latency_ms": latency_ms,
                 "ts": ts,
             }
@@ -128,10 +143,10 @@ def shadow(model: LoadedModel, scored: Sequence[Scored], predlog: PredictionSink
     """
     started = time.perf_counter()
     try:
-        values = _predict([model] * len(scored), [s.x for s in scored])
+        outputs = _predict([model] * len(scored), [s.x for s in scored])
         mirrored = [
-            dataclasses.replace(s, model=model, arm=ARM_SHADOW, score=value)
-            for s, value in zip(scored, values, strict=True)
+            dataclasses.replace(s, model=model, arm=ARM_SHADOW, output=out)
+            for s, out in zip(scored, outputs, strict=True)
         ]
     except Exception:
         logger.exception("shadow model %s version %d failed to score", model.name, model.version)
@@ -140,13 +155,21 @@ def shadow(model: LoadedModel, scored: Sequence[Scored], predlog: PredictionSink
 
 
 def response_item(s: Scored) -> dict[str, Any]:
-    return {
+    """The response for one instance: the answer, who gave it, and the inputs it was computed from
+    (``feature_status`` and ``feature_age_ms`` per view read)."""
+    out = s.output
+    item: dict[str, Any] = {
         "request_id": s.request_id,
         "model": s.model.name,
         "version": s.model.version,
         "arm": s.arm,
-        "score": s.score,
-        "features": s.x,
-        "feature_status": s.row.status,
-        "feature_age_ms": s.row.age_ms,
+        "score": out.score,
     }
+    if out.probabilities is not None:
+        item["label"] = out.label
+        item["probabilities"] = out.probabilities
+    item["entities"] = s.request.entities
+    item["features"] = s.x
+    item["feature_status"] = {view: row.status for view, row in s.rows.items()}
+    item["feature_age_ms"] = {view: row.age_ms for view, row in s.rows.items()}
+    return item

@@ -1,4 +1,4 @@
-"""``tide serve``: the scoring app under uvicorn."""
+"""``tide serve``: the scoring app under uvicorn, serving every model of the applied definitions."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import uvicorn
 
 from infra.settings import env_var
+from schemas.registry import load as load_definitions
 from serving.app import create_app
 from serving.metrics import multiprocess_dir
 from serving.settings import ServeSettings
@@ -33,7 +34,9 @@ def _export_for_workers(settings: ServeSettings) -> None:
 
 
 def run(settings: ServeSettings) -> None:
-    """Serve until interrupted. One worker runs the app in this process; more run in child processes."""
+    """Serve until interrupted. One worker runs the app in this process; more run in child processes, each
+    reading the definitions from the registry itself (read here first, so a missing apply fails now)."""
+    registered = load_definitions(settings)
     common: dict = {
         "host": settings.serve_host,
         "port": settings.serve_port,
@@ -43,8 +46,10 @@ def run(settings: ServeSettings) -> None:
         "timeout_graceful_shutdown": 10,
     }
     logger.info(
-        "serving model %s on http://%s:%d with %d worker(s)",
-        settings.model_name,
+        "serving project %s (definitions v%d, models %s) on http://%s:%d with %d worker(s)",
+        registered.project.name,
+        registered.version,
+        ", ".join(sorted(registered.project.models)) or "none",
         settings.serve_host,
         settings.serve_port,
         settings.serve_workers,
@@ -54,4 +59,4 @@ def run(settings: ServeSettings) -> None:
         with multiprocess_dir():  # workers' metrics in one directory, summed by /metrics
             uvicorn.run(APP_FACTORY, factory=True, workers=settings.serve_workers, **common)
     else:
-        uvicorn.run(create_app(settings), **common)
+        uvicorn.run(create_app(settings, project=registered.project), **common)

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field
 
 from infra.settings import CommonSettings
+from models.runtime import LoadPolicy
+from models.signing import Verifier
 from serving.auth import ApiKey
 
 
@@ -34,3 +36,14 @@ class ServeSettings(CommonSettings):
     # Bounds on fetching an artifact by URI (artifact_uri), per model version.
     serve_artifact_timeout_s: float = Field(default=10.0, gt=0)
     serve_artifact_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+
+
+def load_policy(settings: ServeSettings) -> LoadPolicy:
+    """How model versions are loaded: the trusted keys (read now: ConfigError naming the file when they
+    do not load) and the bounds on fetching artifacts."""
+    keys = settings.serve_trusted_keys_file
+    return LoadPolicy(
+        verifier=Verifier.from_pem_file(Path(keys)) if keys else None,
+        fetch_timeout_s=settings.serve_artifact_timeout_s,
+        max_artifact_bytes=settings.serve_artifact_max_bytes,
+    )

@@ -12,17 +12,24 @@ The definitions come from the registry (what ``tide apply`` registered), as ever
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from features.store import RedisOnlineStore
+from features.training import Example, replay
+from infra.errors import DefinitionError
 from infra.imports import add_code_path
 from infra.settings import CommonSettings, load
 from schemas import registry
 from schemas.definitions import Project
 from streams.produce import SourceProducer
 from streams.sources import find_source
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +59,40 @@ class Client:
             producer.send(record)
         producer.flush(flush_s)
         return producer.sent
+
+    def online_features(self, view: str, entities: Sequence[str]) -> pd.DataFrame:
+        """One row per entity: the view's current values (defaults when missing or expired), ``status``
+        (present, missing, expired) and ``age_ms`` of the newest event, read in one round trip."""
+        import pandas as pd
+
+        spec = self.project.views.get(view)
+        if spec is None:
+            raise DefinitionError(f"no feature view {view!r} (views: {', '.join(self.project.views)})")
+
+        async def read() -> list[Any]:
+            store = RedisOnlineStore.from_url(self.settings.redis_url, self.settings.topic_prefix)
+            try:
+                return await store.read(spec, list(entities))
+            finally:
+                await store.close()
+
+        rows = asyncio.run(read())
+        return pd.DataFrame(
+            [{"entity": r.entity, **r.values, "status": r.status, "age_ms": r.age_ms} for r in rows]
+        )
+
+    def examples(self, model: str) -> list[Example]:
+        """The model's point-in-time examples replayed from the topics, in event-time order."""
+        spec = self.project.models.get(model)
+        if spec is None:
+            raise DefinitionError(f"no model {model!r} (models: {', '.join(self.project.models)})")
+        return replay(self.settings, self.project, spec)
+
+    def training_set(self, model: str) -> pd.DataFrame:
+        """The model's point-in-time training set: one row per label, with the labels key, the event
+        time, every input as serving would have seen it just before the event, and the target."""
+        import pandas as pd
+
+        rows = [{"key": e.key, "ts": e.ts, **e.x, "target": e.y} for e in self.examples(model)]
+        columns = ["key", "ts", *self.project.models[model].input_names, "target"]
+        return pd.DataFrame(rows, columns=columns)

@@ -8,13 +8,13 @@ import time
 
 import pytest
 
-from tide.embedded import broker_answers, broker_command, free_port
-from tide.processes import wait_until
+from infra.kafka import read_to_end
+from infra.topics import TOPICS, ensure_topics, topic
 from schemas import codec
 from serving.predlog import PredictionLog
 from serving.settings import ServeSettings
-from infra.kafka import read_to_end
-from infra.topics import TOPICS, ensure_topics, topic
+from tide.embedded import broker_answers, broker_command, free_port
+from tide.processes import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -25,12 +25,14 @@ def prediction(i: int) -> dict:
     return {
         "request_id": f"r{i}",
         "event_id": None,
-        "entity": f"card-{i % 37}",
-        "model": "fraud",
+        "entities": {"user_id": f"u{i % 37}"},
+        "model": "m",
         "version": 1,
         "arm": "champion",
-        "features": {"amount": float(i)},
+        "features": {"x": float(i), "n": i},
         "score": 0.5,
+        "label": None,
+        "probabilities": None,
         "latency_ms": 1.0,
         "ts": 1,
     }

@@ -14,11 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from infra.imports import import_object
+from infra.settings import CommonSettings, env_var
+from models.artifacts import dump_river
+from online_training.publish import publish_model_version
+from schemas.definitions import Project
 from tide.embedded import free_port
 from tide.processes import wait_until
-from infra.settings import CommonSettings, env_var
-from examples.fraud.model import FEATURE_NAMES, dump, new_model
-from online_training.publish import publish_model_version
 
 pytestmark = pytest.mark.integration
 
@@ -48,10 +50,14 @@ def _scored(metrics: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_two_workers_serve_and_metrics_add_up(settings: CommonSettings, tmp_path: Path) -> None:
-    artifact, _ = dump(new_model())
+def test_two_workers_serve_and_metrics_add_up(
+    fraud: CommonSettings, fraud_project: Project, tmp_path: Path
+) -> None:
+    settings = fraud
+    model = fraud_project.models["fraud"]
+    artifact, _ = dump_river(import_object(str(model.learner))())
     publish_model_version(
-        settings, model="fraud", version=1, flavor="river", artifact=artifact, feature_names=FEATURE_NAMES
+        settings, model="fraud", version=1, flavor="river", artifact=artifact, feature_names=model.input_names
     )
     port = free_port()
     env = {
@@ -62,6 +68,7 @@ def test_two_workers_serve_and_metrics_add_up(settings: CommonSettings, tmp_path
         env_var("state_dir"): str(tmp_path),
         env_var("serve_port"): str(port),
         env_var("serve_workers"): "2",
+        env_var("project"): str(settings.project),  # where the workers import the pipeline's code from
     }
     server = subprocess.Popen(
         [sys.executable, "-m", "tide.cli", "serve"],

@@ -3,34 +3,43 @@ operation, with API keys on, never get a 5xx, and every response matches the doc
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import schemathesis
 from hypothesis import HealthCheck, settings
+from onnx import TensorProto, helper
 from schemathesis.config import SchemathesisConfig
 
 from features import tiles
-from schemas.definitions import FeatureView
 from features.store import FeatureRow
-from examples.fraud.model import FEATURE_NAMES, dump, new_model
+from infra.imports import import_object
+from models.artifacts import dump_river
+from models.inputs import ModelInputs, model_inputs
+from models.runtime import load_model
 from schemas import codec
+from schemas.definitions import FeatureView
 from serving.app import create_app
 from serving.auth import new_key
 from serving.registry import ModelRegistry
-from models.runtime import load_model
 from serving.settings import ServeSettings
+from tide.project import load_project
 
 KEY, ENTRY = new_key("fuzz", ["score", "admin"])
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fraud"
 
 
 class MissingFeatures:
     """Every entity is new: scoring runs on the views' defaults."""
 
-    async def read(self, view: FeatureView, entities: Sequence[str]) -> list[FeatureRow]:
-        empty = tiles.window_values(view, {}, 0)
-        return [FeatureRow(e, view.name, empty, "missing", None, None, view.describe()) for e in entities]
+    async def read_pairs(self, pairs: Sequence[tuple[FeatureView, str]]) -> list[FeatureRow]:
+        return [
+            FeatureRow(e, v.name, tiles.window_values(v, {}, 0), "missing", None, None, v.describe())
+            for v, e in pairs
+        ]
 
     async def ping(self) -> bool:
         return True
@@ -43,19 +52,53 @@ class EncodingLog:
         codec.encode("prediction", record)
 
 
-def _app() -> Any:
-    blob, digest = dump(new_model())
-    registry = ModelRegistry(known=["fraud"])
-    record = {
-        "model": "fraud",
+def _linear_onnx(n: int) -> bytes:
+    """sigmoid(x @ w + b) over ``n`` float inputs: a stand-in for a batch-trained binary model."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["features", "w"], ["z0"]),
+            helper.make_node("Add", ["z0", "b"], ["z"]),
+            helper.make_node("Sigmoid", ["z"], ["probability"]),
+        ],
+        "linear",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", n])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[
+            helper.make_tensor("w", TensorProto.FLOAT, [n, 1], [0.01] * n),
+            helper.make_tensor("b", TensorProto.FLOAT, [1], [-0.5]),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto.SerializeToString()
+
+
+def _record(inputs: ModelInputs) -> dict[str, Any]:
+    """A version of any binary model of the example: its own learner when it has one (river, the project's
+    code), else ONNX over its numeric inputs, as a batch trainer publishes it."""
+    if inputs.model.learner:
+        flavor, names = "river", list(inputs.names)
+        blob, _ = dump_river(import_object(inputs.model.learner)())
+    else:
+        flavor, names = "onnx", [n for n in inputs.names if n not in inputs.strings([n])]
+        blob = _linear_onnx(len(names))
+    return {
+        "model": inputs.name,
         "version": 1,
-        "flavor": "river",
+        "flavor": flavor,
+        "task": inputs.task,
         "artifact": blob,
-        "sha256": digest,
-        "feature_names": list(FEATURE_NAMES),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "feature_names": names,
         "created_ts": int(time.time() * 1000),
     }
-    registry.swap(load_model(record))
+
+
+def _app() -> Any:
+    project = load_project(EXAMPLE)  # at collection: the schema is built from the app's own document
+    registry = ModelRegistry()
+    for inputs in model_inputs(project).values():  # a version of every model: every path can score
+        registry.swap(load_model(_record(inputs), inputs))
 
     async def deployer(deployment: dict[str, Any]) -> None:
         codec.encode("deployment", deployment)  # what publishing does first
@@ -63,7 +106,12 @@ def _app() -> Any:
 
     serve = ServeSettings(serve_api_keys=[ENTRY])
     return create_app(
-        serve, registry=registry, store=MissingFeatures(), predlog=EncodingLog(), deployer=deployer
+        serve,
+        project=project,
+        registry=registry,
+        store=MissingFeatures(),
+        predlog=EncodingLog(),
+        deployer=deployer,
     )
 
 

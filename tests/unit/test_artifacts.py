@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from models.artifacts import LocalArtifactStore, fetch, fetch_verified, record_artifact, redact
 from infra.errors import ConfigError, ModelLoadError
 from infra.settings import CommonSettings
+from models.artifacts import LocalArtifactStore, fetch, fetch_verified, record_artifact, redact
 from models.signing import Signer, Verifier, generate_key_pair, statement
 from online_training.publish import build_record, publish_model_version
 from online_training.settings import PublishSettings
@@ -158,6 +158,13 @@ def test_statement_is_canonical_and_names_what_is_bound() -> None:
         b'tide.model_version/1\n{"feature_names":["a","b"],"flavor":"onnx","model":"m","sha256":"ab",'
         b'"version":3}'
     )
+    # a binary record's statement is what it always was; other tasks bind their task and class order
+    assert statement({**rec, "task": "binary", "classes": []}) == statement(rec)
+    multi = {**rec, "task": "multiclass", "classes": ["b", "a"]}
+    assert statement(multi).endswith(
+        b'"task":"multiclass","version":3}'
+    ) and b'"classes":["b","a"]' in statement(multi)
+    assert statement(multi) != statement({**multi, "classes": ["a", "b"]})
 
 
 def test_key_files_round_trip_and_refuse_overwrite(tmp_path: Path) -> None:
@@ -247,7 +254,8 @@ def test_publish_inline_under_the_threshold_into_the_given_producer(tmp_path: Pa
     ((topic_name, key, value),) = out.records
     assert (topic_name, key) == ("p.models", b"fraud-nn")
     decoded = codec.decode(value, expected="model_version")
-    assert decoded == record
+    # what the record does not set decodes to the schema's defaults (a binary model, no classes)
+    assert decoded == {"task": "binary", "classes": [], "definitions_digest": None, **record}
     assert decoded["artifact"] == BLOB and decoded["artifact_uri"] is None
     assert decoded["sha256"] == hashlib.sha256(BLOB).hexdigest()
     assert decoded["feature_names"] == ["amount", "card_present"] and decoded["signature"] is None

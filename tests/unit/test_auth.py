@@ -16,7 +16,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tide.cli import main
 from infra.errors import ConfigError
 from infra.settings import load
 from serving.auth import (
@@ -33,6 +32,7 @@ from serving.auth import (
     new_key,
 )
 from serving.settings import ServeSettings
+from tide.cli import main
 
 SCORE_KEY, SCORE_ENTRY = new_key("scorer", ["score"])
 ADMIN_KEY, ADMIN_ENTRY = new_key("operator", ["admin"])

@@ -12,16 +12,17 @@ import httpx
 import pytest
 
 from features import tiles
-from schemas.definitions import CARD_ACTIVITY, FeatureView
 from features.store import FeatureRow
+from infra.deadletter import MemoryDeadLetters
 from infra.errors import DeploymentError
+from models.base import Output
+from models.runtime import LoadedModel
 from schemas import codec
+from schemas.definitions import FeatureView, Project
 from serving.app import create_app
 from serving.deployments import TrafficPolicy, bucket, deployment_record
 from serving.registry import ModelFollower, ModelRegistry, Source
-from models.runtime import LoadedModel
 from serving.settings import ServeSettings
-from infra.deadletter import MemoryDeadLetters
 
 MODEL = "fraud"
 SCORE = f"/v1/models/{MODEL}/score"
@@ -32,17 +33,18 @@ class ConstantRuntime:
     """Scores every input with one number, so a response's score says which version answered."""
 
     provider = "python"
+    task = "binary"
 
     def __init__(self, score: float, fail: bool = False) -> None:
         self.score, self.fail, self.calls = score, fail, 0
 
-    def predict_one(self, x: Mapping[str, Any]) -> float:
+    def predict_one(self, x: Mapping[str, Any]) -> Output:
         self.calls += 1
         if self.fail:
             raise RuntimeError("shadow model broke")
-        return self.score
+        return Output(self.score)
 
-    def predict_many(self, xs: Sequence[Mapping[str, Any]]) -> list[float]:
+    def predict_many(self, xs: Sequence[Mapping[str, Any]]) -> list[Output]:
         return [self.predict_one(x) for x in xs]
 
 
@@ -57,9 +59,11 @@ def deploy(action: str, v: int | None = None, weight: float = 0.0) -> dict[str, 
 class AnyEntityStore:
     """Online store double: every entity is missing (scoring still works on defaults)."""
 
-    async def read(self, view: FeatureView, entities: Sequence[str]) -> list[FeatureRow]:
-        empty = tiles.window_values(CARD_ACTIVITY, {}, 0)
-        return [FeatureRow(e, view.name, empty, "missing", None, None, view.describe()) for e in entities]
+    async def read_pairs(self, pairs: Sequence[tuple[FeatureView, str]]) -> list[FeatureRow]:
+        return [
+            FeatureRow(e, v.name, tiles.window_values(v, {}, 0), "missing", None, None, v.describe())
+            for v, e in pairs
+        ]
 
 
 class Log:
@@ -84,12 +88,19 @@ def log() -> Log:
 
 
 @pytest.fixture
-async def client(registry: ModelRegistry, log: Log) -> AsyncIterator[httpx.AsyncClient]:
+async def client(
+    registry: ModelRegistry, log: Log, fraud_project: Project
+) -> AsyncIterator[httpx.AsyncClient]:
     async def deployer(record: dict[str, Any]) -> None:
         registry.deploy(record)  # what every node does when it reads the record back from the topic
 
     app = create_app(
-        ServeSettings(), registry=registry, store=AnyEntityStore(), predlog=log, deployer=deployer
+        ServeSettings(),
+        project=fraud_project,
+        registry=registry,
+        store=AnyEntityStore(),
+        predlog=log,
+        deployer=deployer,
     )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tide") as c:
         yield c
@@ -253,7 +264,8 @@ async def test_canary_split_is_within_two_points_and_sticky(client: httpx.AsyncC
             arms[f"card-{start + offset}"] = item["arm"]
     share = sum(arm == "canary" for arm in arms.values()) / len(arms)
     assert len(arms) == 10_000 and share == pytest.approx(0.2, abs=0.02)
-    assert [(r["entity"], r["arm"]) for r in log.records] == list(arms.items())  # logged as answered
+    logged = [(r["entities"]["card_id"], r["arm"]) for r in log.records]
+    assert logged == list(arms.items())  # logged as answered
     # Sticky: an entity gets the same arm every time.
     for entity in list(arms)[:20]:
         assert (await client.post(SCORE, json=instance(entity))).json()["arm"] == arms[entity]
@@ -309,3 +321,38 @@ async def test_deployments_endpoint_errors(client: httpx.AsyncClient, registry: 
     assert (await client.post(SCORE, json=instance("card-1"))).json()["version"] == 2
     registry.swap(version(1))
     assert (await client.post(SCORE, json=instance("card-1"))).json()["version"] == 1
+
+
+# --- the command -----------------------------------------------------------------------------------------
+
+
+def test_deploy_command_names_the_model_when_the_project_has_several(
+    fraud_project: Project, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    import dataclasses
+
+    from schemas import registry as definitions
+    from serving import deployments
+    from tide import cli
+
+    fraud = fraud_project.models[MODEL]
+    views = list(fraud_project.views.values())
+    one = Project.of("one", [fraud, *views])
+    two = Project.of("two", [fraud, dataclasses.replace(fraud, name="fraud_b"), *views])
+    applied = {"project": one}
+    published: list[dict[str, Any]] = []
+    monkeypatch.setattr(
+        definitions, "load", lambda settings: definitions.Registered(1, "d", applied["project"], "me", 0)
+    )
+    monkeypatch.setattr(deployments, "publish_deployment", lambda settings, record: published.append(record))
+    assert cli.main(["deploy", "promote", "3"]) == 0  # one model: --model may be left out
+    applied["project"] = two
+    assert cli.main(["deploy", "promote", "3"]) == 2
+    assert "--model is required: the project has models fraud, fraud_b" in capsys.readouterr().err
+    assert cli.main(["deploy", "promote", "3", "--model", "nope"]) == 2
+    assert "'nope' is not a model of the project" in capsys.readouterr().err
+    assert cli.main(["deploy", "canary", "4", "--weight", "0.1", "--model", "fraud_b"]) == 0
+    assert [(r["model"], r["action"], r["version"]) for r in published] == [
+        (MODEL, "promote", 3),
+        ("fraud_b", "canary", 4),
+    ]

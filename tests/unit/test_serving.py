@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import random
 import threading
 import time
@@ -16,58 +17,75 @@ from prometheus_client import REGISTRY
 from river import linear_model
 
 from features import tiles
-from schemas.definitions import CARD_ACTIVITY, FeatureView
 from features.store import FeatureRow
+from infra.deadletter import MemoryDeadLetters
 from infra.errors import ConfigError, ModelLoadError, ServingError
+from infra.imports import import_object
 from infra.settings import load
-from examples.fraud.model import FEATURE_NAMES, ONLINE_FEATURES, REQUEST_FIELDS, dump, new_model
+from models.artifacts import dump_river
+from models.inputs import ModelInputs, model_inputs
+from models.runtime import LoadedModel, load_model, make_loader
 from schemas import codec
+from schemas.definitions import FeatureView, Project
 from serving.app import create_app
-from models.inputs import REQUEST_FIELD_TYPES, synthetic_input
 from serving.predlog import PredictionLog
 from serving.registry import ModelFollower, ModelRegistry, Source
-from models.runtime import LoadedModel, load_model
 from serving.settings import ServeSettings
-from infra.deadletter import MemoryDeadLetters
 
 MODEL = "fraud"
+ENTITY = "card-000001"
 FEATURES = {"amount": 12.5, "category": "grocery", "country": "US", "card_present": True}
-ONLINE = {
-    "txn_count_1h": 3.0,
+ONLINE = {  # what the store holds, by view (counts come back as floats; they are served as integers)
+    "card_activity": {
+        "txn_count_1h": 3.0,
+        "amount_sum_1h": 60.0,
+        "amount_mean_1h": 20.0,
+        "amount_max_1h": 30.0,
+        "amount_std_1h": 8.0,
+        "merchants_1h": 2.0,
+    },
+    "card_daily": {"txn_count_today": 5.0, "amount_p90_today": 28.0, "amount_min_today": 10.0},
+    "card_profile": {"txn_count_lifetime": 40.0, "last_category": "grocery", "countries_lifetime": 2.0},
+}
+SERVED = {  # the model's inputs from those rows
+    "txn_count_1h": 3,
     "amount_sum_1h": 60.0,
     "amount_mean_1h": 20.0,
     "amount_max_1h": 30.0,
     "amount_std_1h": 8.0,
     "merchants_1h": 2.0,
+    "txn_count_today": 5,
+    "txn_count_lifetime": 40,
 }
+VIEWS = ("card_activity", "card_daily", "card_profile")
 
 
 # --- doubles and builders ----------------------------------------------------------------------------------
 
 
 class FakeStore:
-    """Online store double: fixed rows per entity, a record of every read, optional delay or failure."""
+    """Online store double: fixed rows per (view, entity), a record of every call, optional delay or
+    failure."""
 
-    def __init__(self, rows: Mapping[str, dict[str, float]] | None = None, delay: float = 0.0) -> None:
-        self.rows = dict(rows or {})
+    def __init__(
+        self, rows: Mapping[str, Mapping[str, dict[str, float]]] | None = None, delay: float = 0.0
+    ) -> None:
+        self.rows = {entity: dict(views) for entity, views in (rows or {}).items()}
         self.delay = delay
         self.fail: Exception | None = None
-        self.reads: list[list[str]] = []
+        self.calls: list[list[tuple[str, str]]] = []
         self.pings = 0
 
-    async def read(
-        self, view: FeatureView, entities: Sequence[str], now_ms: int | None = None
-    ) -> list[FeatureRow]:
-        assert view is CARD_ACTIVITY
-        self.reads.append(list(entities))
+    async def read_pairs(self, pairs: Sequence[tuple[FeatureView, str]]) -> list[FeatureRow]:
+        self.calls.append([(view.name, entity) for view, entity in pairs])
         await asyncio.sleep(self.delay)
         if self.fail is not None:
             raise self.fail
         out = []
-        for entity in entities:
-            values = self.rows.get(entity)
+        for view, entity in pairs:
+            values = self.rows.get(entity, {}).get(view.name)
             if values is None:
-                empty = tiles.window_values(CARD_ACTIVITY, {}, 0)
+                empty = tiles.window_values(view, {}, 0)
                 out.append(FeatureRow(entity, view.name, empty, "missing", None, None, view.describe()))
             else:
                 out.append(
@@ -88,27 +106,43 @@ class FakeLog:
         self.records.append(dict(record))
 
 
-def trained_model(seed: int, steps: int = 50) -> Any:
-    """A river model whose scores depend on ``seed``, so versions built from different seeds differ."""
+@pytest.fixture(scope="module")
+def project(fraud_project: Project) -> Project:
+    return fraud_project
+
+
+@pytest.fixture(scope="module")
+def inputs(project: Project) -> ModelInputs:
+    return model_inputs(project)[MODEL]
+
+
+def new_learner(project: Project) -> Any:
+    """A fresh learner of the model's factory (the project's code, as a trainer builds it)."""
+    return import_object(str(project.models[MODEL].learner))()
+
+
+def trained_model(project: Project, seed: int, steps: int = 50) -> Any:
+    """A learner whose scores depend on ``seed``, so versions built from different seeds differ."""
     rng = random.Random(seed)
-    model = new_model()
+    model = new_learner(project)
     for _ in range(steps):
-        x = {**FEATURES, **ONLINE, "amount": rng.uniform(1, 500), "card_present": rng.random() < 0.5}
+        x = {**FEATURES, **SERVED, "amount": rng.uniform(1, 500), "card_present": rng.random() < 0.5}
         model.learn_one(x, rng.random() < 0.3)
     return model
 
 
-def model_record(version: int, learner: Any = None, **overrides: Any) -> dict[str, Any]:
-    """A ModelVersion-shaped record around a river model (a fresh one by default)."""
-    blob, digest = dump(learner if learner is not None else new_model())
+def model_record(version: int, learner: Any, **overrides: Any) -> dict[str, Any]:
+    """A ModelVersion-shaped record around a river learner."""
+    blob, digest = dump_river(learner)
     record = {
         "model": MODEL,
         "version": version,
         "flavor": "river",
+        "task": "binary",
         "artifact": blob,
         "artifact_uri": None,
         "sha256": digest,
-        "feature_names": list(FEATURE_NAMES),
+        "feature_names": [],
         "metric_name": "rocauc",
         "metric_value": None,
         "trained_on": 0,
@@ -123,7 +157,7 @@ def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def instance(entity: str = "card-000001", **features: Any) -> dict[str, Any]:
+def instance(entity: str = ENTITY, **features: Any) -> dict[str, Any]:
     return {"entity": entity, "event_id": "ev-1", "features": {**FEATURES, **features}}
 
 
@@ -133,15 +167,15 @@ def settings() -> ServeSettings:
 
 
 @pytest.fixture
-def registry() -> ModelRegistry:
+def registry(project: Project, inputs: ModelInputs) -> ModelRegistry:
     reg = ModelRegistry(known=[MODEL])
-    reg.swap(load_model(model_record(1, trained_model(1))))
+    reg.swap(load_model(model_record(1, trained_model(project, 1)), inputs))
     return reg
 
 
 @pytest.fixture
 def store() -> FakeStore:
-    return FakeStore({"card-000001": ONLINE})
+    return FakeStore({ENTITY: ONLINE})
 
 
 @pytest.fixture
@@ -151,9 +185,9 @@ def predlog() -> FakeLog:
 
 @pytest.fixture
 async def client(
-    settings: ServeSettings, registry: ModelRegistry, store: FakeStore, predlog: FakeLog
+    settings: ServeSettings, project: Project, registry: ModelRegistry, store: FakeStore, predlog: FakeLog
 ) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, registry=registry, store=store, predlog=predlog)
+    app = create_app(settings, project=project, registry=registry, store=store, predlog=predlog)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tide") as c:
         yield c
 
@@ -170,34 +204,44 @@ async def test_score_one(
     resp = await client.post(SCORE, json=instance())
     assert resp.status_code == 200, resp.text
     body = resp.json()
-    expected_x = {**FEATURES, **ONLINE}
+    expected_x = {**FEATURES, **SERVED}
     assert body["model"] == MODEL and body["version"] == 1 and body["arm"] == "champion"
-    assert body["features"] == expected_x
-    assert body["feature_status"] == "present" and body["feature_age_ms"] == 250
+    assert body["features"] == expected_x and list(body["features"]) == list(expected_x)
+    assert isinstance(body["features"]["txn_count_1h"], int)
+    assert body["entities"] == {"card_id": ENTITY}
+    assert body["feature_status"] == dict.fromkeys(VIEWS, "present")
+    assert body["feature_age_ms"] == dict.fromkeys(VIEWS, 250)
+    assert "label" not in body and "probabilities" not in body  # a binary model answers a probability
     model = registry.get(MODEL)
     assert model is not None
-    assert body["score"] == pytest.approx(model.runtime.predict_one(expected_x))
+    assert body["score"] == pytest.approx(model.runtime.predict_one(expected_x).score)
     assert resp.headers["x-request-id"] == body["request_id"] and len(body["request_id"]) == 32
     assert (await client.post(SCORE, json=instance())).json()["request_id"] != body["request_id"]
-    assert store.reads == [["card-000001"]] * 2
+    # one store call per request, for the three views of the card
+    assert store.calls == [[(view, ENTITY) for view in VIEWS]] * 2
     logged = predlog.records[0]
     assert logged["request_id"] == body["request_id"]
-    assert logged["event_id"] == "ev-1" and logged["entity"] == "card-000001"
+    assert logged["event_id"] == "ev-1" and logged["entities"] == {"card_id": ENTITY}
     assert logged["features"] == expected_x and logged["score"] == body["score"]
+    assert logged["label"] is None and logged["probabilities"] is None
     assert logged["version"] == 1 and logged["arm"] == "champion" and logged["latency_ms"] > 0
-    # What is logged is a valid Prediction record, and survives the codec unchanged.
-    assert codec.decode(codec.encode("prediction", logged), "prediction") == logged
+    # What is logged is a valid Prediction record, and survives the codec unchanged (counts as integers).
+    decoded = codec.decode(codec.encode("prediction", logged), "prediction")
+    assert decoded == logged and isinstance(decoded["features"]["txn_count_today"], int)
 
 
-async def test_score_uses_given_request_id_and_missing_features(client: httpx.AsyncClient, predlog: FakeLog):
-    body = {"entity": "card-unknown", "features": {**FEATURES, "amount": 7}}  # int accepted for double
+async def test_score_by_entities_uses_given_request_id_and_missing_features(
+    client: httpx.AsyncClient, predlog: FakeLog
+):
+    body = {"entities": {"card_id": "card-unknown"}, "features": {**FEATURES, "amount": 7}}  # int for double
     resp = await client.post(SCORE, json=body, headers={"X-Request-ID": "req-42"})
     assert resp.status_code == 200, resp.text
     out = resp.json()
     assert out["request_id"] == "req-42" and resp.headers["x-request-id"] == "req-42"
-    assert out["feature_status"] == "missing" and out["feature_age_ms"] is None
+    assert out["feature_status"] == dict.fromkeys(VIEWS, "missing")
+    assert out["feature_age_ms"] == dict.fromkeys(VIEWS, None)
     assert out["features"]["amount"] == 7.0 and isinstance(predlog.records[0]["features"]["amount"], float)
-    assert out["features"]["txn_count_1h"] == 0.0
+    assert out["features"]["txn_count_1h"] == 0 and out["features"]["amount_max_1h"] is None
     assert predlog.records[0]["event_id"] is None
 
 
@@ -207,41 +251,58 @@ async def test_score_batch(client: httpx.AsyncClient, store: FakeStore, predlog:
     assert resp.status_code == 200, resp.text
     preds = resp.json()["predictions"]
     assert [p["request_id"] for p in preds] == ["b-0", "b-1", "b-2"]
-    assert [p["feature_status"] for p in preds] == ["present", "missing", "present"]
+    assert [p["feature_status"]["card_activity"] for p in preds] == ["present", "missing", "present"]
     assert preds[1]["features"]["amount"] == 99.0 and preds[2]["features"]["card_present"] is False
-    assert store.reads == [["card-000001", "card-000002"]]  # one read, each entity once
+    # one call, each (view, entity) once
+    assert store.calls == [[(v, e) for e in (ENTITY, "card-000002") for v in VIEWS]] or sorted(
+        store.calls[0]
+    ) == sorted((v, e) for e in (ENTITY, "card-000002") for v in VIEWS)
+    assert len(store.calls) == 1 and len(store.calls[0]) == 6
     assert [r["features"] for r in predlog.records] == [p["features"] for p in preds]
     assert [r["request_id"] for r in predlog.records] == ["b-0", "b-1", "b-2"]
 
 
-async def test_list_models_health_ready_and_metrics(client: httpx.AsyncClient, store: FakeStore):
-    models = (await client.get("/v1/models")).json()["models"]
-    assert [(m["name"], m["champion"], m["traffic"]) for m in models] == [(MODEL, 1, {"1": 1.0})]
-    [loaded] = models[0]["versions"]
-    assert (loaded["version"], loaded["flavor"]) == (1, "river")
-    assert loaded["feature_names"] == list(FEATURE_NAMES) and loaded["loaded_at"] > 0
+async def test_list_models_health_ready_and_metrics(
+    client: httpx.AsyncClient, project: Project, store: FakeStore
+):
+    # every model of the example is listed; only this one has a version
+    models = {m["name"]: m for m in (await client.get("/v1/models")).json()["models"]}
+    assert set(models) == set(project.models)
+    assert (models[MODEL]["champion"], models[MODEL]["traffic"]) == (1, {"1": 1.0})
+    assert all(m["champion"] is None for name, m in models.items() if name != MODEL)
+    [loaded] = models[MODEL]["versions"]
+    assert (loaded["version"], loaded["flavor"], loaded["task"]) == (1, "river", "binary")
+    assert loaded["loaded_at"] > 0
     assert (await client.get("/healthz")).json() == {"status": "ok"}
+    # ready: a model serves, and no other model has a version published that is not loaded
     ready = await client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["version"] == 1 and store.pings == 1
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert ready.json()["models"] == {name: 1 if name == MODEL else None for name in project.models}
+    assert store.pings == 1
     await client.post(SCORE, json=instance())
     text = (await client.get("/metrics")).text
     assert 'tide_requests_total{route="score",status="200"}' in text
     assert "tide_request_latency_seconds_bucket" in text and "tide_model_version" in text
 
 
-async def test_not_ready_without_model_or_redis(settings: ServeSettings, store: FakeStore):
-    app = create_app(settings, registry=ModelRegistry(known=[MODEL]), store=store, predlog=FakeLog())
+async def test_not_ready_without_model_or_redis(
+    settings: ServeSettings, project: Project, inputs: ModelInputs, store: FakeStore
+):
+    app = create_app(
+        settings, project=project, registry=ModelRegistry(known=[MODEL]), store=store, predlog=FakeLog()
+    )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tide") as c:
         resp = await c.get("/readyz")
-        assert resp.status_code == 503 and "no version of model 'fraud'" in resp.json()["reasons"][0]
+        assert resp.status_code == 503 and "no version of any model" in resp.json()["reasons"][0]
+        assert resp.json()["models"] == dict.fromkeys(project.models)
 
     async def broken_ping() -> bool:
         raise ConnectionError("refused")
 
     registry = ModelRegistry()
-    registry.swap(load_model(model_record(1)))
+    registry.swap(load_model(model_record(1, new_learner(project)), inputs))
     store.ping = broken_ping  # type: ignore[method-assign]
-    app = create_app(settings, registry=registry, store=store, predlog=FakeLog())
+    app = create_app(settings, project=project, registry=registry, store=store, predlog=FakeLog())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tide") as c:
         resp = await c.get("/readyz")
         assert resp.status_code == 503 and "PING" in resp.json()["reasons"][0]
@@ -255,9 +316,14 @@ async def test_not_ready_without_model_or_redis(settings: ServeSettings, store: 
     [
         (b"{not json", 400, None),
         (b"[1, 2]", 422, None),
-        ({"features": FEATURES}, 422, "entity"),
+        ({"features": FEATURES}, 422, "entities"),
         ({"entity": "", "features": FEATURES}, 422, "entity"),
         ({"entity": 5, "features": FEATURES}, 422, "entity"),
+        ({"entities": {}, "features": FEATURES}, 422, "entities.card_id"),
+        ({"entities": {"card_id": "c", "user_id": "u"}, "features": FEATURES}, 422, "entities.user_id"),
+        ({"entities": {"card_id": ""}, "features": FEATURES}, 422, "entities.card_id"),
+        ({"entities": ["c"], "features": FEATURES}, 422, "entities"),
+        ({"entity": "c", "entities": {"card_id": "c"}, "features": FEATURES}, 422, "entity"),
         ({"entity": "c", "event_id": 3, "features": FEATURES}, 422, "event_id"),
         ({"entity": "c"}, 422, "features"),
         ({"entity": "c", "features": [1]}, 422, "features"),
@@ -278,6 +344,11 @@ async def test_not_ready_without_model_or_redis(settings: ServeSettings, store: 
         ({"instances": {"a": 1}}, 422, "instances"),
         ({"instances": [instance()] * 257}, 413, None),  # over the 4 KiB test limit before the count
         ({"instances": [instance(), instance(amount=False)]}, 422, "instances[1].features.amount"),
+        (
+            {"instances": [instance(), {"entities": {}, "features": FEATURES}]},
+            422,
+            "instances[1].entities.card_id",
+        ),
         ({"instances": [instance(), 7]}, 422, "instances[1]"),
         ({"instances": [instance()], "entity": "x"}, 422, "entity"),
     ],
@@ -294,12 +365,16 @@ async def test_client_errors(
     out = resp.json()
     assert out["error"]
     assert out.get("field") == field
-    assert predlog.records == [] and store.reads == []
+    assert predlog.records == [] and store.calls == []
 
 
-async def test_batch_limit(registry: ModelRegistry, store: FakeStore):
+async def test_batch_limit(project: Project, registry: ModelRegistry, store: FakeStore):
     app = create_app(
-        ServeSettings(serve_max_body_bytes=1 << 20), registry=registry, store=store, predlog=FakeLog()
+        ServeSettings(serve_max_body_bytes=1 << 20),
+        project=project,
+        registry=registry,
+        store=store,
+        predlog=FakeLog(),
     )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tide") as c:
         resp = await c.post(SCORE, json={"instances": [instance()] * 257})
@@ -321,22 +396,32 @@ async def test_oversize_body_by_header_and_by_actual_size(client: httpx.AsyncCli
     assert resp.status_code == 413
 
 
-async def test_unknown_model_and_model_not_loaded(settings: ServeSettings, store: FakeStore):
+async def test_unknown_model_and_model_not_loaded(
+    settings: ServeSettings, project: Project, store: FakeStore
+):
     predlog = FakeLog()
-    app = create_app(settings, registry=ModelRegistry(known=[MODEL]), store=store, predlog=predlog)
+    app = create_app(
+        settings, project=project, registry=ModelRegistry(known=[MODEL]), store=store, predlog=predlog
+    )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tide") as c:
         resp = await c.post("/v1/models/nope/score", json=instance())
         assert resp.status_code == 404 and "nope" in resp.json()["error"]
+        resp = await c.post("/v1/models/nope/deployments", json={"action": "follow"})
+        assert resp.status_code == 404
         resp = await c.post(SCORE, json=instance())
         assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
         assert "no version" in resp.json()["error"]
     assert predlog.records == []
 
 
-async def test_feature_read_timeout_and_failure(registry: ModelRegistry, predlog: FakeLog):
+async def test_feature_read_timeout_and_failure(project: Project, registry: ModelRegistry, predlog: FakeLog):
     store = FakeStore(delay=0.3)
     app = create_app(
-        ServeSettings(serve_request_timeout_s=0.05), registry=registry, store=store, predlog=predlog
+        ServeSettings(serve_request_timeout_s=0.05),
+        project=project,
+        registry=registry,
+        store=store,
+        predlog=predlog,
     )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tide") as c:
         resp = await c.post(SCORE, json=instance())
@@ -350,15 +435,21 @@ async def test_feature_read_timeout_and_failure(registry: ModelRegistry, predlog
 # --- hot swap ----------------------------------------------------------------------------------------------
 
 
-async def test_hot_swap_under_load(client: httpx.AsyncClient, registry: ModelRegistry, predlog: FakeLog):
+async def test_hot_swap_under_load(
+    client: httpx.AsyncClient,
+    project: Project,
+    inputs: ModelInputs,
+    registry: ModelRegistry,
+    predlog: FakeLog,
+):
     """200 swaps from another thread while 20 clients score: no errors, and every response comes whole
     from one loaded version (its score is that version's model's score)."""
-    x = {**FEATURES, **ONLINE}
-    bases = [load_model(model_record(1, trained_model(seed))) for seed in range(4)]
-    expected_by_base = [b.runtime.predict_one(x) for b in bases]
+    x = {**FEATURES, **SERVED}
+    bases = [load_model(model_record(1, trained_model(project, seed)), inputs) for seed in range(4)]
+    expected_by_base = [b.runtime.predict_one(x).score for b in bases]
     assert len(set(expected_by_base)) == 4
     versions = {v: dataclasses.replace(bases[v % 4], version=v) for v in range(2, 202)}
-    expected = {1: registry.get(MODEL).runtime.predict_one(x)}  # type: ignore[union-attr]
+    expected = {1: registry.get(MODEL).runtime.predict_one(x).score}  # type: ignore[union-attr]
     expected.update({v: expected_by_base[v % 4] for v in versions})
     swapped = threading.Event()
 
@@ -393,9 +484,9 @@ async def test_hot_swap_under_load(client: httpx.AsyncClient, registry: ModelReg
     assert all(r["score"] == pytest.approx(expected[r["version"]]) for r in predlog.records)
 
 
-def test_registry_keeps_newest_and_waits():
+def test_registry_keeps_newest_and_waits(project: Project, inputs: ModelInputs):
     registry = ModelRegistry()
-    v2 = load_model(model_record(2))
+    v2 = load_model(model_record(2, new_learner(project)), inputs)
     assert registry.swap(v2)
     assert not registry.swap(dataclasses.replace(v2, version=1))
     assert registry.get(MODEL) is v2 and registry.is_known(MODEL) and not registry.is_known("x")
@@ -408,78 +499,113 @@ def test_registry_keeps_newest_and_waits():
 # --- loading and the follower ------------------------------------------------------------------------------
 
 
-def test_load_model_checks_and_warms_up():
-    loaded = load_model(model_record(3, trained_model(2)))
-    assert (loaded.name, loaded.version, loaded.flavor) == (MODEL, 3, "river")
-    assert loaded.feature_names == FEATURE_NAMES
-    assert 0.0 <= loaded.runtime.predict_one({**FEATURES, **ONLINE}) <= 1.0
+def test_load_model_checks_and_warms_up(project: Project, inputs: ModelInputs):
+    loaded = load_model(model_record(3, trained_model(project, 2)), inputs)
+    assert (loaded.name, loaded.version, loaded.flavor, loaded.task) == (MODEL, 3, "river", "binary")
+    assert 0.0 <= loaded.runtime.predict_one({**FEATURES, **SERVED}).score <= 1.0
     with pytest.raises(ModelLoadError, match="digest"):
-        load_model(model_record(4, sha256="0" * 64))
+        load_model(model_record(4, new_learner(project), sha256="0" * 64), inputs)
     with pytest.raises(ModelLoadError, match="flavor 'nope'"):
-        load_model(model_record(4, flavor="nope"))
+        load_model(model_record(4, new_learner(project), flavor="nope"), inputs)
     garbage = b"not a pickle"
-    import hashlib
-
     with pytest.raises(ModelLoadError, match="unpickle"):
-        load_model(model_record(4, artifact=garbage, sha256=hashlib.sha256(garbage).hexdigest()))
-    with pytest.raises(ModelLoadError, match="warm-up"):  # a regressor has no predict_proba_one
-        load_model(model_record(4, linear_model.LinearRegression()))
+        load_model(
+            model_record(4, None, artifact=garbage, sha256=hashlib.sha256(garbage).hexdigest()), inputs
+        )
+    with pytest.raises(ModelLoadError, match="needs predict_proba_one"):  # a regressor for a binary task
+        load_model(model_record(4, linear_model.LinearRegression()), inputs)
 
 
-def test_synthetic_input_follows_event_schema():
-    assert REQUEST_FIELD_TYPES == {
-        "amount": "double",
-        "category": "string",
-        "country": "string",
-        "card_present": "boolean",
-    }
-    x = synthetic_input(FEATURE_NAMES)
+def test_inputs_follow_the_definitions(inputs: ModelInputs):
+    assert [(f.name, f.type) for f in inputs.request_fields] == [
+        ("amount", "double"),
+        ("category", "string"),
+        ("country", "string"),
+        ("card_present", "boolean"),
+    ]
+    assert inputs.join_keys == ("card_id",) and [v.name for v in inputs.views] == list(VIEWS)
+    x = inputs.synthetic()
     assert x == {
         "amount": 0.0,
         "category": "",
         "country": "",
         "card_present": False,
-        **dict.fromkeys(ONLINE_FEATURES, 0.0),
+        **{name: 0 if isinstance(value, int) else 0.0 for name, value in SERVED.items()},
     }
-    assert list(x)[: len(REQUEST_FIELDS)] == list(REQUEST_FIELDS)
+    assert list(x) == list(inputs.names) and isinstance(x["txn_count_lifetime"], int)
 
 
 def encoded(record: dict[str, Any]) -> tuple[bytes, Source]:
     return codec.encode("model_version", record), Source("models", 0, record["version"])
 
 
-def test_follower_bad_artifact_never_replaces_good(registry: ModelRegistry, settings: ServeSettings):
+def test_follower_bad_artifact_never_replaces_good(
+    registry: ModelRegistry, settings: ServeSettings, project: Project
+):
     letters = MemoryDeadLetters()
-    follower = ModelFollower(settings, registry, dead_letters=letters)
+    loader = make_loader(model_inputs(project))
+    follower = ModelFollower(settings, registry, loader=loader, models=[MODEL], dead_letters=letters)
     good = registry.get(MODEL)
     failures = metric("tide_model_load_failures_total", model=MODEL)
     invalid = metric("tide_model_records_invalid_total")
-    follower.apply([encoded(model_record(2, trained_model(3), sha256="f" * 64))])
+    fresh = new_learner(project)
+    follower.apply([encoded(model_record(2, trained_model(project, 3), sha256="f" * 64))])
     assert registry.get(MODEL) is good
     assert metric("tide_model_load_failures_total", model=MODEL) == failures + 1
     [letter] = letters.letters  # the failure is published with the record and the reason
     assert (letter.stage, letter.key, letter.offset) == ("serving.load", MODEL.encode(), 2)
     assert "digest" in letter.error and codec.decode(letter.value or b"")["version"] == 2
     follower.apply(
-        [(b"garbage", Source("models", 0, 7)), (codec.encode("label", _label()), Source("models", 0, 8))]
+        [
+            (b"garbage", Source("models", 0, 7)),
+            (codec.encode("drift_alert", _alert()), Source("models", 0, 8)),
+        ]
     )
     assert registry.get(MODEL) is good and metric("tide_model_records_invalid_total") == invalid + 2
     # In one batch the newest loadable version wins; a broken newer one falls back to it.
     swaps = metric("tide_model_swaps_total", model=MODEL)
     follower.apply(
-        [encoded(model_record(3)), encoded(model_record(4)), encoded(model_record(5, flavor="nope"))]
+        [
+            encoded(model_record(3, fresh)),
+            encoded(model_record(4, fresh)),
+            encoded(model_record(5, fresh, flavor="nope")),
+        ]
     )
     assert registry.get(MODEL).version == 4  # type: ignore[union-attr]
     assert metric("tide_model_swaps_total", model=MODEL) == swaps + 1
     assert metric("tide_model_version", model=MODEL, arm="champion") == 4
-    follower.apply([encoded(model_record(2))])  # older: ignored
+    follower.apply([encoded(model_record(2, fresh))])  # older: ignored
     assert registry.get(MODEL).version == 4  # type: ignore[union-attr]
-    follower.apply([encoded(model_record(1, model="other"))])
-    assert registry.get("other").version == 1  # type: ignore[union-attr]
+    # A trained-for-another-task version is refused like a bad artifact.
+    follower.apply([encoded(model_record(6, fresh, task="regression"))])
+    assert registry.get(MODEL).version == 4 and "regression task" in letters.letters[-1].error  # type: ignore[union-attr]
+    # Records of models not in the definitions are skipped: never loaded, never dead letters.
+    lettered = len(letters.letters)
+    follower.apply([encoded(model_record(1, fresh, model="other"))])
+    assert (
+        registry.get("other") is None and not registry.is_known("other") and len(letters.letters) == lettered
+    )
+    # Without a models filter, the loader refuses them (the definitions name no such model).
+    ModelFollower(settings, registry, loader=loader, dead_letters=letters).apply(
+        [encoded(model_record(1, fresh, model="other"))]
+    )
+    assert registry.get("other") is None and "not a model of the definitions" in letters.letters[-1].error
 
 
-def _label() -> dict[str, Any]:
-    return {"event_id": "e", "card_id": "c", "is_fraud": False, "event_ts": 1, "ts": 2}
+def _alert() -> dict[str, Any]:
+    return {
+        "alert_id": "a",
+        "model": MODEL,
+        "version": 1,
+        "feature": "amount",
+        "statistic": "psi",
+        "value": 1.0,
+        "threshold": 0.2,
+        "window_size": 10,
+        "reference_size": 10,
+        "trigger_event_id": None,
+        "ts": 1,
+    }
 
 
 class _Msg:
@@ -517,10 +643,16 @@ class FakeConsumer:
         self.closed = True
 
 
-def test_follower_thread_replays_and_stops(settings: ServeSettings):
+def test_follower_thread_replays_and_stops(settings: ServeSettings, project: Project):
     registry = ModelRegistry()
-    consumer = FakeConsumer([encoded(model_record(v))[0] for v in (1, 2)] + [b"junk"])
-    follower = ModelFollower(settings, registry, consumer_factory=lambda s: consumer)  # type: ignore[arg-type,return-value]
+    fresh = new_learner(project)
+    consumer = FakeConsumer([encoded(model_record(v, fresh))[0] for v in (1, 2)] + [b"junk"])
+    follower = ModelFollower(
+        settings,
+        registry,
+        loader=make_loader(model_inputs(project)),
+        consumer_factory=lambda s: consumer,  # type: ignore[arg-type,return-value]
+    )
     follower.start()
     try:
         assert registry.wait_for(MODEL, 2, timeout=5).version == 2
@@ -562,12 +694,14 @@ def _prediction(i: int) -> dict[str, Any]:
     return {
         "request_id": f"r{i}",
         "event_id": None,
-        "entity": "card-7",
+        "entities": {"card_id": "card-7"},
         "model": MODEL,
         "version": 1,
         "arm": "champion",
-        "features": {**FEATURES, **ONLINE},
+        "features": {**FEATURES, **SERVED},
         "score": 0.25,
+        "label": None,
+        "probabilities": None,
         "latency_ms": 1.5,
         "ts": 5,
     }
@@ -598,8 +732,8 @@ def test_settings_validation():
         load(ServeSettings, serve_workers=0)
 
 
-def test_loaded_model_is_immutable():
-    loaded = load_model(model_record(1))
+def test_loaded_model_is_immutable(project: Project, inputs: ModelInputs):
+    loaded = load_model(model_record(1, new_learner(project)), inputs)
     assert isinstance(loaded, LoadedModel)
     with pytest.raises(dataclasses.FrozenInstanceError):
         loaded.version = 2  # type: ignore[misc]
