@@ -1,4 +1,4 @@
-# Benchmarks (commands, not tests): `make bench-features`, `make bench-serving`. Included from the
+# Benchmarks (commands, not tests): `make bench-features`, `make bench-serving`, `make bench-learn`. Included from the
 # Makefile; needs its install target, PY and PYTHON. The Quix Streams peer runs in its own venv
 # (.venv-bench): quixstreams pins confluent-kafka<2.13, pydantic<2.14 and pydantic-settings<2.16, below
 # Tide's lock. The Feast peer runs in .venv-feast: feast pins redis-py<8, below Tide's lock.
@@ -8,11 +8,12 @@ BENCH_STAMP  := $(BENCH_VENV)/.installed
 BENCH_EVENTS ?= 100000
 BENCH_REPS   ?= 3
 BENCH_ARGS   ?=
+BENCH_LEARN_EXAMPLES ?= 20000
 
 FEAST_VENV   := .venv-feast
 FEAST_STAMP  := $(FEAST_VENV)/.installed
 
-.PHONY: bench-venv bench-features bench-feast-venv bench-wrk bench-serving
+.PHONY: bench-venv bench-features bench-feast-venv bench-wrk bench-serving bench-learn
 
 $(BENCH_STAMP): bench/requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -46,3 +47,8 @@ bench-wrk:
 # py-spy (for the profile of tide serve) comes from .venv-bench.
 bench-serving: install bench-venv bench-feast-venv bench-wrk
 	$(PY) -m bench.serving --reps $(BENCH_REPS) $(BENCH_ARGS)
+
+# The online learner inside Tide's trainer beside bare river (same stream, same factory, same order):
+# writes out/bench/learn.json (tide_per_s, river_per_s, identical). Needs only Tide's own venv.
+bench-learn: install
+	$(PY) -m bench.learn --examples $(BENCH_LEARN_EXAMPLES) --reps $(BENCH_REPS) $(BENCH_ARGS)

@@ -11,6 +11,7 @@ TideError
 ├── TrainingError          online_training: a learner or model artifact could not be built
 └── ServingError           serving: a model could not be loaded or a request not scored
     ├── ModelLoadError         an artifact failed to load or warm up; the old model stays
+    │   └── DigestMismatch         an artifact's bytes do not match its recorded sha256
     ├── RequestError           a scoring request is invalid (HTTP 4xx; names the field)
     │   └── DeploymentError        a deployment action is invalid (names the field)
     └── Unavailable            the service cannot score now (HTTP 5xx: no model, slow feature store)
@@ -61,6 +62,10 @@ class ServingError(TideError):
 
 class ModelLoadError(ServingError):
     pass
+
+
+class DigestMismatch(ModelLoadError):
+    """An artifact's bytes do not hash to the sha256 its record names (raised by one check everywhere)."""
 
 
 class RequestError(ServingError):

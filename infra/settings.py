@@ -54,7 +54,6 @@ class CommonSettings(BaseSettings):
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
-    model_name: str = Field(default="fraud", pattern=r"^[a-z][a-z0-9_-]*$")
     # The project folder: `tide plan` / `tide apply` read its definitions; services read definitions from
     # the registry and only import the project's code (learner factories, pickled pipelines) from here.
     project: Path | None = None

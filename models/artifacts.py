@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
-from infra.errors import ModelLoadError, TrainingError
+from infra.errors import DigestMismatch, ModelLoadError, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,10 @@ def sha256_hex(blob: bytes) -> str:
 
 
 def check_digest(blob: bytes, sha256: str) -> None:
-    """Raise :class:`ModelLoadError` unless ``blob``'s SHA-256 is ``sha256`` (hex, any case)."""
+    """Raise :class:`DigestMismatch` unless ``blob``'s SHA-256 is ``sha256`` (hex, any case)."""
     digest = sha256_hex(blob)
     if digest != str(sha256).lower():
-        raise ModelLoadError(
+        raise DigestMismatch(
             f"artifact digest {digest[:16]}... does not match its sha256 {str(sha256)[:16]}..."
         )
 

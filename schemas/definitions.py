@@ -6,7 +6,7 @@ them from the registry (a JSON document, :meth:`Project.to_dict`), never from th
 
 - :class:`Source`: a Kafka topic of the team's own Avro records (every schema version kept), the field
   its records are keyed by and the field holding their event time.
-- :class:`Entity`: what features are kept per (a card, a driver, a chick), by its join key.
+- :class:`Entity`: what features are kept per (a user, a device, a store), by its join key.
 - :class:`FeatureView`: windowed aggregations of one source per entity. Windows (all kept as partial
   aggregates per time tile, merged at read time): ``sliding`` (the last ``window`` at ``tile``
   granularity; ``hopping`` is a synonym), ``tumbling`` (the current calendar-aligned window, one tile),
@@ -262,7 +262,7 @@ class Aggregation:
         return cls(d["name"], d["agg"], d.get("field"), d.get("default"), d.get("q"))
 
 
-Feature = Aggregation  # the name definitions use: Feature("amount_sum_1h", "sum", "amount")
+Feature = Aggregation  # the name definitions use: Feature("value_sum_1h", "sum", "value")
 
 
 @dataclass(frozen=True)

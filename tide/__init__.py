@@ -10,7 +10,17 @@ and progressive evaluations.
 
 from schemas.definitions import Aggregation, Entity, Feature, FeatureView, Labels, Model, Project, Source
 
-__all__ = ["Aggregation", "Client", "Entity", "Feature", "FeatureView", "Labels", "Model", "Project", "Source"]
+__all__ = [
+    "Aggregation",
+    "Client",
+    "Entity",
+    "Feature",
+    "FeatureView",
+    "Labels",
+    "Model",
+    "Project",
+    "Source",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -2,10 +2,10 @@
 
     from tide import Client
     client = Client.connect()                       # TIDE_* settings, or the running `tide up` stack
-    client.produce("transactions", [{...}, ...])    # validated against the source's schema, keyed
-    client.online_features("card_activity", ["c1"]) # current values per entity
-    client.training_set("fraud")                    # point-in-time rows as a pandas DataFrame
-    client.evaluate("fraud")                        # progressive evaluation of the model's learner
+    client.produce("clicks", [{...}, ...])          # validated against the source's schema, keyed
+    client.online_features("user_activity", ["u1"]) # current values per entity
+    client.training_set("scorer")                   # point-in-time rows as a pandas DataFrame
+    client.evaluate("scorer")                       # progressive evaluation of the model's learner
 
 The definitions come from the registry (what ``tide apply`` registered), as every service reads them.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from features.store import RedisOnlineStore
@@ -39,6 +39,7 @@ class Client:
     settings: CommonSettings
     project: Project
     definitions_version: int
+    _producers: dict[str, SourceProducer] = field(default_factory=dict, repr=False)
 
     @classmethod
     def connect(cls, settings: CommonSettings | None = None, **overrides: Any) -> Client:
@@ -54,11 +55,15 @@ class Client:
         A bad record raises :class:`SchemaError` naming the field before it is sent (those before it are
         sent); returns how many were produced once the broker has acknowledged them all.
         """
-        producer = SourceProducer(self.settings, find_source(self.project, source))
+        spec = find_source(self.project, source)
+        producer = self._producers.get(spec.name)
+        if producer is None:  # one producer per source for the client's life: a new one costs ~0.5 s
+            producer = self._producers[spec.name] = SourceProducer(self.settings, spec)
+        before = producer.sent
         for record in records:
             producer.send(record)
         producer.flush(flush_s)
-        return producer.sent
+        return producer.sent - before
 
     def online_features(self, view: str, entities: Sequence[str]) -> pd.DataFrame:
         """One row per entity: the view's current values (defaults when missing or expired), ``status``

@@ -109,8 +109,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tide.demo import DemoConfig, run_demo
 
     setup_logging("INFO")
-    report = run_demo(DemoConfig(duration_s=args.duration, out_dir=Path(args.out), rate=args.rate))
-    emit({"report": str(Path(args.out) / "report.json"), "ok": report["ok"]})
+    options: dict[str, str] = {}
+    for option in args.option:
+        key, sep, value = option.partition("=")
+        if not sep:
+            raise ConfigError(f"--option {option!r}: expected KEY=VALUE")
+        options[key] = value
+    cfg = DemoConfig(
+        project=project_dir(args, load(CommonSettings)),
+        duration_s=args.duration,
+        rate=args.rate,
+        out_dir=Path(args.out),
+        publish_every=args.publish_every,
+        seed=args.seed,
+        options=options,
+    )
+    report = run_demo(cfg)
+    emit({"report": str(Path(args.out) / "report.json"), "ok": report["ok"], "problems": report["problems"]})
     return 0 if report["ok"] else 1
 
 
@@ -147,7 +162,16 @@ def add_commands(add: AddCommand) -> None:
         cmd_registry,
         "Print the definitions every service runs (the newest applied version, with its digest) as JSON.",
     )
-    de = add("demo", cmd_demo, "Run the whole loop on the embedded stack and write a report to out/demo/.")
+    de = add(
+        "demo",
+        cmd_demo,
+        "Run a project's whole loop on a private embedded stack, driven by the project's driver/ package, "
+        "and write a report and a plot to out/demo/.",
+    )
+    de.add_argument("--project", default=None, help="project folder (default: TIDE_PROJECT)")
     de.add_argument("--duration", type=float, default=90.0, help="seconds of traffic (default 90)")
     de.add_argument("--rate", type=float, default=200.0, help="events per second (default 200)")
     de.add_argument("--out", default="out/demo", help="report directory")
+    de.add_argument("--publish-every", type=int, default=None, help="labels per model version (all models)")
+    de.add_argument("--seed", type=int, default=7)
+    de.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a driver setting")

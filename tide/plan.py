@@ -14,7 +14,9 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+
+from fastavro import parse_schema
 
 from infra.admin import create_topics
 from infra.errors import DefinitionError, TideError
@@ -79,8 +81,9 @@ def with_history(project: Project, current: Project | None) -> Project:
             problems = codec.compatibility_problems(codec_parse(old), reader)
             if problems:
                 raise DefinitionError(
-                    f"{project.where('source', name)}source {name!r}, field 'schema': the new schema cannot read "
-                    f"records written with registered version {i}: {problems[0]} (add fields with defaults; "
+                    f"{project.where('source', name)}source {name!r}, field 'schema': the new schema "
+                    f"cannot read records written with registered version {i}: {problems[0]} "
+                    f"(add fields with defaults; "
                     f"never remove or retype a field without one)"
                 )
         sources[name] = dataclasses.replace(source, history=tuple(versions))
@@ -88,9 +91,7 @@ def with_history(project: Project, current: Project | None) -> Project:
 
 
 def codec_parse(schema: Mapping[str, Any]) -> dict[str, Any]:
-    from fastavro import parse_schema
-
-    return dict(parse_schema(dict(schema)))
+    return cast(dict[str, Any], parse_schema(dict(schema)))
 
 
 def rebind(project: Project, sources: Mapping[str, Source]) -> Project:
@@ -110,7 +111,9 @@ def check_factories(project: Project) -> None:
             except TideError as exc:
                 raise DefinitionError(f"{where}, field 'batch_trainer': {exc}") from None
             if not callable(factory):
-                raise DefinitionError(f"{where}, field 'batch_trainer': {model.batch_trainer!r} is not callable")
+                raise DefinitionError(
+                    f"{where}, field 'batch_trainer': {model.batch_trainer!r} is not callable"
+                )
 
 
 def sample_input(model: Model, project: Project) -> dict[str, Any]:

@@ -13,6 +13,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# The loop's services, in start order: `tide <name>` each, all running what the registry holds.
+SERVICES = ("features", "train", "drift", "serve")
+
 
 class Services:
     """Starts ``tide <command>`` processes with a shared environment and stops them by PID."""

@@ -2,7 +2,7 @@
 
 Every ``*.py`` file at the top of the folder (but ``_*.py`` and ``test_*.py``) is imported with the folder on
 ``sys.path``, so definitions and model code may import each other by plain module names, and the import
-paths of learners (``"fraud_model:new_model"``) resolve the same way in every service that has the
+paths of learners (``"my_learner:new_learner"``) resolve the same way in every service that has the
 project's code (``TIDE_PROJECT``). Module-level Sources, Entities, FeatureViews, Labels and Models are
 collected; a Source's schema file is read relative to the file that declares it. The project is named
 after its folder unless a module sets ``PROJECT_NAME``.

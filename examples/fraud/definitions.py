@@ -102,3 +102,16 @@ fraud = Model(
     # Window aggregates are left out: they move while a window fills, which is not drift.
     monitor=["amount", "card_present"],
 )
+
+fraud_nn = Model(
+    name="fraud_nn",
+    task="binary",
+    description="An MLP retrained in batch on point-in-time features (tide retrain), served as ONNX.",
+    request=transactions,
+    request_fields=["amount", "card_present"],
+    features=[f"card_activity.{f.name}" for f in card_activity.features],
+    labels=is_fraud,
+    batch_trainer="fraud_network:new_network",
+    metric="ROCAUC",
+    monitor=["amount", "card_present"],
+)

@@ -1,11 +1,22 @@
-"""The synthetic transaction stream."""
+"""The fraud example's synthetic transaction stream."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from statistics import mean
+from typing import Any
 
-from schemas import codec
+from fastavro import parse_schema
+from fastavro.validation import validate
+
 from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "examples" / "fraud" / "schemas"
+
+
+def schema(name: str) -> Any:
+    return parse_schema(json.loads((SCHEMAS / name).read_text()))
 
 
 def take(gen: TransactionGenerator, n: int) -> tuple[list[dict], list[dict]]:
@@ -20,10 +31,11 @@ def take(gen: TransactionGenerator, n: int) -> tuple[list[dict], list[dict]]:
 def test_records_match_their_schemas_and_labels_arrive_later() -> None:
     gen = TransactionGenerator(GeneratorConfig(label_delay=50), clock=lambda: 1000.0)
     events, labels = take(gen, 500)
+    transaction, label_schema = schema("transaction.avsc"), schema("label.avsc")
     for e in events:
-        codec.encode("event", e)
+        validate(e, transaction, raise_errors=True)
     for label in labels:
-        codec.encode("label", label)
+        validate(label, label_schema, raise_errors=True)
     assert len(labels) == 450  # the last 50 are still pending
     seq = {e["event_id"]: e["seq"] for e in events}
     assert [seq[label["event_id"]] for label in labels] == list(range(450))

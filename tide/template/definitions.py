@@ -23,7 +23,9 @@ user_activity = FeatureView(
     ],
 )
 
-outcome = Labels(name="outcome", source=outcomes, key="event_id", target="positive", task="binary", max_delay="1d")
+outcome = Labels(
+    name="outcome", source=outcomes, key="event_id", target="positive", task="binary", max_delay="1d"
+)
 
 scorer = Model(
     name="scorer",

@@ -16,6 +16,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 CATEGORIES = ("grocery", "restaurant", "fuel", "travel", "electronics", "gift_cards", "jewelry", "pharmacy")
 _EVERYDAY_WEIGHTS = (30, 22, 15, 8, 8, 3, 2, 12)
@@ -55,13 +56,13 @@ class TransactionGenerator:
             )
             for i in range(config.cards)
         ]
-        self._pending: deque[tuple[int, dict[str, object]]] = deque()
+        self._pending: deque[tuple[int, dict[str, Any]]] = deque()
         self.seq = 0
 
     def drifted(self, seq: int) -> bool:
         return self.config.drift_at is not None and seq >= self.config.drift_at
 
-    def _event(self, seq: int) -> tuple[dict[str, object], bool]:
+    def _event(self, seq: int) -> tuple[dict[str, Any], bool]:
         rng, drifted = self._rng, self.drifted(seq)
         card = self._cards[int(rng.paretovariate(1.2) * 7) % len(self._cards)]
         fraud = rng.random() < self.config.fraud_rate
@@ -84,7 +85,7 @@ class TransactionGenerator:
             country = card.home if rng.random() < 0.96 else rng.choice(_COUNTRIES)
         if drifted:
             amount *= 2.2
-        event: dict[str, object] = {
+        event: dict[str, Any] = {
             "event_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
             "seq": seq,
             "card_id": card.card_id,
@@ -97,11 +98,11 @@ class TransactionGenerator:
         }
         return event, fraud
 
-    def __iter__(self) -> Iterator[tuple[dict[str, object], list[dict[str, object]]]]:
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
         while True:
             yield self.next()
 
-    def next(self) -> tuple[dict[str, object], list[dict[str, object]]]:
+    def next(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         event, fraud = self._event(self.seq)
         now_ms = event["ts"]
         self._pending.append(
@@ -116,7 +117,7 @@ class TransactionGenerator:
                 },
             )
         )
-        due: list[dict[str, object]] = []
+        due: list[dict[str, Any]] = []
         while self._pending and self._pending[0][0] <= self.seq - self.config.label_delay:
             label = self._pending.popleft()[1]
             label["ts"] = now_ms
@@ -124,7 +125,7 @@ class TransactionGenerator:
         self.seq += 1
         return event, due
 
-    def drain(self) -> list[dict[str, object]]:
+    def drain(self) -> list[dict[str, Any]]:
         """The labels still pending (at the end of a finite run)."""
         now_ms = int(self._clock() * 1000)
         labels = [dict(label, ts=now_ms) for _, label in self._pending]

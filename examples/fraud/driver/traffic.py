@@ -1,29 +1,32 @@
-"""A load driver: synthetic card transactions scored over HTTP and produced to Kafka, as a payment
-system would use Tide (score at authorisation, record the event, learn the label later).
+"""Synthetic card traffic, used as a payment system would use Tide: score each transaction at
+authorisation (``POST /v1/models/fraud/score``), record it in the ``transactions`` source, and record
+its chargeback label in ``chargebacks`` when it becomes known.
 
-Used by ``tide produce --score-url`` against any deployment and by ``tide demo``.
+Only Tide's public surface is used: the scoring endpoint over HTTP and the demo handle (whose
+``produce`` goes through ``tide.Client.produce``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import numpy as np
 import orjson
-import redis.asyncio as aioredis
 
-from schemas.definitions import CARD_ACTIVITY
-from features.store import entity_key, offsets_key
-from infra.errors import StreamError
-from infra.settings import CommonSettings
-from examples.fraud.model import REQUEST_FIELDS
-from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
-from streams.produce import EventProducer
+from .generator import GeneratorConfig, TransactionGenerator
+
+if TYPE_CHECKING:
+    from tide.demo import Demo
+
+MODEL = "fraud"
+EVENTS = "transactions"
+LABELS = "chargebacks"
+PROBED_VIEW = "card_activity"  # freshness: when a transaction shows in its card's features
+_JSON = {"content-type": "application/json"}
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -31,9 +34,6 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
         return {"p50": None, "p99": None}
     p50, p99 = np.percentile(np.asarray(values), [50, 99])
     return {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
-
-
-_JSON = {"content-type": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -45,49 +45,50 @@ class TrafficConfig:
     warmup_events: int = 0  # produced (not scored) first, so cards have history
     concurrency: int = 32  # scoring requests in flight
     probe_every: int = 0  # one freshness probe per this many events (0: none)
+    fraud_rate: float = 0.03
     seed: int = 7
 
 
 @dataclass
 class Traffic:
-    """What the driver did and saw."""
+    """What the driver did and saw, as the payment system's client."""
 
-    seq_of: dict[str, int] = field(default_factory=dict)  # event id -> record index
-    sent_at: list[float] = field(default_factory=list)  # wall time each event was produced
-    events: list[dict[str, Any]] = field(default_factory=list)  # scored events, in order
-    warmup: list[dict[str, Any]] = field(default_factory=list)  # produced before scoring began
+    events: int = 0
+    warmup: int = 0
+    labels: int = 0
+    frauds: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
-    versions_seen: list[tuple[int, int]] = field(default_factory=list)  # (seq, version)
-    freshness_ms: list[float] = field(default_factory=list)
+    versions_seen: set[int] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
-    labels: int = 0
     elapsed_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
-        """Events, labels and what the scoring endpoint answered, as the client saw it."""
         return {
-            "events": len(self.events),
-            "labels": self.labels,
-            "events_per_s": round(len(self.events) / self.elapsed_s, 1) if self.elapsed_s else None,
+            "transactions": self.events,
+            "warmup_transactions": self.warmup,
+            "chargebacks": self.labels,
+            "fraud_share": round(self.frauds / self.labels, 4) if self.labels else None,
+            "transactions_per_s": round(self.events / self.elapsed_s, 1) if self.elapsed_s else None,
             "requests": sum(self.statuses.values()),
             "non_2xx": sum(n for status, n in self.statuses.items() if not 200 <= status < 300),
-            "latency_ms": percentiles(self.latencies_ms),
+            "client_latency_ms": percentiles(self.latencies_ms),
+            "versions_seen": sorted(self.versions_seen),
+            "errors": self.errors[:20],
         }
 
-    def seq_at(self, wall_ms: int) -> int:
-        """The index of the last event produced at or before ``wall_ms``."""
-        return max(bisect.bisect_right(self.sent_at, wall_ms / 1000) - 1, 0)
 
-
-async def _score(
-    client: aiohttp.ClientSession, url: str, index: int, event: dict[str, Any], traffic: Traffic
-) -> None:
-    body = {
+def score_body(event: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    """Serving's request body: the card (the model's one entity), the event id labels join on, and
+    the request fields."""
+    return {
         "entity": event["card_id"],
         "event_id": event["event_id"],
-        "features": {k: event[k] for k in REQUEST_FIELDS},
+        "features": {k: event[k] for k in fields},
     }
+
+
+async def _score(client: aiohttp.ClientSession, url: str, body: dict[str, Any], traffic: Traffic) -> None:
     started = time.perf_counter()
     try:
         async with client.post(url, data=orjson.dumps(body), headers=_JSON) as resp:
@@ -100,55 +101,12 @@ async def _score(
     traffic.latencies_ms.append((time.perf_counter() - started) * 1000)
     traffic.statuses[status] = traffic.statuses.get(status, 0) + 1
     if status == 200:
-        traffic.versions_seen.append((index, int(orjson.loads(payload)["version"])))
+        traffic.versions_seen.add(int(orjson.loads(payload)["version"]))
     elif len(traffic.errors) < 20:
         traffic.errors.append(f"{status}: {payload[:200].decode(errors='replace')}")
 
 
-async def _applied(r: aioredis.Redis, namespace: str, events: int, timeout_s: float = 60.0) -> None:
-    """Wait until the feature processor has applied ``events`` records of a fresh events topic."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        stored = await r.hgetall(offsets_key(CARD_ACTIVITY, namespace))
-        # Positions only: the same hash holds each partition's watermark under "<partition>:wm".
-        names = {bytes(n) if isinstance(n, bytes) else str(n).encode(): int(v) for n, v in stored.items()}
-        if sum(pos + 1 for name, pos in names.items() if not name.endswith(b":wm")) >= events:
-            return
-        await asyncio.sleep(0.05)
-    raise StreamError(f"the feature processor did not apply {events} warm-up events in {timeout_s:.0f} s")
-
-
-class FreshnessProbe:
-    """Measures event time to visible in the store for sampled events, polling them all in one pipeline."""
-
-    def __init__(self, r: aioredis.Redis, namespace: str, traffic: Traffic, timeout_s: float = 5.0) -> None:
-        self._r, self._ns, self._traffic, self._timeout = r, namespace, traffic, timeout_s
-        self._pending: list[tuple[str, int]] = []  # (store key, event time)
-        self.running = True
-
-    def watch(self, entity: str, event_ts: int) -> None:
-        self._pending.append((entity_key(CARD_ACTIVITY, entity, self._ns), event_ts))
-
-    async def run(self) -> None:
-        while self.running or self._pending:
-            if self._pending:
-                pending, self._pending = self._pending, []
-                async with self._r.pipeline(transaction=False) as pipe:
-                    for key, _ in pending:
-                        pipe.hget(key, "ts")
-                    newest = await pipe.execute()
-                now_ms = time.time() * 1000
-                for (key, ts), seen in zip(pending, newest, strict=True):
-                    if seen is not None and int(float(seen)) >= ts:
-                        self._traffic.freshness_ms.append(now_ms - ts)
-                    elif now_ms - ts < self._timeout * 1000:
-                        self._pending.append((key, ts))
-                    else:
-                        self._traffic.errors.append(f"freshness probe timed out for {key}")
-            await asyncio.sleep(0.002)
-
-
-async def drive(cfg: TrafficConfig, settings: CommonSettings, serve_url: str) -> Traffic:
+async def drive(cfg: TrafficConfig, demo: Demo) -> Traffic:
     """Warm the feature store up, then send ``cfg.events`` transactions at ``cfg.rate``: score each one,
     produce it, and produce the labels that have come due."""
     traffic = Traffic()
@@ -156,38 +114,40 @@ async def drive(cfg: TrafficConfig, settings: CommonSettings, serve_url: str) ->
         GeneratorConfig(
             drift_at=None if cfg.drift_at is None else cfg.warmup_events + cfg.drift_at,
             label_delay=cfg.label_delay,
+            fraud_rate=cfg.fraud_rate,
             seed=cfg.seed,
         )
     )
-    producer = EventProducer(settings)
-    # Warm-up: card history exists before scoring starts, as it would in a running system (these events
-    # are not scored, so their labels are not sent).
+    # Warm-up: card history exists before scoring starts, as it would in a running system. These
+    # transactions are not scored, so their labels are not sent.
+    newest: dict[str, int] = {}
+    warmup: set[str] = set()
     for _ in range(cfg.warmup_events):
         event, _ = gen.next()
-        traffic.warmup.append(event)
-        producer.send_event(event)
-    producer.flush()
-    warmup = {e["event_id"] for e in traffic.warmup}
-    r = aioredis.Redis.from_url(settings.redis_url)
-    if cfg.warmup_events:
-        await _applied(r, settings.topic_prefix, cfg.warmup_events)
-    probe = FreshnessProbe(r, settings.topic_prefix, traffic)
-    probing = asyncio.create_task(probe.run())
+        warmup.add(str(event["event_id"]))
+        newest[str(event["card_id"])] = int(event["ts"])
+        demo.produce(EVENTS, event)
+    traffic.warmup = len(warmup)
+    demo.flush()
+    await asyncio.to_thread(demo.wait_visible, PROBED_VIEW, newest)
+
+    fields = tuple(demo.project.models[MODEL].request_fields)
+    url = demo.scoring_url(MODEL)
     slots = asyncio.Semaphore(cfg.concurrency)
     tasks: set[asyncio.Task[None]] = set()
-    url = f"{serve_url}/v1/models/{settings.model_name}/score"
-
-    async def scored(index: int, event: dict[str, Any]) -> None:
-        try:
-            await _score(client, url, index, event, traffic)
-        finally:
-            slots.release()
 
     def send_labels(labels: list[dict[str, Any]]) -> None:
         for label in labels:
             if label["event_id"] not in warmup:
-                producer.send_label(label)
+                demo.produce(LABELS, label)
                 traffic.labels += 1
+                traffic.frauds += bool(label["is_fraud"])
+
+    async def scored(body: dict[str, Any]) -> None:
+        try:
+            await _score(client, url, body, traffic)
+        finally:
+            slots.release()
 
     connector = aiohttp.TCPConnector(limit=cfg.concurrency)
     async with aiohttp.ClientSession(
@@ -199,22 +159,17 @@ async def drive(cfg: TrafficConfig, settings: CommonSettings, serve_url: str) ->
             if lag > 0:
                 await asyncio.sleep(lag)
             event, labels = gen.next()
-            traffic.seq_of[str(event["event_id"])] = i
-            traffic.events.append(event)
             await slots.acquire()
-            task = asyncio.create_task(scored(i, event))
+            task = asyncio.create_task(scored(score_body(event, fields)))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-            producer.send_event(event)
-            traffic.sent_at.append(time.time())
+            demo.produce(EVENTS, event)  # recorded once authorised, as a payment system would
+            traffic.events += 1
             if cfg.probe_every and i % cfg.probe_every == 0:
-                probe.watch(str(event["card_id"]), int(event["ts"]))  # type: ignore[call-overload]
+                demo.watch_freshness(PROBED_VIEW, str(event["card_id"]), int(event["ts"]))
             send_labels(labels)
         await asyncio.gather(*tasks)
         send_labels(gen.drain())
-        producer.flush()
+        await asyncio.to_thread(demo.flush)
         traffic.elapsed_s = time.perf_counter() - started
-    probe.running = False
-    await probing
-    await r.aclose()
     return traffic
