@@ -82,7 +82,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     settings = load(CommonSettings)
     setup_logging(settings.log_level)
-    emit(apply(settings, load_project(project_dir(args, settings))))
+    emit(
+        apply(settings, load_project(project_dir(args, settings)), replication_factor=args.replication_factor)
+    )
     return 0
 
 
@@ -157,6 +159,8 @@ def add_commands(add: AddCommand) -> None:
     ):
         sp = add(name, fn, help_)
         sp.add_argument("--project", default=None, help="project folder (default: TIDE_PROJECT)")
+        if name == "apply":
+            sp.add_argument("--replication-factor", type=int, default=1, help="of the topics apply creates")
     add(
         "registry",
         cmd_registry,

@@ -199,11 +199,11 @@ def plan(settings: CommonSettings, project: Project) -> Plan:
     return Plan(project, current, topics, changes)
 
 
-def apply(settings: CommonSettings, project: Project) -> dict[str, Any]:
+def apply(settings: CommonSettings, project: Project, *, replication_factor: int = 1) -> dict[str, Any]:
     """Create the topics and register the definitions; returns the plan that was carried out."""
     p = plan(settings, project)
-    ensure_topics(settings)
-    create_topics(settings.kafka_bootstrap, p.topics)
+    ensure_topics(settings, replication_factor=replication_factor)
+    create_topics(settings.kafka_bootstrap, p.topics, replication_factor=replication_factor)
     if p.changes:
         registry.publish(settings, p.project, p.version)
         log.info("applied project %s as registry version %d", project.name, p.version)

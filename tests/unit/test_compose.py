@@ -47,10 +47,12 @@ COMMAND_SETTINGS = {
     "retrain": "RetrainSettings",  # online_training.settings, imported by online_training.trainer
     "drift": "DriftSettings",
     "topics": "CommonSettings",
+    "apply": "CommonSettings",
+    "registry": "CommonSettings",
     "produce": "CommonSettings",
     "tail": "CommonSettings",
 }
-ONE_SHOT_COMMANDS = {"topics", "produce", "tail"}
+ONE_SHOT_COMMANDS = {"topics", "apply", "registry", "produce", "tail"}
 PROCESSOR_COMMANDS = {"serve", "features", "train", "drift"}
 HEALTHY = "service_healthy"
 COMPLETED = "service_completed_successfully"
@@ -280,12 +282,13 @@ def _healthcheck_test(svc: dict[str, Any]) -> str | None:
 
 def test_compose_file_shape() -> None:
     assert "version" not in COMPOSE, "the compose spec has no `version:` (compose warns it is obsolete)"
-    expected = {"kafka", "redis", "topics", "features", "trainer", "drift", "serve"}
+    expected = {"kafka", "redis", "apply", "features", "trainer", "drift", "serve"}
     assert expected <= set(SERVICES), f"missing services: {sorted(expected - set(SERVICES))}"
     declared = set(COMPOSE.get("volumes") or {})
     for name, svc in SERVICES.items():
         for vol in svc.get("volumes") or []:
-            source = vol.get("source") if isinstance(vol, dict) else str(vol).split(":", 1)[0]
+            spec = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(vol))  # ${VAR:-default} -> its default
+            source = vol.get("source") if isinstance(vol, dict) else spec.split(":", 1)[0]
             if source and not source.startswith((".", "/", "~")):
                 assert source in declared, f"{name}: named volume {source!r} is not declared at the top level"
 
@@ -448,9 +451,9 @@ def test_services_agree_on_shared_settings(monkeypatch: pytest.MonkeyPatch, tmp_
         with monkeypatch.context() as mp:
             s = _effective_settings(name, mp, tmp_path)
             seen[name] = {
-                f: getattr(s, f) for f in ("kafka_bootstrap", "redis_url", "topic_prefix", "model_name")
+                f: getattr(s, f) for f in ("kafka_bootstrap", "redis_url", "topic_prefix", "project")
             }
-    distinct = {json.dumps(v, sort_keys=True) for v in seen.values()}
+    distinct = {json.dumps(v, sort_keys=True, default=str) for v in seen.values()}
     assert len(distinct) == 1, f"Tide services disagree: {seen}"
 
 
@@ -564,16 +567,16 @@ def test_long_running_services_restart_and_report_health(name: str) -> None:
             assert deps.get(infra_name) == HEALTHY, f"{name} must wait for {infra_name} healthy"
 
 
-def test_topics_are_created_before_the_processors() -> None:
-    creators = [n for n in TIDE_SERVICES if _command(SERVICES[n])[0] == "topics"]
-    assert len(creators) == 1, f"exactly one service must run `tide topics`, found {creators}"
+def test_topics_are_created_and_definitions_applied_before_the_processors() -> None:
+    creators = [n for n in TIDE_SERVICES if _command(SERVICES[n])[0] == "apply"]
+    assert len(creators) == 1, f"exactly one service must run `tide apply`, found {creators}"
     creator = creators[0]
     svc = SERVICES[creator]
     assert not svc.get("restart"), f"{creator} is one-shot: a restart policy would run it forever"
     kafka_name, kafka_env = _kafka_service()
     assert _depends_on(svc).get(kafka_name) == HEALTHY, f"{creator} must wait for {kafka_name} healthy"
     assert kafka_env.get("KAFKA_AUTO_CREATE_TOPICS_ENABLE") == "false", (
-        "topics must come from `tide topics` only"
+        "topics must come from `tide apply` only"
     )
     args = build_parser().parse_args(_command(svc))
     brokers = 1  # one KRaft node; a multi-broker stack raises this together with the replication factors
