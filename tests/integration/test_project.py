@@ -14,10 +14,9 @@ from infra.errors import DefinitionError
 from infra.kafka import read_to_end
 from infra.settings import CommonSettings
 from schemas import codec, registry
+from tests.unit.test_definitions import DEFINITIONS, EVENTS, write_project
 from tide.plan import apply, plan
 from tide.project import load_project
-
-from tests.unit.test_definitions import DEFINITIONS, EVENTS, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +24,8 @@ LEARNER = """
 from river import compose, linear_model, preprocessing
 
 def new():
-    return compose.Select("value", "n_1h") | preprocessing.StandardScaler() | linear_model.LogisticRegression()
+    scaled = compose.Select("value", "n_1h") | preprocessing.StandardScaler()
+    return scaled | linear_model.LogisticRegression()
 """
 
 
@@ -111,7 +111,8 @@ def test_source_schemas_evolve_backward_compatibly(settings: CommonSettings, tmp
     (root / "readings.avsc").write_text(json.dumps(retyped))
     with pytest.raises(
         DefinitionError,
-        match=r"source 'readings', field 'schema': the new schema cannot read records written with registered version 1",
+        match=r"source 'readings', field 'schema': the new schema cannot read records written with "
+        r"registered version 1",
     ):
         plan(settings, load_project(root))
     assert registry.load(settings).version == 2  # nothing applied
@@ -124,7 +125,7 @@ def test_a_second_project_in_the_same_namespace_is_refused(settings: CommonSetti
 
 
 def test_services_fail_clearly_before_anything_is_applied(settings: CommonSettings) -> None:
-    with pytest.raises(DefinitionError, match="no definitions applied .* run 'tide apply"):
+    with pytest.raises(DefinitionError, match=r"no definitions applied .* run 'tide apply"):
         registry.load(settings)
 
 

@@ -144,7 +144,7 @@ def test_json_form_round_trips_and_the_digest_is_stable() -> None:
         ),
         (
             lambda p: FeatureView("v", p["outcomes"], p["sensor"], [Feature("n", "count")], window="1h"),
-            r"feature view 'v', field 'entity': join key 'sensor_id' of entity 'sensor' is not a field of source",
+            r"feature view 'v', field 'entity': join key 'sensor_id' of entity 'sensor' is not a field",
         ),
         (
             lambda p: FeatureView("v", p["readings"], p["sensor"], [Feature("n", "count")], window="an hour"),
