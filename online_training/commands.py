@@ -7,13 +7,11 @@ Registered into ``tide``'s parser by :func:`add_commands`. Light at import (the 
 from __future__ import annotations
 
 import argparse
-import signal
 import threading
 from pathlib import Path
 
 from infra.console import AddCommand
 from infra.errors import DefinitionError
-
 
 
 def _duration_s(text: str) -> float:
@@ -26,26 +24,27 @@ def _duration_s(text: str) -> float:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from infra.console import emit, setup_logging
+    from infra.console import emit, setup_logging, stop_event
     from infra.settings import load
     from online_training.batch import run
     from online_training.settings import RetrainSettings
+    from schemas import registry
 
     settings = load(RetrainSettings)
     setup_logging(settings.log_level)
-    stop = threading.Event()
-    if args.every is not None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-    run(settings, every_s=args.every, stop=stop, on_result=emit)
+    stop = stop_event() if args.every is not None else threading.Event()
+    run(settings, registry.load(settings).project, every_s=args.every, stop=stop, on_result=emit)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from infra.console import run_service
-    from online_training.trainer import TrainerSettings, run
+    from infra.console import run_service, stop_event
+    from online_training.settings import TrainerSettings
+    from online_training.trainer import run
+    from schemas import registry
 
-    return run_service(TrainerSettings, run)
+    stop = stop_event()
+    return run_service(TrainerSettings, lambda settings: run(settings, registry.load(settings).project, stop))
 
 
 def cmd_signing_key(args: argparse.Namespace) -> int:
@@ -61,15 +60,17 @@ def add_commands(add: AddCommand) -> None:
     add(
         "train",
         cmd_train,
-        "Run the online trainer: join labels with served features, learn, publish versions.",
+        "Run the online trainer: every model with a learner learns from its labels (joined with the inputs "
+        "served for their events, or point-in-time features replayed for events never scored), "
+        "progressively, and publishes versions (flavor river).",
     )
     rt = add(
         "retrain",
         cmd_retrain,
-        "Batch-retrain: build a point-in-time training set from the events and labels topics, train a "
-        "PyTorch MLP (CUDA when present, else CPU), check its ONNX export scores like torch, publish it as "
-        "the next version of TIDE_RETRAIN_MODEL_NAME (default fraud-nn, flavor onnx). Prints one JSON "
-        "summary per run.",
+        "Batch-retrain every model with a batch trainer: point-in-time training rows replayed from the "
+        "topics, its torch module trained (CUDA when present, else CPU), its ONNX export checked to score "
+        "like torch, published as the model's next version (flavor onnx). Prints one JSON summary per "
+        "model and run.",
     )
     rt.add_argument(
         "--every",

@@ -1,8 +1,10 @@
 """Publishing model versions: the one way both trainers (and benchmarks) put a version on the models topic.
 
-:func:`publish_model_version` builds the ``model_version`` record, stores the artifact inline (up to
+:func:`publish_model_version` builds the ``model_version`` record (with the model's task, classes and
+the digest of the definitions it was trained with), stores the artifact inline (up to
 ``artifact_inline_max_bytes``) or in the artifact store by URI, signs it when a signing key is
-configured (:mod:`models.signing`) and produces it keyed by model name.
+configured (:mod:`models.signing`) and produces it keyed by model name. :func:`newest_versions` reads
+the newest committed version of every model in one pass over the models topic.
 
 Exactly-once: with the caller's transactional producer (the online trainer's), the record is only
 produced; it becomes visible when the caller commits the transaction that also holds the consumed
@@ -16,20 +18,20 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
 
-from models.artifacts import LocalArtifactStore, sha256_hex
 from infra.errors import TrainingError
+from infra.kafka import make_producer, read_to_end
 from infra.settings import CommonSettings
+from infra.topics import TOPICS, topic
+from models.artifacts import LocalArtifactStore, sha256_hex
 from models.signing import Signer
 from online_training.settings import PublishSettings
 from schemas import codec
-from infra.kafka import make_producer, read_to_end
-from infra.topics import TOPICS, topic
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ def build_record(
     metric_value: float | None = None,
     trained_on: int = 0,
     reference: Mapping[str, Any] | None = None,
+    task: str = "binary",
+    classes: Sequence[str] = (),
+    definitions_digest: str | None = None,
 ) -> dict[str, Any]:
     """The ``model_version`` record for an artifact: stored inline or by URI, signed when configured."""
     digest = sha256_hex(artifact)
@@ -81,6 +86,8 @@ def build_record(
         "model": model,
         "version": int(version),
         "flavor": flavor,
+        "task": task,
+        "classes": [str(c) for c in classes],
         "artifact": artifact if inline else b"",
         "artifact_uri": None if inline else store_of(settings).put(model, flavor, artifact),
         "sha256": digest,
@@ -92,6 +99,7 @@ def build_record(
         "created_ts": int(time.time() * 1000),
         "signature": None,
         "key_id": None,
+        "definitions_digest": definitions_digest,
     }
     signer = signer_of(settings)
     if signer is not None:
@@ -111,6 +119,9 @@ def publish_model_version(
     metric_value: float | None = None,
     trained_on: int = 0,
     reference: Mapping[str, Any] | None = None,
+    task: str = "binary",
+    classes: Sequence[str] = (),
+    definitions_digest: str | None = None,
     producer: Producer | None = None,
 ) -> dict[str, Any]:
     """Build (:func:`build_record`) and produce a model version; returns the record published.
@@ -129,6 +140,9 @@ def publish_model_version(
         metric_value=metric_value,
         trained_on=trained_on,
         reference=reference,
+        task=task,
+        classes=classes,
+        definitions_digest=definitions_digest,
     )
     value = codec.encode("model_version", record)
     name = topic(settings, "models")
@@ -165,16 +179,29 @@ def _produce_and_wait(settings: CommonSettings, name: str, key: bytes, value: by
         raise TrainingError(f"model version not delivered to {name}: {errors[0]}")
 
 
-def latest_record(settings: CommonSettings, model: str) -> dict[str, Any] | None:
-    """The newest committed version of ``model`` on the models topic, read from the beginning."""
-    latest: dict[str, Any] | None = None
+def read_versions(settings: CommonSettings) -> Iterator[dict[str, Any]]:
+    """Every committed ``model_version`` record on the models topic, from the beginning, in log order
+    (undecodable records are logged and skipped)."""
     name = topic(settings, "models")
     for msg in read_to_end(settings, name, TOPICS["models"].partitions):
         try:
-            record = codec.decode(msg.value() or b"", "model_version")
+            yield codec.decode(msg.value() or b"", "model_version")
         except Exception:
             log.warning("undecodable record on %s offset %s", name, msg.offset())
+
+
+def latest_record(settings: CommonSettings, model: str, flavor: str | None = None) -> dict[str, Any] | None:
+    """The newest committed version of ``model`` (of ``flavor``, when given), read from the beginning."""
+    return newest_versions(settings, flavor).get(model)
+
+
+def newest_versions(settings: CommonSettings, flavor: str | None = None) -> dict[str, dict[str, Any]]:
+    """Model name -> its newest committed version (of ``flavor``, when given), in one read of the topic."""
+    newest: dict[str, dict[str, Any]] = {}
+    for record in read_versions(settings):
+        if flavor is not None and record["flavor"] != flavor:
             continue
-        if record["model"] == model and (latest is None or record["version"] > latest["version"]):
-            latest = record
-    return latest
+        seen = newest.get(record["model"])
+        if seen is None or record["version"] > seen["version"]:
+            newest[record["model"]] = record
+    return newest

@@ -1,7 +1,8 @@
-"""Settings of the model publishers (both trainers) and of the batch retrainer (``tide retrain``).
+"""Settings of the model publishers (both trainers), the online trainer and the batch retrainer.
 
-Plain pydantic-settings classes with no heavy imports: the online trainer's settings extend
-:class:`PublishSettings`, and ``tide retrain`` builds :class:`RetrainSettings` in its entry point.
+Plain pydantic-settings classes with no heavy imports: ``tide train`` builds :class:`TrainerSettings` and
+``tide retrain`` :class:`RetrainSettings` in their entry points. What is learnt, how often a version is
+published and with which metric are the models' definitions (``publish_every``, ``metric``), not settings.
 """
 
 from __future__ import annotations
@@ -26,17 +27,42 @@ class PublishSettings(CommonSettings):
     artifact_inline_max_bytes: int = Field(default=256 * 1024, ge=0, le=768 * 1024)
 
 
-class RetrainSettings(PublishSettings):
-    """The batch retrainer: a PyTorch MLP on point-in-time features, published as an ONNX version."""
+class TrainerSettings(PublishSettings):
+    """The online trainer (``tide train``): every model of the project that declares a learner."""
 
-    retrain_model_name: str = Field(default="fraud-nn", pattern=r"^[a-z][a-z0-9_-]*$")
+    trainer_group: str = "tide-trainer"
+    # A quiet stream still publishes what was learnt since a model's last version after this long.
+    trainer_publish_interval_s: float = Field(default=10.0, gt=0)
+    # How long parked served inputs, waiting labels and learnt markers are kept in Redis, beyond the
+    # labels' declared max_delay.
+    trainer_join_ttl_s: int = Field(default=86_400, ge=1)
+    # How long a label waits for the prediction of its event before the event counts as never scored
+    # and is learnt from point-in-time replayed features. A prediction is logged when its event is
+    # scored, before its label exists: the grace only covers lag between the two topics.
+    trainer_prediction_grace_s: float = Field(default=30.0, ge=0)
+    # How often labels past their grace are looked for (each look that finds some replays the topics).
+    trainer_catchup_interval_s: float = Field(default=5.0, gt=0)
+    # Labels learnt from replayed features per catch-up, at most (the rest wait for the next one).
+    trainer_catchup_max: int = Field(default=50_000, ge=1)
+    # Inputs sampled (the newest) for each version's reference profile.
+    trainer_reference_size: int = Field(default=2000, ge=10)
+    # About how many entries each model's learn log keeps (a Redis list: what was learnt, in order, with
+    # the prediction made before learning it; trimmed by whole batches); 0 keeps none.
+    trainer_learn_log: int = Field(default=10_000, ge=0)
+
+
+class RetrainSettings(PublishSettings):
+    """The batch retrainer: every model with a batch trainer, on point-in-time rows, published as ONNX."""
+
     retrain_epochs: int = Field(default=30, ge=1, le=10_000)
-    retrain_hidden: int = Field(default=32, ge=1, le=4096)
     # The newest share of labels (by event time) held out for evaluation and the ONNX parity check.
     retrain_holdout: float = Field(default=0.2, gt=0.0, lt=0.9)
     # Fewer labels than this: no training (too few to learn from, or to evaluate).
     retrain_min_labels: int = Field(default=1000, ge=10)
-    # A model below this held-out ROC AUC is not published.
+    # A binary model whose held-out ROC AUC is not above this is not published (a regression model must
+    # beat predicting the training mean on the held-out rows).
     retrain_min_auc: float = Field(default=0.5, ge=0.0, le=1.0)
+    retrain_batch_size: int = Field(default=256, ge=1)
+    retrain_lr: float = Field(default=3e-3, gt=0)
     retrain_device: Literal["auto", "cpu", "cuda"] = "auto"
     retrain_seed: int = 0

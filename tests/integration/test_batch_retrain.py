@@ -1,67 +1,103 @@
-"""``tide retrain`` against the real broker: generated events and labels in, a signed ONNX version out,
-loaded by serving's loader and scoring as torch does."""
+"""``tide retrain`` against the real broker: events and labels in, signed ONNX versions of every model with
+a batch trainer out, loaded by serving's loader and scoring as torch does (binary and regression)."""
 
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from river import datasets
 
-from tide import cli
+from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
 from infra.errors import ModelLoadError
+from infra.settings import CommonSettings
+from models.inputs import ModelInputs
+from models.runtime import LoadPolicy, feature_matrix, load_model
 from models.signing import Verifier, generate_key_pair
 from online_training import batch
-from online_training.batch import NUMERIC_FEATURES, fit, split_by_time, torch_scores, training_rows
+from online_training.history import all_examples
+from online_training.network import torch_scores
 from online_training.publish import latest_record
 from online_training.settings import RetrainSettings
-from models.runtime import LoadPolicy, feature_matrix, load_model
-from streams.produce import produce_generated
+from schemas.definitions import Project
+from schemas.registry import register_schemas
 from streams.tail import tail
+from tide import Client, cli
+from tide.plan import apply
+from tide.project import load_project
 
 pytestmark = pytest.mark.integration
 
 
+def produce_generated(settings: CommonSettings, project: Project, count: int, seed: int) -> int:
+    """``count`` transactions and every one's label; returns how many labels."""
+    gen = TransactionGenerator(GeneratorConfig(cards=300, seed=seed, fraud_rate=0.1, label_delay=100))
+    events, labels = [], []
+    for _ in range(count):
+        event, due = gen.next()
+        events.append(event)
+        labels += due
+    labels += gen.drain()
+    client = Client(settings, project, 1)
+    client.produce("transactions", events)
+    client.produce("chargebacks", labels)
+    return len(labels)
+
+
 def test_retrain_publishes_onnx_versions_that_serving_loads(
-    settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    fraud: CommonSettings,
+    fraud_project: Project,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     keys = generate_key_pair(tmp_path / "keys")
     rs = RetrainSettings(
-        **settings.model_dump(),
+        **fraud.model_dump(),
         retrain_epochs=10,
         retrain_min_labels=500,
         signing_key_file=keys["private_key"],
         artifact_inline_max_bytes=0,  # the first version travels by URI
     )
-    assert batch.retrain(rs)["published"] is False  # no labels yet
-    produce_generated(rs, count=3000, label_delay=100, seed=11)
+    [empty] = batch.retrain(rs, fraud_project)  # fraud_nn only: fraud has a river learner
+    assert (empty["model"], empty["published"], empty["labels"]) == ("fraud_nn", False, 0)
+    n = produce_generated(rs, fraud_project, 3000, seed=11)
+    assert n == 3000
 
-    result = batch.retrain(rs)
+    [result] = batch.retrain(rs, fraud_project)
     assert result["published"] is True, result
-    assert (result["model"], result["version"], result["device"]) == ("fraud-nn", 1, "cpu")
+    assert (result["model"], result["version"], result["device"]) == ("fraud_nn", 1, "cpu")
     assert result["max_abs_diff"] <= 1e-5 and result["roc_auc"] > 0.8
+    assert result["metric_name"] == "ROCAUC" and result["metric_value"] > 0.8
     assert result["labels"] == 3000 and result["train"] + result["held_out"] == 3000
 
-    record = latest_record(rs, "fraud-nn")
+    model = fraud_project.models["fraud_nn"]
+    record = latest_record(rs, "fraud_nn")
     assert record is not None
     assert (record["flavor"], record["version"], record["trained_on"]) == ("onnx", 1, result["train"])
+    assert (record["task"], record["definitions_digest"]) == ("binary", fraud_project.digest())
     assert record["artifact"] == b"" and record["artifact_uri"].startswith(tmp_path.as_uri())
-    assert record["feature_names"] == list(NUMERIC_FEATURES)
+    assert record["feature_names"] == list(model.input_names)
     assert record["key_id"] == keys["key_id"] and record["reference"]["size"] == result["held_out"]
-    assert record["metric_name"] == "roc_auc_held_out" and record["metric_value"] == result["roc_auc"]
+    assert [h["name"] for h in record["reference"]["features"]] == ["amount", "card_present"]
+    assert record["metric_name"] == "ROCAUC" and record["metric_value"] == result["metric_value"]
 
     # serving loads it (URI fetched, digest and signature checked) and scores as torch does
     policy = LoadPolicy(verifier=Verifier.from_pem_file(Path(keys["public_key"])))
-    loaded = load_model(record, policy)
+    inputs = ModelInputs.of(fraud_project, model)
+    loaded = load_model(record, inputs, policy)
     assert loaded.signed_by == keys["key_id"] and loaded.runtime.provider == "CPUExecutionProvider"
-    train, held_out = split_by_time(training_rows(rs), rs.retrain_holdout)
-    again = fit(rs, train, held_out)  # same data, same seed: the same model
-    expected = torch_scores(again.module, feature_matrix(held_out, NUMERIC_FEATURES))
-    served = np.asarray(loaded.runtime.predict_many(held_out))
+    train, held_out = batch.split_by_time(all_examples(rs, fraud_project, model), rs.retrain_holdout)
+    again = batch.fit(rs, model, train, held_out)  # same data, same seed: the same model
+    rows = [e.x for e in held_out]
+    expected = torch_scores(again.module, feature_matrix(rows, model.input_names))
+    served = np.asarray([o.score for o in loaded.runtime.predict_many(rows)])
     assert np.abs(served - expected).max() <= 1e-5
-    one_by_one = np.asarray([loaded.runtime.predict_one(x) for x in held_out[:200]])
+    one_by_one = np.asarray([loaded.runtime.predict_one(x).score for x in rows[:200]])
     assert np.abs(one_by_one - expected[:200]).max() <= 1e-5
 
     # the CLI, with the same settings from the environment: nothing new, nothing published
@@ -70,22 +106,123 @@ def test_retrain_publishes_onnx_versions_that_serving_loads(
         "TIDE_REDIS_URL": rs.redis_url,
         "TIDE_TOPIC_PREFIX": rs.topic_prefix,
         "TIDE_STATE_DIR": str(rs.state_dir),
+        "TIDE_PROJECT": str(rs.project),
         "TIDE_RETRAIN_MIN_LABELS": "500",
     }.items():
         monkeypatch.setenv(key, value)
     assert cli.main(["retrain"]) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert summary["published"] is False and "no new labels" in summary["reason"]
+    assert summary["model"] == "fraud_nn" and summary["published"] is False
+    assert "no new labels" in summary["reason"]
 
-    # more labels: version 2, inline this time (default threshold), versions of `fraud` untouched
-    produce_generated(rs, count=1000, label_delay=100, seed=12)
+    # more labels: version 2, inline this time (default threshold), and nothing of the river model `fraud`
+    produce_generated(rs, fraud_project, 1000, seed=12)
     inline = RetrainSettings(**{**rs.model_dump(), "artifact_inline_max_bytes": 256 * 1024})
-    second = batch.retrain(inline)
+    [second] = batch.retrain(inline, fraud_project)
     assert (second["published"], second["version"], second["labels"]) == (True, 2, 4000)
     versions = [r["value"] for r in tail(rs, "models")]
-    assert [(v["model"], v["version"]) for v in versions] == [("fraud-nn", 1), ("fraud-nn", 2)]
-    newest = latest_record(rs, "fraud-nn")
+    assert [(v["model"], v["version"]) for v in versions] == [("fraud_nn", 1), ("fraud_nn", 2)]
+    newest = latest_record(rs, "fraud_nn")
     assert newest is not None and newest["artifact_uri"] is None and newest["artifact"]
-    assert load_model(newest, policy).version == 2
+    assert load_model(newest, inputs, policy).version == 2
     with pytest.raises(ModelLoadError, match="bad signature"):  # a replay as version 3 is refused
-        load_model({**newest, "version": 3}, policy)
+        load_model({**newest, "version": 3}, inputs, policy)
+
+
+CHICK_FILES = {
+    "schemas/weighing.avsc": {
+        "type": "record",
+        "name": "Weighing",
+        "fields": [
+            {"name": n, "type": t}
+            for n, t in (
+                ("event_id", "string"),
+                ("chick", "long"),
+                ("diet", "long"),
+                ("time", "long"),
+                ("ts", "long"),
+            )
+        ],
+    },
+    "schemas/weight.avsc": {
+        "type": "record",
+        "name": "Weight",
+        "fields": [
+            {"name": n, "type": t}
+            for n, t in (("event_id", "string"), ("chick", "long"), ("weight", "double"), ("ts", "long"))
+        ],
+    },
+}
+CHICK_CODE = {
+    "chick_network.py": """
+        from online_training.network import MLP
+
+
+        def new_network(n_inputs):
+            return MLP(n_inputs, hidden=16)
+        """,
+    "definitions.py": """
+        from tide import Labels, Model, Source
+
+        PROJECT_NAME = "chick_batch"
+        weighings = Source("weighings", "schemas/weighing.avsc", "chick", "ts", partitions=2)
+        weights = Source("weights", "schemas/weight.avsc", "chick", "ts", partitions=2)
+        weight = Labels("weight", weights, key="event_id", target="weight", task="regression")
+        growth_nn = Model(
+            "growth_nn",
+            task="regression",
+            request=weighings,
+            request_fields=["time", "diet"],
+            labels=weight,
+            batch_trainer="chick_network:new_network",
+            metric="MAE",
+            monitor=["time"],
+        )
+        """,
+}
+
+
+def test_a_regression_model_is_retrained_and_served_as_values(
+    settings: CommonSettings, tmp_path: Path
+) -> None:
+    root = tmp_path / "chick_batch"
+    for name, schema in CHICK_FILES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(schema))
+    for name, code in CHICK_CODE.items():
+        (root / name).write_text(textwrap.dedent(code))
+    project = load_project(root)
+    rs = RetrainSettings(
+        **{**settings.model_dump(), "project": root},
+        retrain_min_labels=100,
+        retrain_epochs=200,
+        retrain_batch_size=32,
+        retrain_lr=1e-2,
+    )
+    apply(rs, project)
+    register_schemas(project)
+    rows: list[tuple[dict[str, Any], Any]] = list(datasets.ChickWeights())
+    ts = [1_700_000_000_000 + x["time"] * 86_400_000 + x["chick"] for x, _ in rows]
+    client = Client(rs, project, 1)
+    client.produce("weighings", [{"event_id": f"w{i}", **x, "ts": ts[i]} for i, (x, _) in enumerate(rows)])
+    client.produce(
+        "weights",
+        [
+            {"event_id": f"w{i}", "chick": x["chick"], "weight": float(y), "ts": ts[i]}
+            for i, (x, y) in enumerate(rows)
+        ],
+    )
+    [result] = batch.retrain(rs, project)
+    assert result["published"] is True, result
+    assert result["labels"] == len(rows) and result["metric_value"] == pytest.approx(result["mae"])
+    assert result["mae"] < 0.6 * result["baseline_mae"], result  # far better than the training mean
+    record = latest_record(rs, "growth_nn")
+    assert record is not None and (record["task"], record["feature_names"]) == (
+        "regression",
+        ["time", "diet"],
+    )
+    model = project.models["growth_nn"]
+    loaded = load_model(record, ModelInputs.of(project, model))
+    late = loaded.runtime.predict_one({"time": 21, "diet": 3}).score
+    early = loaded.runtime.predict_one({"time": 0, "diet": 3}).score
+    assert 150 < late < 400 and 20 < early < 90  # values on the target's scale, not standardised ones
