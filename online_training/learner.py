@@ -59,6 +59,9 @@ def profiled_inputs(project: Project, model: Model) -> tuple[str, ...]:
     return tuple(m for m in model.monitor if m not in strings)
 
 
+SCORED_REFERENCE = 500  # inputs re-scored at each publish for the reference's score histogram
+
+
 class OnlineModel:
     """A model's learner, metric and counters (see the module docstring).
 
@@ -100,7 +103,9 @@ class OnlineModel:
         self._score = scorer(self.task)
         # The newest examples' profiled inputs and scores (columns): each version's reference profile.
         self.columns: dict[str, deque[float]] = {m: deque(maxlen=reference_size) for m in self.profiled}
-        self.scores: deque[float] = deque(maxlen=reference_size)
+        # The newest inputs, scored again at publish by the learner being published: live scores come
+        # from that version, and a young model's scores before learning drift away from its own.
+        self.recent: deque[dict[str, Any]] = deque(maxlen=min(reference_size, SCORED_REFERENCE))
         self._appends = [(m, col.append) for m, col in self.columns.items()]
 
     def learn(self, x: dict[str, Any], y: Any) -> Any:
@@ -112,7 +117,7 @@ class OnlineModel:
         self._learn(x, y)
         self.trained_on += 1
         self.since_publish += 1
-        self.scores.append(self._score(y_pred))
+        self.recent.append(x)
         for m, append in self._appends:
             append(_number(x.get(m)))
         if self.task == "multiclass":
@@ -130,14 +135,15 @@ class OnlineModel:
         return dump_river(self.learner)[0]
 
     def profile(self) -> dict[str, Any] | None:
-        """The reference profile of the newest examples: the monitored inputs and the scores the
-        learner gave them before learning them (the kind of score serving logs)."""
-        if not self.scores:
+        """The reference profile of the newest examples: their monitored inputs, and the scores the
+        learner being published gives the newest of them (what serving will log with this version)."""
+        if not self.recent:
             return None
+        scores = [self._score(self._predict(x)) for x in self.recent]
         return {
-            "size": len(self.scores),
+            "size": max([len(self.recent), *(len(col) for col in self.columns.values())]),
             "features": [histogram(m, list(col)) for m, col in self.columns.items()],
-            "prediction": histogram(SCORE, list(self.scores)),
+            "prediction": histogram(SCORE, scores),
         }
 
     def sorted_classes(self) -> tuple[str, ...]:
