@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from features.training import Example, replay
 from infra.errors import DefinitionError
 from infra.imports import add_code_path
 from infra.settings import CommonSettings, load
+from online_training.learner import OnlineModel, build_learner
 from schemas import registry
 from schemas.definitions import Project
 from streams.produce import SourceProducer
@@ -101,3 +102,31 @@ class Client:
         rows = [{"key": e.key, "ts": e.ts, **e.x, "target": e.y} for e in self.examples(model)]
         columns = ["key", "ts", *self.project.models[model].input_names, "target"]
         return pd.DataFrame(rows, columns=columns)
+
+    def evaluate(
+        self,
+        model: str,
+        factory: Callable[[], Any] | None = None,
+        *,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+    ) -> dict[str, Any]:
+        """Progressive evaluation offline: the model's examples with event times in
+        ``[start_ms, end_ms)`` replayed from the topics, in event-time order, each predicted and then
+        learnt (river's ``progressive_val_score``) by a fresh learner from ``factory`` (default: the
+        model's declared learner), fed to the model's declared metric."""
+        examples = [
+            e
+            for e in self.examples(model)
+            if (start_ms is None or e.ts >= start_ms) and (end_ms is None or e.ts < end_ms)
+        ]
+        spec = self.project.models[model]
+        online = OnlineModel(spec, factory() if factory is not None else build_learner(spec))
+        predictions = [online.learn(dict(e.x), e.y) for e in examples]
+        return {
+            "model": model,
+            "examples": len(examples),
+            "metric": spec.metric_name,
+            "value": online.metric_value(),
+            "predictions": predictions,
+        }

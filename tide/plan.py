@@ -23,6 +23,7 @@ from infra.errors import DefinitionError, TideError
 from infra.imports import import_object
 from infra.settings import CommonSettings
 from infra.topics import ensure_topics
+from online_training.learner import OnlineModel, build_learner
 from schemas import codec, registry
 from schemas.definitions import Model, Project, Source, sample_record
 from schemas.registry import Registered
@@ -106,8 +107,11 @@ def check_factories(project: Project) -> None:
         if model.learner:
             try_learner(model, project)
         if model.batch_trainer:
+            from online_training.batch import check_model  # torch: imported only for such models
+
             try:
                 factory = import_object(model.batch_trainer)
+                check_model(project, model)
             except TideError as exc:
                 raise DefinitionError(f"{where}, field 'batch_trainer': {exc}") from None
             if not callable(factory):
@@ -130,41 +134,22 @@ def sample_target(model: Model) -> Any:
     return {"binary": True, "regression": 1.0, "multiclass": "a"}[model.task]
 
 
-def check_learner(model: Model, where: str) -> Any:
-    """The learner the model's factory builds, checked against river's protocol; raises naming ``where``."""
-    assert model.learner is not None
-    try:
-        factory = import_object(model.learner)
-    except TideError as exc:
-        raise DefinitionError(f"{where}: {exc}") from None
-    try:
-        learner = factory()
-    except Exception as exc:
-        raise DefinitionError(f"{where}: {model.learner} raised {type(exc).__name__}: {exc}") from exc
-    verbs = ["learn_one", "predict_proba_one" if model.task != "regression" else "predict_one"]
-    missing = [v for v in verbs if not callable(getattr(learner, v, None))]
-    if missing:
-        raise DefinitionError(
-            f"{where}: {model.learner} returned {type(learner).__name__}, which has no {', '.join(missing)} "
-            f"(a river estimator is expected)"
-        )
-    return learner
-
-
 def try_learner(model: Model, project: Project) -> None:
-    """Learn one sample and predict it: a learner that fails here would fail on the first label."""
-    where = f"{project.where('model', model.name)}model {model.name!r}, field 'learner'"
-    learner = check_learner(model, where)
+    """Build the model's learner and metric and learn one sample the way the trainer does: a factory
+    that fails here would fail on the first label. Raises :class:`DefinitionError` naming the model."""
+    where = f"{project.where('model', model.name)}"
+    try:
+        online = OnlineModel(model, build_learner(model))
+    except TideError as exc:
+        raise DefinitionError(f"{where}{exc}") from None
     x = sample_input(model, project)
     try:
-        learner.learn_one(x, sample_target(model))
-        if model.task == "regression":
-            learner.predict_one(x)
-        else:
-            learner.predict_proba_one(x)
+        online.learn(x, sample_target(model))
+        online.learn(x, sample_target(model))
     except Exception as exc:
         raise DefinitionError(
-            f"{where}: {model.learner} fails on a sample input {sorted(x)}: {type(exc).__name__}: {exc}"
+            f"{where}model {model.name!r}, field 'learner': {model.learner} fails on a sample input "
+            f"{sorted(x)}: {type(exc).__name__}: {exc}"
         ) from exc
 
 

@@ -16,6 +16,8 @@ import redis
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
+from infra.admin import create_topics, delete_topics
+from infra.errors import StackError, StreamError
 from tide.embedded import (
     EmbeddedStack,
     StackInfo,
@@ -26,8 +28,6 @@ from tide.embedded import (
     stack_status,
     stop_stack,
 )
-from infra.errors import StackError, StreamError
-from infra.admin import create_topics, delete_topics
 
 pytestmark = pytest.mark.integration
 

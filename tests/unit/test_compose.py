@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from tide.cli import build_parser
 from infra.settings import ENV_PREFIX, CommonSettings, load
+from tide.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -279,11 +279,11 @@ def test_plan_names_a_learner_that_is_not_a_river_estimator(tmp_path: Path) -> N
     root = write_project(tmp_path / "p4", DEFINITIONS, "def new():\n    return object()\n")
     project = load_project(root)
     with pytest.raises(
-        DefinitionError, match=r"model 'detector', field 'learner': learner_code:new returned object"
+        DefinitionError, match=r"model 'detector', field 'learner': learner_code:new\(\) returned object"
     ):
         try_learner(project.models["detector"], project)
     root = write_project(tmp_path / "p5", DEFINITIONS.replace("learner_code:new", "learner_code5:new"), "")
     (root / "learner_code5.py").write_text("def new():\n    raise RuntimeError('no weights')\n")
     project = load_project(root)
-    with pytest.raises(DefinitionError, match=r"learner_code5:new raised RuntimeError: no weights"):
+    with pytest.raises(DefinitionError, match=r"learner_code5:new\(\) raised RuntimeError: no weights"):
         try_learner(project.models["detector"], project)

@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import random
-import shutil
 from pathlib import Path
 from typing import Any, cast, get_type_hints
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tide import cli
 from infra.errors import ConfigError
 from infra.settings import CommonSettings, load
 from serving.settings import ServeSettings
+from tide import cli
 
 
 def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
