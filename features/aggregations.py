@@ -196,7 +196,7 @@ def values(
     for agg in view.aggregations:
         f = agg.field
         if agg.kind == "count":
-            out[agg.name] = n
+            out[agg.name] = int(n)  # counts are integers on the wire
         elif n == 0:
             out[agg.name] = agg.default
         elif agg.kind == "sum":
@@ -214,9 +214,9 @@ def values(
             out[agg.name] = agg.default if last is None else last[1]
         elif agg.kind == "distinct":
             if distinct is not None:
-                out[agg.name] = float(distinct.get(str(f), 0))
+                out[agg.name] = int(distinct.get(str(f), 0))
             else:
-                out[agg.name] = distinct_estimate(merged.get("d:" + str(f), ()))
+                out[agg.name] = round(distinct_estimate(merged.get("d:" + str(f), ())))
         elif agg.kind == "quantile":
             prefix = f"h:{f}:"
             hist = {k[len(prefix) :]: float(v) for k, v in merged.items() if k.startswith(prefix)}

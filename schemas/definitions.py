@@ -240,12 +240,16 @@ class Aggregation:
     name: str
     kind: AggKind
     field: str | None = None
-    default: float | str | None = _UNSET
+    default: float | int | str | None = _UNSET
     q: float | None = None
 
     def __post_init__(self) -> None:
         if self.default is _UNSET:
-            default = None if self.kind in ("last", "min", "max", "quantile") else 0.0
+            default: float | int | None = None
+            if self.kind in ("count", "distinct"):
+                default = 0
+            elif self.kind not in ("last", "min", "max", "quantile"):
+                default = 0.0
             object.__setattr__(self, "default", default)
 
     def to_dict(self) -> dict[str, Any]:
