@@ -755,7 +755,7 @@ def quix_worker(args: argparse.Namespace) -> int:
         loglevel="WARNING",
     )
     event_time = views[0].event_time
-    source = app.topic(
+    quix_topic = app.topic(
         args.topic,
         key_deserializer="str",
         value_deserializer=AvroEvent(),
@@ -763,8 +763,8 @@ def quix_worker(args: argparse.Namespace) -> int:
     )
     # tansu's DescribeConfigs answer has no retention.ms, which Quix needs to derive its changelog
     # topics' config: fill Kafka's default (7 days) in, as a real broker would report it.
-    source.broker_config.extra_config.setdefault("retention.ms", str(7 * 86_400_000))
-    sdf = app.dataframe(source)
+    quix_topic.broker_config.extra_config.setdefault("retention.ms", str(7 * 86_400_000))
+    sdf = app.dataframe(quix_topic)
     for view in views:
         key = view.entity_key
         branch = sdf if key == source.key else sdf.group_by(key, name=f"by-{key}")

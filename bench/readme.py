@@ -40,7 +40,7 @@ def render_features(r: dict[str, Any]) -> str:
     ratio, fresh, m = r["ratios"], r["freshness"], r["machine"]
     met = {k: "met" if v else "**not met**" for k, v in r["goals_met"].items()}
     views = ", ".join(
-        f"`{d['name']}` ({d.get('kind', 'sliding')}, {len(d['aggregations'])} aggregations)"
+        f"`{d['name']}` ({d.get('kind', 'sliding')}, {len(d['features'])} aggregations)"
         for d in r["definitions"]
     )
     quix = r["versions"].get("quixstreams")
@@ -107,8 +107,8 @@ def render_serving(r: dict[str, Any]) -> str:
         f"Scoring service, `make bench-serving` ({r['measured_at'][:10]}, {m['cpu_model']}, "
         f"{m['nproc']} cores "
         f"shared with wrk, Redis and the broker, commit `{v.get('git')}`): one worker per server; "
-        f"{r['entities']:,} cards with online features (`card_activity`, merged from its tiles at read "
-        f"time); the model is {'an ONNX MLP' if flavor == 'onnx' else 'the river model'} (`{flavor}`); "
+        f"{r['entities']:,} cards with the online features the fraud model reads (11 features of 3 views, "
+        f"merged from their tiles at read time, one Redis script call); the model is {'an ONNX MLP' if flavor == 'onnx' else 'the river model'} (`{flavor}`); "
         f"every prediction is logged to the `predictions` topic. Throughput: wrk closed loop, "
         f"{load['max']['connections']} connections, median of {r['reps']} runs of "
         f"{load['max']['seconds']:g} s, "
@@ -166,9 +166,35 @@ def render_serving(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_learn(r: dict[str, Any]) -> str:
+    """The README block for ``out/bench/learn.json``."""
+    ratio, met = r["ratios"], r["goals_met"]
+    e2e = r.get("end_to_end_per_s", {})
+    lines = [
+        f"Online learner, `make bench-learn` ({r['measured_at'][:10]}): {r['examples']:,} examples of "
+        f"`{r['dataset']}` through `{r['learner']}`, predict then learn, a version published every "
+        f"{r['publish_every']} labels; median of {len(r['runs']['river'])} runs, in one process.",
+        "",
+        "| measure | examples/s | compared with | ratio | goal |",
+        "|---|---:|---|---:|---|",
+        f"| bare river (`progressive_val_score`'s loop) | {_n(r['river_per_s'])} | | | |",
+        f"| bare river, pickled as often as Tide publishes | {_n(r['river_snapshots_per_s'])} | river | "
+        f"{_x(r['river_snapshots_per_s'] / r['river_per_s'])} | |",
+        f"| **Tide** trainer step (join, learn, publish) | **{_n(r['tide_per_s'])}** | river | "
+        f"{_x(ratio['tide_vs_river'])} | ≥ 0.7x: {'met' if met['tide_vs_river'] else '**not met**'} |",
+        f"| Tide end to end, served path (topics, Redis join) | {_n(e2e.get('served'))} | river | "
+        f"{_x(ratio.get('served_vs_river'))} | |",
+        "",
+        f"Every prediction identical to bare river's: {'yes' if r['identical'] else '**no**'}. "
+        f"Reproduce: `{r['reproduce'].split('   #')[0]}` (raw results: `out/bench/learn.json`).",
+    ]
+    return "\n".join(lines)
+
+
 BLOCKS = (
     ("features", "features.json", render_features, "run `make bench-features`"),
     ("serving", "serving.json", render_serving, "run `make bench-serving`"),
+    ("learn", "learn.json", render_learn, "run `make bench-learn`"),
 )
 
 

@@ -23,7 +23,6 @@ tools. So restarts, SIGKILLs and rebalances neither lose nor double-count, whate
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from features import tiles
 from features.admission import Admission
 from features.settings import FeatureSettings
 from features.store import RedisWriter, apply_command
+from infra.console import stop_event
 from infra.deadletter import DeadLetter, DeadLetterSink, KafkaDeadLetters
 from infra.errors import StreamError
 from infra.kafka import make_consumer, make_producer
@@ -461,7 +461,4 @@ def run(settings: FeatureSettings, project: Project | None = None) -> None:
     if project is None:
         project = registry.load(settings).project
     serve_metrics(settings)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    FeatureProcessor(settings, list(project.views.values())).run(stop)
+    FeatureProcessor(settings, list(project.views.values())).run(stop_event())

@@ -6,7 +6,6 @@ binned on the same edges is compared with the population stability index (PSI).
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -29,10 +28,9 @@ def quantile_edges(values: Sequence[float], bins: int) -> list[float]:
 
 def bin_counts(edges: Sequence[float], values: Iterable[float]) -> list[int]:
     """Counts per bin: ``(-inf, e0], (e0, e1], ..., (e_last, inf)``."""
-    counts = [0] * (len(edges) + 1)
-    for v in values:
-        counts[bisect.bisect_left(edges, v)] += 1
-    return counts
+    data = np.fromiter(values, dtype=float)
+    bins = np.searchsorted(np.asarray(edges, dtype=float), data, side="left")
+    return [int(c) for c in np.bincount(bins, minlength=len(edges) + 1)]
 
 
 def histogram(name: str, values: Sequence[float], bins: int = 10) -> dict[str, Any]:

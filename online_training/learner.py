@@ -59,7 +59,7 @@ def profiled_inputs(project: Project, model: Model) -> tuple[str, ...]:
     return tuple(m for m in model.monitor if m not in strings)
 
 
-SCORED_REFERENCE = 500  # inputs re-scored at each publish for the reference's score histogram
+SCORED_REFERENCE = 200  # inputs re-scored at each publish for the reference's score histogram
 
 
 class OnlineModel:
