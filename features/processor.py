@@ -36,7 +36,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from features import tiles
 from features.admission import Admission
 from features.settings import FeatureSettings
-from features.store import RedisWriter, apply_command
+from features.store import RedisWriter, apply_command, apply_until_settled
 from infra.console import stop_event
 from infra.deadletter import DeadLetter, DeadLetterSink, KafkaDeadLetters
 from infra.errors import StreamError
@@ -68,7 +68,6 @@ LAG = Gauge(
     "tide_feature_consumer_lag", "Records behind the partition's high watermark", ["topic", "partition"]
 )
 FRESHNESS_SAMPLES = 16  # events per view and batch observed in the freshness histogram
-MAX_ATTEMPTS = 5  # refusals in a row before a batch is given up on (another writer keeps moving it)
 
 
 @dataclass(frozen=True)
@@ -198,37 +197,35 @@ class FeatureFolder:
 
     def fold(self, batches: Sequence[PartitionBatch]) -> None:
         """Applies every partition's batch; returns once each is applied (or was already)."""
-        todo = [b for b in batches if b.last >= 0]
         started = time.perf_counter()
-        for _ in range(MAX_ATTEMPTS):
-            self.load(todo)
-            work = []
-            for b in todo:
-                position, watermark = self._state[b.source]
-                if b.last <= position:
-                    continue  # applied already (by this worker before a restart, or by another)
-                folded = self._fold_partition(b, position, watermark)
-                ns, wm = self.writer.namespace, folded.watermark
-                command = apply_command(b.views, ns, b.source, folded.deltas, position, b.last, wm)
-                work.append((b, folded, command))
-            if not work:
-                break
-            results = self.writer.apply_all([c for _, _, c in work])
-            todo = []
-            for (b, folded, _), applied in zip(work, results, strict=True):
-                if applied:
-                    self._state[b.source] = (b.last, folded.watermark)
-                    self._done(b, folded)
-                else:
-                    del self._state[b.source]  # moved by another writer: re-read, skip what it applied
-                    todo.append(b)
-            if not todo:
-                break
-        else:
-            raise StreamError(f"the store kept refusing batches of {[b.source for b in todo]}")
+        apply_until_settled([b for b in batches if b.last >= 0], self._attempt, "the processor")
         elapsed = time.perf_counter() - started
         for view in {v.name for b in batches for v in b.views}:
             WRITE_LATENCY.labels(view).observe(elapsed)
+
+    def _attempt(self, todo: list[PartitionBatch]) -> list[PartitionBatch]:
+        """One try at applying ``todo`` from the stored positions; returns the batches refused."""
+        self.load(todo)
+        work = []
+        for b in todo:
+            position, watermark = self._state[b.source]
+            if b.last <= position:
+                continue  # applied already (by this worker before a restart, or by another)
+            folded = self._fold_partition(b, position, watermark)
+            ns, wm = self.writer.namespace, folded.watermark
+            command = apply_command(b.views, ns, b.source, folded.deltas, position, b.last, wm)
+            work.append((b, folded, command))
+        if not work:
+            return []
+        refused = []
+        for (b, folded, _), applied in zip(work, self.writer.apply_all([c for _, _, c in work]), strict=True):
+            if applied:
+                self._state[b.source] = (b.last, folded.watermark)
+                self._done(b, folded)
+            else:
+                del self._state[b.source]  # moved by another writer: re-read, skip what it applied
+                refused.append(b)
+        return refused
 
     def _fold_partition(self, b: PartitionBatch, position: int, watermark: int) -> tiles.PartitionFold:
         """The batch's records after ``position`` folded from ``watermark``. Admitted records fold

@@ -30,15 +30,16 @@ keep the winning text unchanged, ``last:F`` is ``"{event time} {JSON value}"`` a
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 import redis
 import redis.asyncio as aioredis
 
 from features import aggregations, tiles
+from infra.errors import StreamError
 from schemas.definitions import FeatureView
 
 # KEYS[1]: the source's offsets hash. ARGV: partition (``topic:partition``), expected position, new
@@ -408,6 +409,27 @@ def read_request(pairs: Sequence[tuple[FeatureView, str]], now_ms: int, namespac
             entry[1].add(view.name)
             entry[0][1].append([view.name, tiles.first_tile(view, now_ms), tiles.tile_of(view, now_ms)])
     return [request for request, _ in per_key.values()]
+
+
+MAX_ATTEMPTS = 5  # refusals in a row before a batch is given up on (another writer keeps moving it)
+T = TypeVar("T")
+
+
+def apply_until_settled(
+    todo: list[T], attempt: Callable[[list[T]], list[T]], what: str, attempts: int = MAX_ATTEMPTS
+) -> None:
+    """The compare-and-set retry loop every writer of the store shares (the processor, the Flink job).
+
+    ``attempt`` applies what it can of ``todo`` (each batch checked against its partition's stored
+    position by :data:`APPLY_SCRIPT`) and returns the batches refused because another writer moved the
+    position; they are tried again from the stored position. Raises :class:`StreamError` when batches
+    are still refused after ``attempts`` tries.
+    """
+    for _ in range(attempts):
+        todo = attempt(todo)
+        if not todo:
+            return
+    raise StreamError(f"the store kept refusing batches of {what}: {todo!r}"[:500])
 
 
 class RedisOnlineStore:

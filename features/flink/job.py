@@ -69,7 +69,7 @@ from pyflink.java_gateway import get_gateway
 
 from features import tiles
 from features.admission import Admission
-from features.store import APPLIED, APPLY_SCRIPT, apply_command, offsets_key
+from features.store import APPLIED, APPLY_SCRIPT, apply_command, apply_until_settled, offsets_key
 from infra.letters import DeadLetter
 from schemas import codec
 from schemas.definitions import FeatureView, Project, Source
@@ -308,15 +308,16 @@ class Fold(KeyedProcessFunction):
         self._load_positions(views[0], [source for source, _ in todo])
         stats = dict.fromkeys(STAT_FIELDS, 0)
         stats["records"] = len(records)
-        for _ in range(5):
+
+        def attempt(todo: list[tuple[str, list[tuple[Any, ...]]]]) -> list[tuple[str, list[tuple[Any, ...]]]]:
             commands = [c for c in (self._command(views, *t) for t in todo) if c is not None]
             if not commands:
-                break
+                return []
             with self.client.pipeline(transaction=False) as pipe:
                 for _source, keys, args, _new, _events in commands:
                     self.script(keys=keys, args=args, client=pipe)
                 results = pipe.execute()
-            retry = []
+            retry = set()
             for (source, _k, _a, new, events), result in zip(commands, results, strict=True):
                 if int(result) == APPLIED:
                     self.positions[source] = new
@@ -325,12 +326,10 @@ class Fold(KeyedProcessFunction):
                 else:  # moved by another attempt: the stored position is the truth
                     self.positions[source] = int(result)
                     stats["refused"] += 1
-                    retry.append(source)
-            todo = [t for t in todo if t[0] in retry]
-            if not todo:
-                break
-        else:
-            raise RuntimeError(f"group {group}: the store kept refusing batches for {todo!r}")
+                    retry.add(source)
+            return [t for t in todo if t[0] in retry]
+
+        apply_until_settled(todo, attempt, f"group {group}")
         return stats
 
     def _load_positions(self, view: FeatureView, sources: Sequence[str]) -> None:

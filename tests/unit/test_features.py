@@ -392,3 +392,19 @@ def test_feature_listing_names_every_feature_of_every_view() -> None:
         ("all_kinds", a.name) for a in ALL_KINDS.aggregations
     ] + [("per_shop", "visits")]
     assert listing[0]["entity_key"] == "user" and listing[-1]["source"] == "visits"
+
+
+def test_the_store_retry_loop_retries_refusals_then_gives_up() -> None:
+    from features.store import apply_until_settled
+    from infra.errors import StreamError
+
+    tries: list[list[str]] = []
+
+    def refuse_once(todo: list[str]) -> list[str]:
+        tries.append(list(todo))
+        return ["b"] if len(tries) == 1 else []
+
+    apply_until_settled(["a", "b"], refuse_once, "test")
+    assert tries == [["a", "b"], ["b"]]
+    with pytest.raises(StreamError, match="kept refusing batches of stubborn"):
+        apply_until_settled(["a"], lambda todo: todo, "stubborn", attempts=3)
