@@ -26,12 +26,9 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast, get_args
-
-from fastavro import parse_schema
+from typing import Any, Literal, get_args
 
 from infra.errors import DefinitionError
-from schemas.codec import sample_datum
 
 AggKind = Literal["count", "sum", "mean", "min", "max", "stddev", "last", "distinct", "quantile"]
 WindowKind = Literal["sliding", "hopping", "tumbling", "lifetime"]
@@ -824,8 +821,3 @@ class _located:
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, DefinitionError) and self.prefix and not str(exc).startswith(self.prefix):
             raise DefinitionError(self.prefix + str(exc)) from None
-
-
-def sample_record(source: Source) -> dict[str, Any]:
-    """A record of ``source``'s current schema with neutral values (for plan-time factory checks)."""
-    return cast(dict[str, Any], sample_datum(parse_schema(dict(source.parsed))))

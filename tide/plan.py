@@ -23,9 +23,10 @@ from infra.errors import DefinitionError, TideError
 from infra.imports import import_object
 from infra.settings import CommonSettings
 from infra.topics import ensure_topics
+from models.inputs import ModelInputs
 from online_training.learner import OnlineModel, build_learner
 from schemas import codec, registry
-from schemas.definitions import Model, Project, Source, sample_record
+from schemas.definitions import Model, Project, Source
 from schemas.registry import Registered
 
 log = logging.getLogger(__name__)
@@ -120,16 +121,6 @@ def check_factories(project: Project) -> None:
                 )
 
 
-def sample_input(model: Model, project: Project) -> dict[str, Any]:
-    """A model input built from a sample request record and each feature's served default."""
-    record = sample_record(model.request)
-    x: dict[str, Any] = {name: record[name] for name in model.request_fields}
-    for view, feat in model.feature_refs:
-        agg = next(a for a in project.views[view].aggregations if a.name == feat)
-        x[feat] = agg.default
-    return x
-
-
 def sample_target(model: Model) -> Any:
     return {"binary": True, "regression": 1.0, "multiclass": "a"}[model.task]
 
@@ -142,7 +133,7 @@ def try_learner(model: Model, project: Project) -> None:
         online = OnlineModel(model, build_learner(model))
     except TideError as exc:
         raise DefinitionError(f"{where}{exc}") from None
-    x = sample_input(model, project)
+    x = ModelInputs.of(project, model).synthetic()  # the input serving warms a version up with
     try:
         online.learn(x, sample_target(model))
         online.learn(x, sample_target(model))
