@@ -8,9 +8,6 @@ in ``tests/``; neither is checked.
 
 Conversely, the examples use only Tide's public API (``tide``, ``tide.Client``, the demo handle) and
 ordinary libraries: never the packages underneath.
-
-The one exemption: schema versions that are not their record's newest. Published versions are immutable
-(``schemas/avro/fingerprints.json`` pins their content), so what an old version's docs say stays.
 """
 
 from __future__ import annotations
@@ -55,21 +52,11 @@ def domain_words(line: str) -> list[str]:
     return sorted(found)
 
 
-def superseded_schemas() -> set[Path]:
-    """Avro schema versions that have a newer version of the same record."""
-    out: set[Path] = set()
-    for record in (ROOT / "schemas" / "avro").iterdir():
-        versions = sorted(record.glob("v*.avsc"), key=lambda p: int(p.stem[1:]))
-        out.update(versions[:-1])
-    return out
-
-
 def package_files() -> list[Path]:
-    skip = superseded_schemas()
     files = []
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*")):
-            if path.is_file() and not _SKIP_DIRS & set(path.parts) and path not in skip:
+            if path.is_file() and not _SKIP_DIRS & set(path.parts):
                 files.append(path)
     return files
 
