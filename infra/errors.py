@@ -4,6 +4,9 @@ TideError
 ├── ConfigError            infra: a setting is missing or invalid (names the key)
 ├── StackError             infra: the embedded broker or Redis failed to start or stop
 ├── DefinitionError        schemas: a project definition is invalid (names file, object and field)
+│   ├── UnknownViewVersion     a view version the registry no longer keeps (retired or never made)
+│   ├── BreakingChange         apply without --allow-breaking: each breaking change named
+│   └── RegistryConflict       another apply took the registry version first: plan again
 ├── SchemaError            schemas: a record does not match its Avro schema
 │   └── UnknownSchemaError     the fingerprint in a record's header is not a known schema version
 ├── StreamError            streams: Kafka plumbing failed (admin, produce, consume)
@@ -34,6 +37,22 @@ class StackError(TideError):
 
 class DefinitionError(TideError):
     """A project definition is invalid; the message names the file, the object and the field."""
+
+
+class UnknownViewVersion(DefinitionError):
+    pass
+
+
+class BreakingChange(DefinitionError):
+    """``tide apply`` refused breaking changes; ``changes`` lists them (kind, name, what)."""
+
+    def __init__(self, message: str, changes: list[dict[str, str]]) -> None:
+        super().__init__(message)
+        self.changes = changes
+
+
+class RegistryConflict(DefinitionError):
+    """Another apply registered a version first (compare-and-set lost): re-plan against it."""
 
 
 class SchemaError(TideError):

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from infra.errors import DefinitionError
+from infra.errors import DefinitionError, UnknownViewVersion
 
 AggKind = Literal["count", "sum", "mean", "min", "max", "stddev", "last", "distinct", "quantile"]
 WindowKind = Literal["sliding", "hopping", "tumbling", "lifetime"]
@@ -89,6 +89,35 @@ def nullable(schema: Mapping[str, Any], name: str) -> bool:
     return False
 
 
+META = ("description", "owner", "tags")  # what a definition says about itself: changing it touches nothing
+
+
+def _check_meta(obj: Any, where: str) -> None:
+    """``owner`` is a string, ``tags`` a mapping of strings (stored as a plain dict)."""
+    if not isinstance(obj.description, str) or not isinstance(obj.owner, str):
+        raise DefinitionError(f"{where}, fields 'description' and 'owner': must be strings")
+    tags = obj.tags
+    if not isinstance(tags, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
+    ):
+        raise DefinitionError(f"{where}, field 'tags': must map strings to strings, got {tags!r}")
+    object.__setattr__(obj, "tags", dict(sorted(tags.items())))
+
+
+def _meta(obj: Any) -> dict[str, Any]:
+    """The metadata part of a definition's canonical form (owner and tags only when set)."""
+    out: dict[str, Any] = {"description": obj.description}
+    if obj.owner:
+        out["owner"] = obj.owner
+    if obj.tags:
+        out["tags"] = dict(obj.tags)
+    return out
+
+
+def _meta_args(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: d[k] for k in META if k in d}
+
+
 @dataclass(frozen=True)
 class Source:
     """A topic of the team's own Avro records.
@@ -109,10 +138,13 @@ class Source:
     max_future_skew: str | int = "1h"
     description: str = ""
     history: tuple[Mapping[str, Any], ...] = ()
+    owner: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"source {self.name!r}"
         _name(self.name, where)
+        _check_meta(self, where)
         if self.name in RESERVED:
             raise DefinitionError(f"{where}: the name is reserved for Tide's own records")
         if self.topic is not None and not _TOPIC.match(self.topic):
@@ -182,7 +214,7 @@ class Source:
             "key": self.key,
             "event_time": self.event_time,
             "max_future_skew_ms": self.future_skew_ms,
-            "description": self.description,
+            **_meta(self),
             "schemas": [dict(s) for s in self.versions],
         }
 
@@ -197,8 +229,8 @@ class Source:
             topic=d["topic"],
             partitions=d["partitions"],
             max_future_skew=d["max_future_skew_ms"],
-            description=d.get("description", ""),
             history=tuple(schemas[:-1]),
+            **_meta_args(d),
         )
 
 
@@ -209,18 +241,24 @@ class Entity:
     name: str
     join_key: str
     description: str = ""
+    owner: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _name(self.name, f"entity {self.name!r}")
+        _check_meta(self, f"entity {self.name!r}")
         if not isinstance(self.join_key, str) or not self.join_key:
             raise DefinitionError(f"entity {self.name!r}, field 'join_key': must be a field name")
 
+    def __hash__(self) -> int:
+        return hash(("entity", self.name))
+
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "join_key": self.join_key, "description": self.description}
+        return {"name": self.name, "join_key": self.join_key, **_meta(self)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Entity:
-        return cls(d["name"], d["join_key"], d.get("description", ""))
+        return cls(d["name"], d["join_key"], **_meta_args(d))
 
 
 _UNSET: Any = object()
@@ -283,6 +321,12 @@ class FeatureView:
     allowed_lateness: str | int = 0
     ttl: str | int | None = None
     description: str = ""
+    owner: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    # Assigned by ``tide apply``: the registry version that introduced what the view computes (a change
+    # of computation takes the new registry version, so a number is never reused, not even by a view
+    # removed and declared again). Each version has its own keys in the online store and is backfilled.
+    version: int = 1
     # Derived from the fields above; what the engine reads.
     entity_key: str = field(init=False)
     source_name: str = field(init=False)
@@ -296,6 +340,9 @@ class FeatureView:
     def __post_init__(self) -> None:
         where = f"feature view {self.name!r}"
         _name(self.name, where)
+        _check_meta(self, where)
+        if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version < 1:
+            raise DefinitionError(f"{where}, field 'version': must be a positive integer")
         if not isinstance(self.source, Source):
             raise DefinitionError(f"{where}, field 'source': must be a Source, got {self.source!r}")
         if not isinstance(self.entity, Entity):
@@ -382,7 +429,18 @@ class FeatureView:
                 raise DefinitionError(f"{where}: {agg.kind} needs a primitive field, {agg.field!r} is {avro}")
 
     def __hash__(self) -> int:
-        return hash(("view", self.name))
+        return hash(("view", self.name, self.version))
+
+    @property
+    def ref(self) -> str:
+        """``name@version``: how the store, the registry and model lineage name this version."""
+        return f"{self.name}@{self.version}"
+
+    def computation(self) -> dict[str, Any]:
+        """What the view computes (its canonical form without metadata and version): two versions of a
+        view with the same computation hold the same values."""
+        kept = {k: v for k, v in self.to_dict().items() if k not in (*META, "version")}
+        return {**kept, "entity_key": self.entity_key, "event_time": self.event_time}
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -405,7 +463,8 @@ class FeatureView:
             "tile_ms": self.tile_ms,
             "allowed_lateness_ms": self.allowed_lateness_ms,
             "ttl_ms": self.ttl_ms,
-            "description": self.description,
+            **_meta(self),
+            "version": self.version,
             "features": [a.to_dict() for a in self.aggregations],
         }
 
@@ -424,7 +483,8 @@ class FeatureView:
             tile=None if lifetime else d["tile_ms"],
             allowed_lateness=d["allowed_lateness_ms"],
             ttl=d["ttl_ms"],
-            description=d.get("description", ""),
+            version=d.get("version", 1),
+            **_meta_args(d),
         )
 
 
@@ -440,10 +500,13 @@ class Labels:
     task: Task
     max_delay: str | int = "1d"
     description: str = ""
+    owner: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"labels {self.name!r}"
         _name(self.name, where)
+        _check_meta(self, where)
         if not isinstance(self.source, Source):
             raise DefinitionError(f"{where}, field 'source': must be a Source, got {self.source!r}")
         if self.task not in TASKS:
@@ -488,7 +551,7 @@ class Labels:
             "target": self.target,
             "task": self.task,
             "max_delay_ms": self.max_delay_ms,
-            "description": self.description,
+            **_meta(self),
         }
 
     @classmethod
@@ -500,7 +563,7 @@ class Labels:
             d["target"],
             d["task"],
             d["max_delay_ms"],
-            d.get("description", ""),
+            **_meta_args(d),
         )
 
 
@@ -535,10 +598,13 @@ class Model:
     publish_every: int = 500
     monitor: Sequence[str] = ()
     description: str = ""
+    owner: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"model {self.name!r}"
         _name(self.name, where)
+        _check_meta(self, where)
         if self.task not in TASKS:
             raise DefinitionError(f"{where}, field 'task': {self.task!r} is not one of {sorted(TASKS)}")
         if not isinstance(self.request, Source):
@@ -622,7 +688,7 @@ class Model:
             "metric": self.metric_name,
             "publish_every": self.publish_every,
             "monitor": list(self.monitor),
-            "description": self.description,
+            **_meta(self),
         }
 
     @classmethod
@@ -641,7 +707,7 @@ class Model:
             metric=d.get("metric"),
             publish_every=d["publish_every"],
             monitor=d.get("monitor", ()),
-            description=d.get("description", ""),
+            **_meta_args(d),
         )
 
 
@@ -668,6 +734,9 @@ class Project:
     labels: Mapping[str, Labels] = field(default_factory=dict)
     models: Mapping[str, Model] = field(default_factory=dict)
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # Older versions of views still kept (``name@version`` -> view): computed and served to the model
+    # versions trained on them until the feature processor retires them. ``views`` holds the newest.
+    previous_views: Mapping[str, FeatureView] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _name(self.name, f"project {self.name!r}")
@@ -714,7 +783,7 @@ class Project:
             found["view"],
             found["labels"],
             found["model"],
-            where_of,
+            origins=where_of,
         )
         project.validate()
         return project
@@ -738,6 +807,23 @@ class Project:
         for view in self.views.values():
             with _located(self.where("view", view.name)):
                 view.check_fields()
+        for ref, old in self.previous_views.items():
+            newest = self.views.get(old.name)
+            if ref != old.ref or (newest is not None and newest.version <= old.version):
+                raise DefinitionError(
+                    f"view {ref!r}: a previous version must be older than the newest "
+                    f"({newest.ref if newest else 'removed'})"
+                )
+            if self.sources.get(old.source_name) != old.source:
+                raise DefinitionError(
+                    f"view {ref!r} (kept for the model versions trained on it), field 'source': "
+                    f"source {old.source_name!r} is not part of the project; keep it until the version "
+                    "is retired"
+                )
+            try:
+                old.check_fields()
+            except DefinitionError as exc:
+                raise DefinitionError(f"{exc} (in kept version {ref})") from None
         for labels in self.labels.values():
             with _located(self.where("labels", labels.name)):
                 labels.check_fields()
@@ -765,9 +851,29 @@ class Project:
                             f"{view_name!r} is kept per"
                         )
 
-    def model_views(self, model: Model) -> list[FeatureView]:
-        """The views a model reads, in the order first referenced."""
-        return [self.views[v] for v in dict.fromkeys(v for v, _ in model.feature_refs)]
+    @property
+    def view_versions(self) -> dict[str, FeatureView]:
+        """Every kept version of every view, by ``name@version`` (the newest and the previous ones)."""
+        return {**self.previous_views, **{v.ref: v for v in self.views.values()}}
+
+    def view_version(self, name: str, version: int) -> FeatureView:
+        """Version ``version`` of view ``name``; raises :class:`UnknownViewVersion` if it is not kept."""
+        found = self.view_versions.get(f"{name}@{version}")
+        if found is None:
+            kept = sorted(ref for ref in self.view_versions if ref.partition("@")[0] == name)
+            raise UnknownViewVersion(
+                f"project {self.name!r} keeps no version {version} of view {name!r} "
+                f"(kept: {', '.join(kept) or 'none'})"
+            )
+        return found
+
+    def model_views(self, model: Model, versions: Mapping[str, int] | None = None) -> list[FeatureView]:
+        """The views a model reads, in the order first referenced: the newest versions, or those named
+        by ``versions`` (view name -> version, as a model version's lineage records them)."""
+        names = dict.fromkeys(v for v, _ in model.feature_refs)
+        if not versions:
+            return [self.views[v] for v in names]
+        return [self.view_version(v, versions[v]) if v in versions else self.views[v] for v in names]
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical JSON form the registry keeps."""
@@ -776,6 +882,9 @@ class Project:
             "sources": [s.to_dict() for s in sorted(self.sources.values(), key=lambda s: s.name)],
             "entities": [e.to_dict() for e in sorted(self.entities.values(), key=lambda e: e.name)],
             "views": [v.to_dict() for v in sorted(self.views.values(), key=lambda v: v.name)],
+            "previous_views": [
+                v.to_dict() for v in sorted(self.previous_views.values(), key=lambda v: (v.name, v.version))
+            ],
             "labels": [lab.to_dict() for lab in sorted(self.labels.values(), key=lambda lab: lab.name)],
             "models": [m.to_dict() for m in sorted(self.models.values(), key=lambda m: m.name)],
         }
@@ -794,7 +903,16 @@ class Project:
         views = {v["name"]: FeatureView.from_dict(v, sources, entities) for v in d["views"]}
         labels = {lab["name"]: Labels.from_dict(lab, sources) for lab in d["labels"]}
         models = {m["name"]: Model.from_dict(m, sources, labels) for m in d["models"]}
-        project = cls(d["project"], sources, entities, views, labels, models)
+        previous = [FeatureView.from_dict(v, sources, entities) for v in d.get("previous_views", ())]
+        project = cls(
+            d["project"],
+            sources,
+            entities,
+            views,
+            labels,
+            models,
+            previous_views={v.ref: v for v in previous},
+        )
         project.validate()
         return project
 

@@ -40,7 +40,7 @@ class Prediction(TypedDict):
 class Histogram(TypedDict):
     """A histogram: counts[i] values fell in [edges[i], edges[i + 1]).
 
-    Avro ``tide.Histogram``, version 3.
+    Avro ``tide.Histogram``, version 4.
     """
 
     # What was counted: a feature name, or prediction.
@@ -54,7 +54,7 @@ class Histogram(TypedDict):
 class ReferenceProfile(TypedDict):
     """Distributions seen in training, the baseline drift is measured against.
 
-    Avro ``tide.ReferenceProfile``, version 3.
+    Avro ``tide.ReferenceProfile``, version 4.
     """
 
     # Number of examples the profile was built from.
@@ -68,7 +68,7 @@ class ReferenceProfile(TypedDict):
 class ModelVersion(TypedDict):
     """A trained model snapshot published to the model registry.
 
-    Avro ``tide.ModelVersion``, version 3.
+    Avro ``tide.ModelVersion``, version 4.
     """
 
     # Model name.
@@ -106,6 +106,9 @@ class ModelVersion(TypedDict):
     key_id: NotRequired[str | None]
     # Digest of the project definitions the version was trained with; null when unknown.
     definitions_digest: NotRequired[str | None]
+    # The version of each feature view the model was trained with (view name -> version): it is served
+    # features of exactly these versions; empty when unknown (records older than view versions).
+    view_versions: NotRequired[dict[str, int]]
 
 
 class Deployment(TypedDict):

@@ -82,8 +82,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     settings = load(CommonSettings)
     setup_logging(settings.log_level)
+    project = load_project(project_dir(args, settings))
     emit(
-        apply(settings, load_project(project_dir(args, settings)), replication_factor=args.replication_factor)
+        apply(
+            settings,
+            project,
+            replication_factor=args.replication_factor,
+            allow_breaking=args.allow_breaking,
+        )
     )
     return 0
 
@@ -161,6 +167,12 @@ def add_commands(add: AddCommand) -> None:
         sp.add_argument("--project", default=None, help="project folder (default: TIDE_PROJECT)")
         if name == "apply":
             sp.add_argument("--replication-factor", type=int, default=1, help="of the topics apply creates")
+            sp.add_argument(
+                "--allow-breaking",
+                action="store_true",
+                help="apply breaking changes too (each is listed by plan; a changed view gets a new "
+                "version, backfilled while the running one keeps serving)",
+            )
     add(
         "registry",
         cmd_registry,

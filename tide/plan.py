@@ -3,9 +3,11 @@
 :func:`plan` checks everything a running system would trip on later — every definition (done when the
 project loads), each source's schema against every version registered before it (backward
 compatibility), and every learner and batch-trainer factory, imported and tried on a sample record — and
-lists what :func:`apply` would do: topics to create, definitions added, changed or removed, the registry
-version it would write. ``apply`` does it: creates the topics, then appends the definitions with their
-content digest to the registry (nothing when the digest is unchanged).
+lists what :func:`apply` would do: topics to create, every change against the registered definitions
+classed metadata / additive / breaking (:mod:`tide.diff`), the view versions, the registry version it
+would write. ``apply`` does it: refuses breaking changes unless allowed, creates the topics, then appends
+the definitions with their content digest to the registry (nothing when the digest is unchanged) with
+compare-and-set semantics (:func:`schemas.registry.publish`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import redis
 from fastavro import parse_schema
 
 from infra.admin import create_topics
-from infra.errors import DefinitionError, TideError
+from infra.errors import BreakingChange, DefinitionError, TideError
 from infra.imports import import_object
 from infra.settings import CommonSettings
 from infra.topics import ensure_topics
@@ -28,11 +31,9 @@ from online_training.learner import OnlineModel, build_learner
 from schemas import codec, registry
 from schemas.definitions import Model, Project, Source
 from schemas.registry import Registered
+from tide.diff import diff, versioned
 
 log = logging.getLogger(__name__)
-
-KINDS = ("sources", "entities", "views", "labels", "models")
-
 
 @dataclass
 class Plan:
@@ -57,6 +58,9 @@ class Plan:
             "up_to_date": not self.changes,
             "topics": self.topics,
             "changes": self.changes,
+            "breaking": [f"{c['kind']} {c['name']}" for c in self.changes if c["class"] == "breaking"],
+            "views": {name: v.version for name, v in sorted(self.project.views.items())},
+            "previous_views": sorted(self.project.previous_views),
         }
 
 
@@ -144,20 +148,6 @@ def try_learner(model: Model, project: Project) -> None:
         ) from exc
 
 
-def diff(before: Project | None, after: Project) -> list[dict[str, str]]:
-    """What changes, per definition: ``{"kind", "name", "change"}`` with change added/changed/removed."""
-    old = before.to_dict() if before else {k: [] for k in KINDS}
-    new = after.to_dict()
-    out: list[dict[str, str]] = []
-    for kind in KINDS:
-        a = {d["name"]: d for d in old[kind]}
-        b = {d["name"]: d for d in new[kind]}
-        out += [{"kind": kind, "name": n, "change": "added"} for n in b if n not in a]
-        out += [{"kind": kind, "name": n, "change": "changed"} for n in b if n in a and a[n] != b[n]]
-        out += [{"kind": kind, "name": n, "change": "removed"} for n in a if n not in b]
-    return out
-
-
 def plan(settings: CommonSettings, project: Project) -> Plan:
     """Everything :func:`apply` would do, checked; raises :class:`DefinitionError` on the first problem."""
     current = registry.latest(settings)
@@ -166,18 +156,61 @@ def plan(settings: CommonSettings, project: Project) -> Plan:
             f"namespace {settings.topic_prefix!r} runs project {current.project.name!r}; "
             f"project {project.name!r} needs its own TIDE_TOPIC_PREFIX"
         )
-    project = with_history(project, current.project if current else None)
+    before = current.project if current else None
+    project = with_history(project, before)
     check_factories(project)
     topics = {settings.topic_prefix + s.topic_name: s.partitions for s in project.sources.values()}
-    changes = diff(current.project if current else None, project)
+    next_version = current.version + 1 if current else 1
+    project = versioned(before, project, next_version, retired_views(settings, before))
+    changes = diff(before, project)
+    if before is not None:
+        dropped = sorted(set(before.previous_views) - set(project.previous_views))
+        changes += [
+            {"kind": "views", "name": ref, "change": "removed", "class": "metadata", "detail": "retired"}
+            for ref in dropped
+        ]
     if current is not None and current.digest == project.digest():
         changes = []
     return Plan(project, current, topics, changes)
 
 
-def apply(settings: CommonSettings, project: Project, *, replication_factor: int = 1) -> dict[str, Any]:
-    """Create the topics and register the definitions; returns the plan that was carried out."""
+def retired_views(settings: CommonSettings, before: Project | None) -> set[str]:
+    """The kept view versions the feature processor has retired (dropped from the next definitions)."""
+    if before is None or not before.previous_views:
+        return set()
+    from features.versions import read_states
+
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        states = read_states(client, settings.topic_prefix)
+    except redis.RedisError as exc:
+        log.warning("cannot read the view versions' states (%s); keeping every previous version", exc)
+        return set()
+    finally:
+        client.close()
+    return {ref for ref, state in states.items() if state.state == "retired"}
+
+
+def apply(
+    settings: CommonSettings,
+    project: Project,
+    *,
+    replication_factor: int = 1,
+    allow_breaking: bool = False,
+) -> dict[str, Any]:
+    """Create the topics and register the definitions; returns the plan that was carried out.
+
+    Breaking changes are refused (:class:`BreakingChange`, naming each) unless ``allow_breaking``; a
+    concurrent apply that took the registry version first makes this one fail with
+    :class:`RegistryConflict` (nothing applied: plan again).
+    """
     p = plan(settings, project)
+    breaking = [c for c in p.changes if c["class"] == "breaking"]
+    if breaking and not allow_breaking:
+        names = "; ".join(f"{c['kind']} {c['name']!r}: {c['detail']}" for c in breaking)
+        raise BreakingChange(
+            f"refusing {len(breaking)} breaking change(s) without --allow-breaking: {names}", breaking
+        )
     ensure_topics(settings, replication_factor=replication_factor)
     create_topics(settings.kafka_bootstrap, p.topics, replication_factor=replication_factor)
     if p.changes:

@@ -76,7 +76,9 @@ def test_apply_creates_topics_and_registers_versions(settings: CommonSettings, t
 
     renamed = DEFINITIONS.replace('window="1h"', 'window="2h"') + '\n    PROJECT_NAME = "plant"\n'
     p2 = plan(settings, load_project(write_project(tmp_path / "plant_v2", renamed, LEARNER)))
-    assert p2.changes == [{"kind": "views", "name": "sensor_recent", "change": "changed"}]
+    assert [(c["name"], c["change"], c["class"]) for c in p2.changes] == [
+        ("sensor_recent", "changed", "breaking")
+    ]
     assert p2.version == 2
 
 

@@ -115,6 +115,7 @@ REALISTIC: dict[str, dict[str, Any]] = {
         "signature": bytes(range(64)),  # v2: an Ed25519 signature is 64 bytes
         "key_id": "0123456789abcdef",
         "definitions_digest": None,
+        "view_versions": {"sensor_recent": 4},  # v4: the view versions it was trained with
     },
     "deployment": {
         "model": "scorer",
