@@ -1,23 +1,27 @@
 """The online feature processor: a confluent-kafka group consumer that folds each batch of the project's
-source topics into the Redis tiles of every view declared on that source.
+source topics into the Redis tiles of every view version declared on that source.
 
-The views come from the registry (:func:`schemas.registry.load`, in :func:`run`): every source that
-some view reads is consumed, labels sources included. Per batch (every record fetched when the
-processor is free, up to ``TIDE_FEATURES_BATCH``; see :meth:`FeatureProcessor.take`): records are
-decoded with the Avro codec as their source's records and checked by the source's admission rule
-(:mod:`features.admission`). A record that does not decode, or that is poison (a field a view reads is
-missing, null, of the wrong type, NaN or infinite, or its event time is further ahead of the wall clock
-than the source's ``max_future_skew``) becomes a dead letter with the reason in its headers instead of
-stopping the processor, and never moves its partition's watermark. The rest are grouped by partition,
-split into on-time and late events per view and folded into
-per-(entity, view, tile) partials in one pass (:func:`features.tiles.fold_partition`); then every
-partition's batch is applied in one Redis round trip, each atomically with its position and watermark
-(:mod:`features.store`). Late events go to the dead-letter topic with the view and how late they were.
+The views come from the registry, followed live (:class:`schemas.registry.Follower`, polled in the
+loop): every source that some view version reads is consumed, labels sources included; a new source is
+subscribed to, a new view or view version is backfilled then folded live, a removed view stops being
+computed, within a second or so and without a restart. The versions computed are the project's
+``view_versions`` minus the retired ones (:mod:`features.versions`).
 
-The store's positions are the truth: on assignment each partition is sought to its stored position + 1,
-and a batch whose expected position another worker moved (a rebalance) is refused, re-read and
-redone without what that worker applied. Kafka's group offsets are only committed as a hint for lag
-tools. So restarts, SIGKILLs and rebalances neither lose nor double-count, whatever Kafka committed.
+Per batch (every record fetched when the processor is free, up to ``TIDE_FEATURES_BATCH``; see
+:meth:`FeatureProcessor.take`): records are decoded with the Avro codec as their source's records and
+checked by the source's admission rule (:mod:`features.admission`). A record that does not decode, or
+that is poison, becomes a dead letter with the reason in its headers instead of stopping the processor,
+and never moves its partition's watermark. The rest are grouped by partition, split into on-time and
+late events per view version and folded into per-(entity, view version, tile) partials
+(:mod:`features.folder`); then every partition's batch is applied in one Redis round trip, exactly once
+per key (:mod:`features.store`). Late events go to the dead-letter topic with the view version and how
+late they were.
+
+The store's positions are the truth: on assignment each partition is sought to the furthest position
+any of its view versions reached + 1; versions behind it are backfilled (:mod:`features.backfill`) in
+chunks between live batches and join the live fold once caught up, then are marked live in the
+view-state hash. Kafka's group offsets are only committed as a hint for lag tools. So restarts,
+SIGKILLs and rebalances neither lose nor double-count, whatever Kafka committed.
 """
 
 from __future__ import annotations
@@ -26,326 +30,80 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Gauge
 
-from features import tiles
-from features.admission import Admission
+from features.backfill import Backfill
+from features.folder import (
+    STEP,
+    FeatureFolder,
+    InFlight,
+    PartitionBatch,
+    SourcePlan,
+    SourceRecord,
+    plan_sources,
+    split_messages,
+)
 from features.settings import FeatureSettings
-from features.store import RedisWriter, apply_command, apply_until_settled
+from features.store import RedisWriter
+from features.versions import ModelLineage, StateWriter, ViewState, expire_view, read_states, retirable
 from infra.console import stop_event
-from infra.deadletter import DeadLetter, DeadLetterSink, KafkaDeadLetters
-from infra.errors import StreamError
+from infra.deadletter import KafkaDeadLetters
 from infra.kafka import make_consumer, make_producer
 from infra.metrics import serve_metrics
-from infra.settings import CommonSettings
-from infra.topics import prefixed, topic
-from schemas import codec, registry
-from schemas.definitions import FeatureView, Project, Source
+from infra.topics import topic as topic_name
+from schemas import registry
+from schemas.definitions import FeatureView, Project
 
 log = logging.getLogger(__name__)
 
-STEP = "features"
-EVENTS_IN = Counter("tide_feature_events_total", "Events folded into the online store", ["view"])
-FRESHNESS = Histogram(
-    "tide_feature_freshness_seconds",
-    "Event time to visible in Redis",
-    ["view"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-)
-WRITE_LATENCY = Histogram("tide_feature_redis_write_seconds", "Redis batch write latency", ["view"])
-LATE = Counter("tide_feature_late_events_total", "Events later than the allowed lateness", ["view", "fate"])
-REJECTED = Counter(
-    "tide_feature_rejected_records_total",
-    "Source records dead-lettered before folding (undecodable or poison), by reason",
-    ["source", "reason"],
-)
+__all__ = [
+    "FeatureFolder",
+    "FeatureProcessor",
+    "PartitionBatch",
+    "SourcePlan",
+    "SourceRecord",
+    "plan_sources",
+    "run",
+    "split_messages",
+]
+
 LAG = Gauge(
     "tide_feature_consumer_lag", "Records behind the partition's high watermark", ["topic", "partition"]
 )
-FRESHNESS_SAMPLES = 16  # events per view and batch observed in the freshness histogram
-
-
-@dataclass(frozen=True)
-class SourcePlan:
-    """One consumed topic: its source, the views that read it and the source's admission check."""
-
-    source: Source
-    topic: str
-    views: list[FeatureView]
-    admission: Admission
-
-
-def plan_sources(settings: CommonSettings, views: Sequence[FeatureView]) -> dict[str, SourcePlan]:
-    """The topics to consume (full names) for ``views``: one per source some view reads."""
-    by_source: dict[str, list[FeatureView]] = {}
-    for view in views:
-        by_source.setdefault(view.source_name, []).append(view)
-    plans = {}
-    for group in by_source.values():
-        source = group[0].source
-        name = prefixed(settings, source.topic_name)
-        plans[name] = SourcePlan(source, name, group, Admission.of_source(group))
-    return plans
-
-
-@dataclass(frozen=True)
-class SourceRecord:
-    """One source record: its position, the decoded event and the raw bytes (for dead letters)."""
-
-    offset: int
-    event: dict[str, Any]
-    key: bytes | None
-    value: bytes
-
-
-@dataclass
-class PartitionBatch:
-    """One partition's share of a consumed batch: its decoded records and its last offset (undecodable
-    records included: they are dead letters, and their positions are taken)."""
-
-    topic: str
-    partition: int
-    views: list[FeatureView]
-    records: list[SourceRecord] = field(default_factory=list)
-    last: int = -1
-
-    @property
-    def source(self) -> str:
-        return f"{self.topic}:{self.partition}"
-
-
-def split_messages(
-    sources: Mapping[str, SourcePlan], msgs: Sequence[Message], dlq: DeadLetterSink, now_ms: int
-) -> list[PartitionBatch]:
-    """Decodes consumed records into per-partition batches, each as a record of its topic's source.
-
-    Undecodable and poison records (:mod:`features.admission`, with ``now_ms`` as the wall clock) are
-    sent to ``dlq`` with the reason: their positions are taken, their event times never reach the
-    partition's watermark.
-    """
-    by_partition: dict[tuple[str, int], PartitionBatch] = {}
-    for msg in msgs:
-        err = msg.error()
-        if err is not None:
-            if err.fatal():
-                raise StreamError(f"fatal consumer error: {err}")
-            continue
-        name, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
-        plan = sources[name]
-        b = by_partition.get((name, partition))
-        if b is None:
-            b = by_partition[(name, partition)] = PartitionBatch(name, partition, plan.views)
-        b.last = offset
-        value = msg.value() or b""
-        try:
-            event = codec.decode(value, plan.source.name)
-        except Exception as exc:  # a bad record is data: it goes to the dead letters
-            error_type, reason = type(exc).__name__, str(exc) or type(exc).__name__
-        else:
-            rejection = plan.admission.check(event, now_ms)
-            if rejection is None:
-                b.records.append(SourceRecord(offset, event, msg.key(), value))
-                continue
-            error_type, reason = rejection.error_type, rejection.reason
-        REJECTED.labels(plan.source.name, error_type).inc()
-        dlq.send(DeadLetter(STEP, reason, error_type, msg.key(), value, name, partition, offset))
-    return list(by_partition.values())
-
-
-@dataclass
-class InFlight:
-    """Consumed batches whose writes may still be running (see :meth:`FeatureFolder.prepare`)."""
-
-    batches: list[PartitionBatch]
-    work: list[tuple[PartitionBatch, tiles.PartitionFold, tuple[list[str], list[Any]]]]
-    future: Future[list[bool]] | None = None
-    started: float = 0.0
-
-
-class FeatureFolder:
-    """Folds partition batches into every view of their source, all partitions in one Redis round trip.
-
-    It caches each partition's applied position and watermark (read from the store when first needed).
-    The cache is only a hint: the store's compare-and-set refuses a batch if another worker moved the
-    position (a rebalance), and the retry re-reads it and skips what that worker already applied.
-    """
-
-    def __init__(self, writer: RedisWriter, dlq: DeadLetterSink) -> None:
-        self.writer = writer
-        self.dlq = dlq
-        self._state: dict[str, tuple[int, int]] = {}  # source partition -> (position, watermark)
-
-    def forget(self, sources: Sequence[str]) -> None:
-        for source in sources:
-            self._state.pop(source, None)
-
-    def load(self, batches: Sequence[PartitionBatch]) -> None:
-        """Reads the positions of the batches' partitions that are not cached."""
-        missing = [b for b in batches if b.source not in self._state]
-        if missing:
-            found = self.writer.positions([(b.views[0], b.source) for b in missing])
-            for b, state in zip(missing, found, strict=True):
-                self._state[b.source] = state
-
-    def position(self, source: str) -> int:
-        return self._state[source][0]
-
-    def fold(self, batches: Sequence[PartitionBatch]) -> None:
-        """Applies every partition's batch; returns once each is applied (or was already)."""
-        started = time.perf_counter()
-        apply_until_settled([b for b in batches if b.last >= 0], self._attempt, "the processor")
-        elapsed = time.perf_counter() - started
-        for view in {v.name for b in batches for v in b.views}:
-            WRITE_LATENCY.labels(view).observe(elapsed)
-
-    def _attempt(self, todo: list[PartitionBatch]) -> list[PartitionBatch]:
-        """One try at applying ``todo`` from the stored positions; returns the batches refused."""
-        self.load(todo)
-        work = []
-        for b in todo:
-            position, watermark = self._state[b.source]
-            if b.last <= position:
-                continue  # applied already (by this worker before a restart, or by another)
-            folded = self._fold_partition(b, position, watermark)
-            ns, wm = self.writer.namespace, folded.watermark
-            command = apply_command(b.views, ns, b.source, folded.deltas, position, b.last, wm)
-            work.append((b, folded, command))
-        if not work:
-            return []
-        refused = []
-        for (b, folded, _), applied in zip(work, self.writer.apply_all([c for _, _, c in work]), strict=True):
-            if applied:
-                self._state[b.source] = (b.last, folded.watermark)
-                self._done(b, folded)
-            else:
-                del self._state[b.source]  # moved by another writer: re-read, skip what it applied
-                refused.append(b)
-        return refused
-
-    def _fold_partition(self, b: PartitionBatch, position: int, watermark: int) -> tiles.PartitionFold:
-        """The batch's records after ``position`` folded from ``watermark``. Admitted records fold
-        (:mod:`features.admission`); should one still fail, it is found, dead-lettered and dropped
-        from the batch, so no single record can stop the processor."""
-        records = [(r.offset, r.event) for r in b.records if r.offset > position]
-        try:
-            return tiles.fold_partition(b.views, records, watermark)
-        except Exception:
-            log.exception("a batch of %s failed to fold; looking for the record at fault", b.source)
-        bad = set()
-        for r in b.records:
-            try:
-                tiles.fold_partition(b.views, [(r.offset, r.event)], tiles.NO_WATERMARK)
-            except Exception as exc:
-                bad.add(r.offset)
-                reason = f"cannot be folded: {type(exc).__name__}: {exc}"
-                letter = DeadLetter(
-                    STEP, reason, type(exc).__name__, r.key, r.value, b.topic, b.partition, r.offset
-                )
-                self.dlq.send(letter)
-        b.records = [r for r in b.records if r.offset not in bad]
-        records = [(r.offset, r.event) for r in b.records if r.offset > position]
-        return tiles.fold_partition(b.views, records, watermark)
-
-    def prepare(self, batches: Sequence[PartitionBatch]) -> InFlight:
-        """Folds the batches into apply commands, assuming every earlier batch gets applied (the cached
-        positions move on at once). If one is refused instead, so is every later one of its partition,
-        and :meth:`complete` redoes them from the stored position: the guess never costs exactness."""
-        todo = [b for b in batches if b.last >= 0]
-        self.load(todo)
-        work = []
-        for b in todo:
-            position, watermark = self._state[b.source]
-            if b.last <= position:
-                continue
-            folded = self._fold_partition(b, position, watermark)
-            ns, wm = self.writer.namespace, folded.watermark
-            work.append(
-                (b, folded, apply_command(b.views, ns, b.source, folded.deltas, position, b.last, wm))
-            )
-            self._state[b.source] = (b.last, folded.watermark)
-        return InFlight(list(batches), work)
-
-    def send(self, flight: InFlight, executor: ThreadPoolExecutor) -> None:
-        """Starts the flight's writes (one pipeline) on ``executor``'s thread."""
-        flight.started = time.perf_counter()
-        if flight.work:
-            flight.future = executor.submit(self.writer.apply_all, [c for _, _, c in flight.work])
-
-    def complete(self, flight: InFlight) -> None:
-        """Waits for the flight's writes; redoes any refused batch from the stored position."""
-        if flight.future is None:
-            return
-        results = flight.future.result()
-        refused = []
-        for (b, folded, _), applied in zip(flight.work, results, strict=True):
-            if applied:
-                self._done(b, folded)
-            else:
-                self._state.pop(b.source, None)  # moved by another writer: re-read, skip what it applied
-                refused.append(b)
-        if refused:
-            self.fold(refused)
-        elapsed = time.perf_counter() - flight.started
-        for view in {v.name for b, _, _ in flight.work for v in b.views}:
-            WRITE_LATENCY.labels(view).observe(elapsed)
-
-    def _done(self, b: PartitionBatch, folded: tiles.PartitionFold) -> None:
-        now = time.time()
-        by_offset = {r.offset: r for r in b.records} if any(folded.late.values()) else {}
-        for view in b.views:
-            late = folded.late[view.name]
-            if late:
-                reason = "late by {} ms beyond the allowed lateness of " + f"{view.allowed_lateness_ms} ms"
-                for offset, _, by_ms in late:
-                    r = by_offset[offset]
-                    self.dlq.send(
-                        DeadLetter(
-                            f"{STEP}.{view.name}",
-                            reason.format(by_ms),
-                            "LateEvent",
-                            r.key,
-                            r.value,
-                            b.topic,
-                            b.partition,
-                            offset,
-                        )
-                    )
-                LATE.labels(view.name, "dead_letter").inc(len(late))
-            EVENTS_IN.labels(view.name).inc(folded.on_time[view.name])
-            # a sample of the batch's newest on-time events keeps the histogram cheap
-            skip = {offset for offset, _, _ in late}
-            sampled = 0
-            for r in reversed(b.records):
-                if sampled == FRESHNESS_SAMPLES:
-                    break
-                if r.offset in skip:
-                    continue
-                sampled += 1
-                FRESHNESS.labels(view.name).observe(max(0.0, now - int(r.event[view.event_time]) / 1000))
+HOUSEKEEPING_S = 0.5  # how often the registry, the models' lineage and the view states are looked at
 
 
 class FeatureProcessor:
     """The consumer loop: one group member reading every source topic that has feature views.
 
-    ``views``: the views to keep (a project's, ``project.views.values()``); every source they read is
-    consumed.
+    ``project``: the definitions to run (every kept view version, minus retired ones); ``follower``:
+    the registry, polled for newer definitions (None: ``project`` stays as given).
     """
 
-    def __init__(self, settings: FeatureSettings, views: Sequence[FeatureView]) -> None:
+    def __init__(
+        self,
+        settings: FeatureSettings,
+        project: Project,
+        follower: registry.Follower | None = None,
+    ) -> None:
         self.settings = settings
-        self.sources = plan_sources(settings, views)  # topic -> its source, views and admission
+        self.follower = follower
         self.producer = make_producer(settings)
-        self.dlq = KafkaDeadLetters(self.producer, topic(settings, "dead-letter"))
+        self.dlq = KafkaDeadLetters(self.producer, topic_name(settings, "dead-letter"))
         self.writer = RedisWriter.from_url(settings.redis_url, settings.topic_prefix)
+        self.states = StateWriter(self.writer.client, settings.topic_prefix)
         self.folder = FeatureFolder(self.writer, self.dlq)
+        self.backfill = Backfill(settings, self.folder, settings.features_fetch_max_wait_ms)
+        self.lineage: ModelLineage | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="redis-writer")
         self._flight: InFlight | None = None
         self._revocations = 0  # partitions revoked so far (see take)
+        self._partitions: dict[str, int] = {}  # topic -> partitions
+        self._live_refs: set[str] = set()  # view versions known to be live (no more reports)
+        self._next_housekeeping = 0.0
         self.consumer: Consumer = make_consumer(
             settings,
             settings.features_group,
@@ -357,24 +115,69 @@ class FeatureProcessor:
                 "fetch.wait.max.ms": settings.features_fetch_max_wait_ms,
             },
         )
+        self.project = project
+        self.views: list[FeatureView] = []
+        self.sources: dict[str, SourcePlan] = {}
+        self._plan(project)
+
+    # --- what to compute ---------------------------------------------------------------------------------
+
+    def _plan(self, project: Project) -> None:
+        """Computes every kept, unretired view version of ``project``."""
+        self.project = project
+        states = read_states(self.writer.client, self.settings.topic_prefix)
+        self.views = [v for ref, v in project.view_versions.items() if _state(states, ref) != "retired"]
+        self._live_refs = {v.ref for v in self.views if _state(states, v.ref) == "live"}
+        self.sources = plan_sources(self.settings, self.views)
+
+    def _replan(self, project: Project) -> None:
+        """Switches to ``project`` while running: new topics are subscribed to, new view versions
+        backfilled, removed ones dropped."""
+        self.drain()
+        topics = set(self.sources)
+        self._plan(project)
+        log.info(
+            "%s: now computing %s over %s", STEP, sorted(v.ref for v in self.views), sorted(self.sources)
+        )
+        if set(self.sources) != topics:
+            self._subscribe()  # the rebalance's assignment finds what is behind
+            return
+        self._find_behind([(tp.topic, tp.partition) for tp in self.consumer.assignment()])
+
+    def _subscribe(self) -> None:
+        if self.sources:
+            self.consumer.subscribe(list(self.sources), on_assign=self._on_assign, on_revoke=self._on_revoke)
+        else:
+            self.consumer.unsubscribe()
+
+    def _find_behind(self, partitions: Sequence[tuple[str, int]]) -> None:
+        """Hands the view versions behind each partition's live position to the backfill."""
+        for t, p in partitions:
+            plan = self.sources.get(t)
+            self.backfill.set((t, p), self.folder.behind(f"{t}:{p}", plan.views) if plan else [])
+        self._report()
+
+    # --- the group ---------------------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Starts each assigned partition right after its position in the store."""
+        """Starts each assigned partition right after the furthest position of its view versions."""
         self.folder.forget([f"{tp.topic}:{tp.partition}" for tp in partitions])
-        batches = [PartitionBatch(tp.topic, tp.partition, self.sources[tp.topic].views) for tp in partitions]
-        self.folder.load(batches)
-        for tp, b in zip(partitions, batches, strict=True):
-            position = self.folder.position(b.source)
+        for tp in partitions:
+            position = self.folder.start(f"{tp.topic}:{tp.partition}", self.sources[tp.topic].views)
             tp.offset = position + 1 if position >= 0 else OFFSET_BEGINNING
         log.info("assigned %s", ", ".join(f"{tp.topic}:{tp.partition}@{tp.offset}" for tp in partitions))
         consumer.assign(partitions)
+        self._find_behind([(tp.topic, tp.partition) for tp in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", ", ".join(f"{tp.topic}:{tp.partition}" for tp in partitions))
         self._revocations += 1
         self.drain()  # what was consumed from them is written before they go
+        self.backfill.drop([(tp.topic, tp.partition) for tp in partitions])
         self.folder.forget([f"{tp.topic}:{tp.partition}" for tp in partitions])
         consumer.unassign()
+
+    # --- the loop ----------------------------------------------------------------------------------------
 
     def split(self, msgs: Sequence[Message]) -> list[PartitionBatch]:
         """Decodes a consumed batch into per-partition batches (see :func:`split_messages`)."""
@@ -425,37 +228,122 @@ class FeatureProcessor:
             msgs = [m for m in msgs if m.error() is not None or (m.topic(), m.partition()) in owned]
         return msgs
 
-    def run(self, stop: threading.Event) -> None:
-        if not self.sources:
-            log.warning("%s: the project declares no feature views; nothing to do", STEP)
-            stop.wait()
-            self._close()
+    def housekeeping(self) -> None:
+        """Newer definitions, view versions' states and retirements (every ``HOUSEKEEPING_S``)."""
+        now = time.monotonic()
+        if now < self._next_housekeeping:
             return
-        views = [v.name for p in self.sources.values() for v in p.views]
-        log.info("%s consuming %s for views %s", STEP, sorted(self.sources), views)
-        self.consumer.subscribe(list(self.sources), on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._next_housekeeping = now + HOUSEKEEPING_S
+        if self.follower is not None:
+            found = self.follower.poll()
+            if found is not None:
+                log.info("%s: definitions version %d (%s)", STEP, found.version, found.digest[:12])
+                self._replan(found.project)
+        self._report()
+        self._retire()
+
+    def _report(self, progress: Sequence[tuple[FeatureView, str, int, int]] = ()) -> None:
+        """Writes the progress of view versions not yet live on this worker's partitions."""
+        assigned = [(tp.topic, tp.partition) for tp in self.consumer.assignment()]
+        lagging = {(v.ref, s): (pos, live) for v, s, pos, live in progress}
+        for view in self.views:
+            if view.ref in self._live_refs:
+                continue
+            plan_topic = next((t for t, p in self.sources.items() if view in p.views), None)
+            if plan_topic is None:
+                continue
+            mine: dict[str, tuple[int, int]] = {}
+            for t, p in assigned:
+                if t != plan_topic:
+                    continue
+                source = f"{t}:{p}"
+                if (view.ref, source) in lagging:
+                    mine[source] = lagging[(view.ref, source)]
+                elif (t, p) not in self.backfill.todo or view not in self.backfill.todo[(t, p)]:
+                    live = self.folder.live.get(source, -1)
+                    mine[source] = (max(live, self._position(view, source)), live)
+            if not mine:
+                continue
+            state = self.states.report(view, mine, self._partition_count(plan_topic))
+            if state == "live":
+                log.info("%s: view %s is live", STEP, view.ref)
+                self._live_refs.add(view.ref)
+
+    def _position(self, view: FeatureView, source: str) -> int:
+        self.folder.load([(view, source)])
+        return self.folder.position(view, source)
+
+    def _partition_count(self, topic: str) -> int:
+        count = self._partitions.get(topic)
+        if count is None:
+            meta = self.consumer.list_topics(topic, timeout=10).topics.get(topic)
+            count = len(meta.partitions) if meta is not None and meta.partitions else 1
+            self._partitions[topic] = count
+        return count
+
+    def _retire(self) -> None:
+        """Retires older view versions no model needs any more (see :func:`features.versions.retirable`)."""
+        if not self.project.previous_views:
+            return
+        if self.lineage is None:
+            self.lineage = ModelLineage(self.settings)
+        self.lineage.poll()
+        states = read_states(self.writer.client, self.settings.topic_prefix)
+        gone = retirable(self.project, states, self.lineage.named)
+        if not gone:
+            return
+        for view in gone:
+            self.states.retire(view)
+            n = expire_view(self.writer.client, view, self.settings.topic_prefix)
+            log.info("%s: view %s retired: its %d keys expire", STEP, view.ref, n)
+        self._replan(self.project)
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("%s computing %s over %s", STEP, sorted(v.ref for v in self.views), sorted(self.sources))
+        if not self.sources:
+            log.warning("%s: the project declares no feature views yet", STEP)
+        self._subscribe()
         batch, wait = self.settings.features_batch, self.settings.features_batch_ms / 1000
         try:
             while not stop.is_set():
-                msgs = self.take(batch, wait)
+                backfilling = self.backfill.active
+                msgs = self.take(batch, 0.001 if backfilling else wait) if self.sources else []
+                if not self.sources:
+                    stop.wait(wait)
                 if msgs or self._flight is not None:
                     self.step(msgs)
+                if backfilling:
+                    progress = self.backfill.step(self.sources, batch, wait)
+                    self._report(progress)
+                self.housekeeping()
             self.drain()
         finally:
             self._close()
 
     def _close(self) -> None:
         self.consumer.close()  # leaves the group: the partitions move at once
+        self.backfill.close()
+        if self.lineage is not None:
+            self.lineage.close()
+        if self.follower is not None:
+            self.follower.close()
         self._executor.shutdown()
         self.producer.flush(10)
         self.writer.close()
         log.info("%s stopped", STEP)
 
 
+def _state(states: Mapping[str, ViewState], ref: str) -> str:
+    found = states.get(ref)
+    return found.state if found is not None else "backfilling"
+
+
 def run(settings: FeatureSettings, project: Project | None = None) -> None:
-    """Run the processor over every view of ``project`` (default: the registry's newest definitions)
-    until SIGTERM or SIGINT."""
+    """Run the processor over every view version of ``project`` (default: the registry's newest
+    definitions, followed live) until SIGTERM or SIGINT."""
+    follower = None
     if project is None:
-        project = registry.load(settings).project
+        follower = registry.Follower(settings)
+        project = follower.current.project
     serve_metrics(settings)
-    FeatureProcessor(settings, list(project.views.values())).run(stop_event())
+    FeatureProcessor(settings, project, follower).run(stop_event())

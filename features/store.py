@@ -1,192 +1,59 @@
-"""The Redis online store: one hash per entity for all views of a source, written atomically with the
-source partition's position and watermark.
+"""The Redis online store: one hash per (entity, view version), exactly-once per key, Redis-Cluster ready.
 
 Layout (``ns`` is the deployment's namespace, its topic prefix, so deployments can share one Redis)::
 
-    {ns}tide:f:{source}:{entity field}:{entity}     hash
-        {view}:{tile}   that tile's partial aggregate, packed (see :func:`pack`)
-        {view}:m        "{newest event time} {lowest tile kept}" of the view
-        ts              newest event time of any view (what freshness probes read)
-        seen            wall time of the last write
-    {ns}tide:f:{source}:offsets                     hash
-        {topic}:{partition}      last applied position
-        {topic}:{partition}:wm   that partition's watermark (the newest event time seen in it)
+    {ns}tide:f:{<entity name>=<entity>}:<view>@<version>     hash, one per entity and view version
+        <tile>              that tile's partial aggregate, packed (see :func:`pack`)
+        m                   "{newest event time} {lowest tile kept}"
+        ts                  newest event time (what freshness probes read)
+        @<topic>:<partition> position of the last record of that partition folded into this key
+    {ns}tide:pos:<view>@<version>                             hash, one per view version
+        <topic>:<partition>      last applied position of the partition for this view version
+        <topic>:<partition>:wm   that partition's watermark (the newest event time seen in it) there
 
-A batch of one source partition is applied by one Lua script for every view of the source: it checks
-the partition's stored position, merges the batch's partials into the stored ones and advances the
-position and watermark in one atomic step. Records at or below the stored position are left out before
-the call, so a replay after a crash or a rebalance never counts an event twice (exactly-once effect on
-top of at-least-once delivery). Per entity the script makes one ``HMGET``, one ``HSET`` and one
-``PEXPIRE`` whatever the number of views and slots; the caller merges a batch's events per (entity,
-view, tile) first. A read is one script call that returns only the requested windows' tiles.
+The hash tag ``{<entity name>=<entity>}`` puts every key of one entity (every view, every version) in
+one Redis Cluster hash slot, so one script call can touch all of them atomically.
+
+A batch of one source partition is applied by :file:`lua/apply.lua`: per key it compares the key's
+stored position ``q`` of the partition with the positions of the first and last records the batch
+folded into it: ``q >= last`` applied already (skipped), ``q < first`` merged (and ``q`` becomes
+``last``), anything else a *conflict*: another writer applied part of it, nothing is written and the
+caller refolds that key from its records after ``q`` (the per-record lateness decisions depend only on
+the partition's prefix, so the refold is exact) and tries again (:func:`apply_until_settled`). Restarts,
+rebalances and concurrent writers thus never count an event twice for any key, with no cross-key
+compare-and-set. The view versions' positions and watermarks are moved forward (max) after the batch's
+key writes: in the same call on a single node, in a call of their own per slot on a cluster
+(``cluster=True``; entity writes are then one call per hash slot). A position is where a restart
+resumes; a key ahead of it is protected by its own position.
 
 Packed partial: ``slot=value`` lines (slot names of :mod:`features.aggregations`). Additive slots are
 merged by the script with ``%.17g`` (doubles round-trip exactly; counts stay exact integers), extremes
 keep the winning text unchanged, ``last:F`` is ``"{event time} {JSON value}"`` and the later time wins,
 ``d:F`` is a sorted JSON array of at most ``DISTINCT_K`` value hashes (a KMV sketch, see
 :mod:`features.aggregations`), merged by union keeping the K smallest: bounded, whatever one tile sees.
+A read is one script call per hash slot (one in all on a single node) returning only the windows' tiles.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import orjson
 import redis
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from features import aggregations, tiles
 from infra.errors import StreamError
 from schemas.definitions import FeatureView
 
-# KEYS[1]: the source's offsets hash. ARGV: partition (``topic:partition``), expected position, new
-# position, watermark, now, a JSON header and a JSON document (see apply_command). Returns APPLIED, or
-# the stored position if it is not the expected one (nothing written then). Event times and tiles travel
-# as JSON numbers (exact below 2^53) and are written back with %d, never with Lua's 14-digit tostring.
-APPLY_SCRIPT = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1]) or '-1'
-if cur ~= ARGV[2] then return tonumber(cur) end
-local now = ARGV[5]
-local header = cjson.decode(ARGV[6])
-local groups, views = header[1], header[2]
-local gmatch, byte, match, format = string.gmatch, string.byte, string.match, string.format
-local LINE = '([^=\\n]+)=([^\\n]*)'
-local function merge(old, new)
-  if not old then return new end
-  local vals, order = {}, {}
-  for name, v in gmatch(old, LINE) do order[#order + 1] = name; vals[name] = v end
-  for name, v in gmatch(new, LINE) do
-    local c = vals[name]
-    if c == nil then
-      order[#order + 1] = name; vals[name] = v
-    else
-      local b = byte(name, 1)
-      if b == 108 then -- last:F, "time value": the later time wins (ties: the newer write)
-        if tonumber(match(v, '^(%S+)')) >= tonumber(match(c, '^(%S+)')) then vals[name] = v end
-      elseif b == 109 and byte(name, 2) == 105 then -- min:F
-        if tonumber(v) < tonumber(c) then vals[name] = v end
-      elseif b == 109 then -- max:F
-        if tonumber(v) > tonumber(c) then vals[name] = v end
-      elseif b == 100 then -- d:F, a sorted JSON array of value hashes: the union's K smallest
-        local have, seen, added = cjson.decode(c), {}, false
-        for _, x in ipairs(have) do seen[x] = true end
-        for _, x in ipairs(cjson.decode(v)) do
-          if not seen[x] then seen[x] = true; have[#have + 1] = x; added = true end
-        end
-        if added then -- written with %d: cjson would round these 16-digit integers to 14 digits
-          table.sort(have)
-          local parts = {}
-          for i = 1, math.min(#have, DISTINCT_K) do parts[i] = format('%d', have[i]) end
-          vals[name] = '[' .. table.concat(parts, ',') .. ']'
-        end
-      else -- counts, sums, histogram buckets
-        vals[name] = format('%.17g', tonumber(c) + tonumber(v))
-      end
-    end
-  end
-  local out = {}
-  for i, name in ipairs(order) do out[i] = name .. '=' .. vals[name] end
-  return table.concat(out, '\\n')
-end
-for _, e in ipairs(cjson.decode(ARGV[7])) do
-  local group = groups[e[1]]
-  local key = group[1] .. e[2]
-  local touched = e[4]
-  local fields = {'ts'}
-  for _, t in ipairs(touched) do
-    local name = views[t[1]][1]
-    fields[#fields + 1] = name .. ':m'
-    for i = 3, #t do fields[#fields + 1] = name .. ':' .. format('%d', t[i][1]) end
-  end
-  local old = redis.call('HMGET', key, unpack(fields))
-  local ts = format('%d', e[3])
-  if old[1] and tonumber(old[1]) > e[3] then ts = old[1] end
-  local out = {'ts', ts, 'seen', now}
-  local trims = nil
-  local at = 2
-  for _, t in ipairs(touched) do
-    local v = views[t[1]]
-    local name, kind, tile_ms, window_ms = v[1], v[2], v[3], v[4]
-    local newest = t[2]
-    local cutoff = 0
-    if kind == 't' then cutoff = newest - newest % tile_ms
-    elseif kind == 's' then cutoff = newest - newest % tile_ms - window_ms + tile_ms end
-    local lo = nil
-    local meta = old[at]
-    at = at + 1
-    local newest_s = format('%d', newest)
-    if meta then
-      local on, ol = match(meta, '^(%S+) (%S+)$')
-      if tonumber(on) > newest then newest_s = on end
-      lo = tonumber(ol)
-    end
-    for i = 3, #t do
-      local tile = t[i]
-      local f = fields[at]
-      out[#out + 1] = f
-      out[#out + 1] = merge(old[at], tile[2])
-      at = at + 1
-      if lo == nil or tile[1] < lo then lo = tile[1] end
-    end
-    if lo < cutoff then
-      trims = trims or {}
-      trims[name .. ':'] = cutoff
-      lo = cutoff
-    end
-    out[#out + 1] = name .. ':m'
-    out[#out + 1] = newest_s .. ' ' .. format('%d', lo)
-  end
-  if trims then
-    local gone = {}
-    for _, f in ipairs(redis.call('HKEYS', key)) do
-      local p, t = match(f, '^(.*:)(%d+)$')
-      if p and trims[p] and tonumber(t) < trims[p] then gone[#gone + 1] = f end
-    end
-    if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
-  end
-  redis.call('HSET', key, unpack(out))
-  if group[2] ~= '0' then redis.call('PEXPIRE', key, group[2]) end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[1] .. ':wm', ARGV[4])
-return -2
-""".replace("DISTINCT_K", str(aggregations.DISTINCT_K))
-APPLIED = -2  # what APPLY_SCRIPT returns on success (otherwise: the stored position)
-
-# ARGV[1]: JSON [[entity key, [[view, first tile, last tile]...]]...]. Returns per entity key, per view:
-# {meta or false, tile, packed, tile, packed...}: only the window's tiles cross the wire.
-READ_SCRIPT = """
-local out = {}
-for i, req in ipairs(cjson.decode(ARGV[1])) do
-  local all = redis.call('HGETALL', req[1])
-  local rows = {}
-  for j, v in ipairs(req[2]) do
-    local prefix, lo, hi = v[1] .. ':', v[2], v[3]
-    local n = #prefix
-    local row = {false}
-    for k = 1, #all, 2 do
-      local f = all[k]
-      if string.sub(f, 1, n) == prefix then
-        local rest = string.sub(f, n + 1)
-        if rest == 'm' then
-          row[1] = all[k + 1]
-        else
-          local t = tonumber(rest)
-          if t and t >= lo and t <= hi then
-            row[#row + 1] = rest
-            row[#row + 1] = all[k + 1]
-          end
-        end
-      end
-    end
-    rows[j] = row
-  end
-  out[i] = rows
-end
-return out
-"""
+_LUA = Path(__file__).with_name("lua")
+APPLY_SCRIPT = (_LUA / "apply.lua").read_text().replace("DISTINCT_K", str(aggregations.DISTINCT_K))
+READ_SCRIPT = (_LUA / "read.lua").read_text()
 
 Status = Literal["present", "missing", "expired"]
 
@@ -219,15 +86,30 @@ class FeatureRow:
         }
 
 
+# --- keys -----------------------------------------------------------------------------------------------
+
+
 def entity_key(view: FeatureView, entity: str, namespace: str = "") -> str:
-    """The hash holding ``entity``'s tiles of ``view`` and of every other view of its source and entity
-    field (its ``ts`` field is the entity's newest event time)."""
-    return f"{namespace}tide:f:{view.source_name}:{view.entity_key}:{entity}"
+    """The hash holding ``entity``'s tiles of this version of ``view`` (hash tag: the entity)."""
+    return f"{namespace}tide:f:{{{view.entity.name}={entity}}}:{view.ref}"
 
 
-def offsets_key(view: FeatureView, namespace: str = "") -> str:
-    """The positions and watermarks of ``view``'s source partitions (shared by the source's views)."""
-    return f"{namespace}tide:f:{view.source_name}:offsets"
+def positions_key(view: FeatureView, namespace: str = "") -> str:
+    """The positions and watermarks of this version of ``view``, per source partition."""
+    return f"{namespace}tide:pos:{view.ref}"
+
+
+offsets_key = positions_key  # the earlier name (bench/features.py reads positions through it)
+
+
+def view_key_pattern(view: FeatureView, namespace: str = "") -> str:
+    """A SCAN pattern matching every entity hash of this version of ``view``."""
+    return f"{namespace}tide:f:{{*}}:{view.ref}"
+
+
+def slot_of(key: str) -> int:
+    """The key's Redis Cluster hash slot."""
+    return int(key_slot(key.encode()))
 
 
 # --- packed partials ------------------------------------------------------------------------------------
@@ -269,100 +151,214 @@ def unpack(packed: bytes | str) -> dict[str, Any]:
     return out
 
 
-# --- writing --------------------------------------------------------------------------------------------
-
-
-def _ttl(views: Sequence[FeatureView]) -> str:
-    """The entity hash's expiry: as long as its longest-lived view needs it ("0": never)."""
-    retentions = [tiles.retention_ms(v) for v in views]
-    return "0" if any(r is None for r in retentions) else str(max(r for r in retentions if r is not None))
-
-
-_KIND = {"sliding": "s", "hopping": "s", "tumbling": "t", "lifetime": "l"}
-
-
 def _number(value: float) -> str:
     """A slot value's text: integers without a fraction (counts stay short and exact), else repr."""
     return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
 
 
-def apply_payload(
-    views: Sequence[FeatureView],
-    namespace: str,
-    deltas: Mapping[str, Mapping[str, tiles.EntityDelta]],
-) -> tuple[list[Any], list[Any]]:
-    """The script's header and per-entity document for one batch of the views of one source
-    (``deltas``: view name -> entity -> delta).
+# --- writing --------------------------------------------------------------------------------------------
 
-    Header: ``[[[key prefix, expiry] per entity field], [[view, kind (s/t/l), tile ms, window ms] per
-    view]]``. Per entity: ``[entity field index, entity, newest, [[view index, newest, [tile,
-    packed]...]...]]`` (indices 1-based, for Lua). Tiles already behind the window of the batch's newest
-    event are left out (the script would trim them at once); the script derives field names and the
-    window's first tile from the header.
+_KIND = {"sliding": "s", "hopping": "s", "tumbling": "t", "lifetime": "l"}
+
+
+@dataclass(frozen=True)
+class ViewBatch:
+    """What one batch of one ordered input (a source partition) applies to one view version.
+
+    ``source`` names the input (``topic:partition``); each key keeps its position of it in field
+    ``@{source}``. ``deltas`` (entity -> delta) carry the positions of the first and last records folded
+    into each key (:func:`features.tiles.fold_partition`). ``position`` and ``watermark`` move the view
+    version's ``position_field`` (default: ``source``) forward once every key is written.
     """
-    fields: dict[str, list[FeatureView]] = {}
-    for view in views:
-        fields.setdefault(view.entity_key, []).append(view)
-    field_index = {f: i for i, f in enumerate(fields, start=1)}
-    header: list[Any] = [
-        [[f"{namespace}tide:f:{vs[0].source_name}:{f}:", _ttl(vs)] for f, vs in fields.items()],
-        [],
-    ]
-    per_entity: dict[tuple[int, str], list[Any]] = {}
-    for index, view in enumerate(views, start=1):
-        by_entity = deltas.get(view.name)
-        header[1].append([view.name, _KIND[view.kind], view.tile_ms, view.window_ms])
-        if not by_entity:
+
+    view: FeatureView
+    source: str
+    deltas: Mapping[str, tiles.EntityDelta]
+    position: int
+    watermark: int
+    position_field: str = ""
+
+    @property
+    def field(self) -> str:
+        return self.position_field or self.source
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A key another writer applied part of the batch to: refold ``entity`` of batch ``batch`` (an
+    index into the batches applied) from its records after position ``applied``."""
+
+    batch: int
+    entity: str
+    applied: int
+
+
+@dataclass
+class ApplyCall:
+    """One call of :data:`APPLY_SCRIPT`: its keys and arguments, and per entry the (batch index,
+    entity) it writes (to name conflicts)."""
+
+    keys: list[str]
+    args: list[Any]
+    entries: list[tuple[int, str]] = field(default_factory=list)
+
+
+class _CallBuilder:
+    def __init__(self) -> None:
+        self.keys: dict[str, int] = {}
+        self.views: dict[str, int] = {}
+        self.view_rows: list[list[Any]] = []
+        self.sources: dict[str, int] = {}
+        self.entries: list[list[Any]] = []
+        self.named: list[tuple[int, str]] = []
+        self.positions: list[list[Any]] = []
+
+    def key(self, key: str) -> int:
+        index = self.keys.get(key)
+        if index is None:
+            index = self.keys[key] = len(self.keys) + 1
+        return index
+
+    def view(self, view: FeatureView) -> int:
+        index = self.views.get(view.ref)
+        if index is None:
+            index = self.views[view.ref] = len(self.views) + 1
+            self.view_rows.append([_KIND[view.kind], view.tile_ms, view.window_ms, _ttl(view)])
+        return index
+
+    def source(self, source: str) -> int:
+        index = self.sources.get(source)
+        if index is None:
+            index = self.sources[source] = len(self.sources) + 1
+        return index
+
+    def call(self) -> ApplyCall:
+        header = orjson.dumps([self.view_rows, ["@" + s for s in self.sources]])
+        args: list[Any] = [header, orjson.dumps(self.entries)]
+        if self.positions:
+            args.append(orjson.dumps(self.positions))
+        return ApplyCall(list(self.keys), args, self.named)
+
+
+def _ttl(view: FeatureView) -> str:
+    """An entity hash's expiry in ms ("0": never)."""
+    retention = tiles.retention_ms(view)
+    return "0" if retention is None else str(retention)
+
+
+def _entries(batch: ViewBatch) -> Iterator[tuple[str, str, list[Any]]]:
+    """Per entity: the entity, its key and its entry's tail (first, last, newest, tile, packed...).
+    Tiles already behind the window of the batch's newest event are left out (the script would trim
+    them at once)."""
+    view = batch.view
+    lifetime, tile_ms = view.kind == "lifetime", view.tile_ms
+    span = 0 if view.kind == "tumbling" else view.window_ms - tile_ms
+    prefix, suffix = f"tide:f:{{{view.entity.name}=", f"}}:{view.ref}"
+    for entity, delta in batch.deltas.items():
+        newest = delta.newest_ms
+        cutoff = 0 if lifetime else newest - newest % tile_ms - span
+        tail: list[Any] = [delta.first, delta.last, newest]
+        for tile, partial in delta.tiles.items():
+            if tile >= cutoff:
+                tail.append(tile)
+                tail.append(pack(partial))
+        yield entity, prefix + entity + suffix, tail
+
+
+def apply_calls(
+    batches: Sequence[ViewBatch], namespace: str = "", *, cluster: bool = False
+) -> list[ApplyCall]:
+    """The :data:`APPLY_SCRIPT` calls that apply ``batches``.
+
+    Single node: one call for everything, positions included (moved unless a key of their batch
+    conflicted). Cluster: one call per hash slot of the entity keys, positions left out: the caller
+    moves them with :func:`position_calls` once its batches settled.
+    """
+    builders: dict[int, _CallBuilder] = {}
+    single = _CallBuilder()
+    slots: dict[str, int] = {}
+    for index, batch in enumerate(batches):
+        if not batch.deltas:
             continue
-        group = field_index[view.entity_key]
-        lifetime, tumbling, tile_ms = view.kind == "lifetime", view.kind == "tumbling", view.tile_ms
-        span = 0 if tumbling else view.window_ms - tile_ms
-        for entity, delta in by_entity.items():
-            newest = delta.newest_ms
-            cutoff = 0 if lifetime else newest - newest % tile_ms - span
-            touched: list[Any] = [index, newest]
-            for tile, partial in delta.tiles.items():
-                if tile >= cutoff:
-                    touched.append([tile, pack(partial)])
-            entry = per_entity.get((group, entity))
-            if entry is None:
-                per_entity[(group, entity)] = [group, entity, newest, [touched]]
+        for entity, key, tail in _entries(batch):
+            key = namespace + key
+            if cluster:
+                tag = key[key.index("{") : key.index("}", key.index("{")) + 1]
+                slot = slots.get(tag)
+                if slot is None:
+                    slot = slots[tag] = slot_of(tag)
+                b = builders.get(slot)
+                if b is None:
+                    b = builders[slot] = _CallBuilder()
             else:
-                if newest > entry[2]:
-                    entry[2] = newest
-                entry[3].append(touched)
-    return header, list(per_entity.values())
+                b = single
+            b.entries.append([b.key(key), b.view(batch.view), b.source(batch.source), *tail[:3], index + 1])
+            b.entries[-1].extend(tail[3:])
+            b.named.append((index, entity))
+    if cluster:
+        return [b.call() for b in builders.values()]
+    for index, batch in enumerate(batches):
+        at = single.key(positions_key(batch.view, namespace))
+        single.positions.append([at, index + 1, batch.field, batch.position, batch.watermark])
+    return [single.call()] if single.keys else []
 
 
-def apply_command(
-    views: Sequence[FeatureView],
-    namespace: str,
-    source: str,
-    deltas: Mapping[str, Mapping[str, tiles.EntityDelta]],
-    expected_position: int,
-    new_position: int,
-    watermark: int,
-) -> tuple[list[str], list[Any]]:
-    """Keys and arguments of :data:`APPLY_SCRIPT`: merge ``deltas`` (view name -> entity -> delta, see
-    :func:`features.tiles.fold_partition`) and move ``source`` from ``expected_position`` to
-    ``new_position`` and ``watermark``.
+def position_calls(batches: Sequence[ViewBatch], namespace: str = "") -> list[ApplyCall]:
+    """Calls that move the view versions' positions of ``batches`` forward, one per positions hash."""
+    builders: dict[str, _CallBuilder] = {}
+    for index, batch in enumerate(batches):
+        key = positions_key(batch.view, namespace)
+        b = builders.get(key)
+        if b is None:
+            b = builders[key] = _CallBuilder()
+        b.positions.append([b.key(key), index + 1, batch.field, batch.position, batch.watermark])
+    return [b.call() for b in builders.values()]
 
-    ``views`` are the views of one source; ``source`` names an ordered input of it
-    (``topic:partition`` for Kafka) whose positions are its offsets. Any client (asyncio, sync, a Flink
-    operator) runs the script with these, so every writer keeps the same layout and guarantees.
+
+def conflicts_of(calls: Sequence[ApplyCall], results: Sequence[Any]) -> list[Conflict]:
+    """The conflicts the calls' results name."""
+    out = []
+    for call, result in zip(calls, results, strict=True):
+        for i in range(0, len(result), 2):
+            batch, entity = call.entries[int(result[i]) - 1]
+            out.append(Conflict(batch, entity, int(result[i + 1])))
+    return out
+
+
+MAX_ATTEMPTS = 5  # conflicts in a row before a batch is given up on (another writer keeps moving it)
+T = TypeVar("T")
+
+
+def apply_until_settled(
+    todo: list[T], attempt: Callable[[list[T]], list[T]], what: str, attempts: int = MAX_ATTEMPTS
+) -> None:
+    """The retry loop every writer of the store shares (the processor, the Flink job).
+
+    ``attempt`` applies what it can of ``todo`` and returns what is left to redo (keys refolded after a
+    conflict: another writer applied part of them). Raises :class:`StreamError` when something is still
+    left after ``attempts`` tries.
     """
-    header, entities = apply_payload(views, namespace, deltas)
-    keys = [offsets_key(views[0], namespace)]
-    args: list[Any] = [
-        source,
-        str(expected_position),
-        str(new_position),
-        str(watermark),
-        str(int(time.time() * 1000)),
-        orjson.dumps(header),
-        orjson.dumps(entities),
-    ]
-    return keys, args
+    for _ in range(attempts):
+        todo = attempt(todo)
+        if not todo:
+            return
+    raise StreamError(f"the store kept refusing batches of {what}: {todo!r}"[:500])
+
+
+def refold(
+    batch: ViewBatch,
+    conflicts: Sequence[Conflict],
+    records: Sequence[tuple[int, Mapping[str, Any]]],
+    watermark: int,
+) -> ViewBatch:
+    """``batch`` again with only its conflicted keys, each refolded from its records after the key's
+    stored position. ``records`` and ``watermark`` are those the batch was folded from."""
+    deltas = {}
+    for c in conflicts:
+        redone = tiles.refold_key(batch.view, records, watermark, c.entity, c.applied)
+        if redone is not None:
+            deltas[c.entity] = redone
+    return ViewBatch(batch.view, batch.source, deltas, batch.position, batch.watermark, batch.position_field)
 
 
 # --- reading --------------------------------------------------------------------------------------------
@@ -380,7 +376,7 @@ def row_of(
     packed_tiles: Sequence[Any],
     now_ms: int,
 ) -> FeatureRow:
-    """A row from the view's ``{view}:m`` field and its window's packed tiles."""
+    """A row from the key's ``m`` field and its window's packed tiles."""
     window = view.describe()
     if not meta:
         return FeatureRow(
@@ -396,48 +392,61 @@ def row_of(
     return FeatureRow(entity, view.name, values, "present", newest, age, window)
 
 
-def read_request(pairs: Sequence[tuple[FeatureView, str]], now_ms: int, namespace: str = "") -> list[Any]:
-    """The read script's document for ``(view, entity)`` pairs: per entity hash (pairs of one source and
-    entity field share one), the views read from it and their windows, each asked once."""
-    per_key: dict[str, tuple[list[Any], set[str]]] = {}
+def read_calls(
+    pairs: Sequence[tuple[FeatureView, str]], now_ms: int, namespace: str = "", *, cluster: bool = False
+) -> list[tuple[list[str], list[list[int]]]]:
+    """The read script's calls for ``(view, entity)`` pairs: ``(keys, [[first tile, last tile] per
+    key])``, each key asked once; one call in all, or one per hash slot when ``cluster``."""
+    calls: dict[int, tuple[list[str], list[list[int]]]] = {}
+    seen: set[str] = set()
     for view, entity in pairs:
         key = entity_key(view, entity, namespace)
-        entry = per_key.get(key)
-        if entry is None:
-            entry = per_key[key] = ([key, []], set())
-        if view.name not in entry[1]:
-            entry[1].add(view.name)
-            entry[0][1].append([view.name, tiles.first_tile(view, now_ms), tiles.tile_of(view, now_ms)])
-    return [request for request, _ in per_key.values()]
+        if key in seen:
+            continue
+        seen.add(key)
+        slot = slot_of(key) if cluster else 0
+        call = calls.get(slot)
+        if call is None:
+            call = calls[slot] = ([], [])
+        call[0].append(key)
+        call[1].append([tiles.first_tile(view, now_ms), tiles.tile_of(view, now_ms)])
+    return list(calls.values())
 
 
-MAX_ATTEMPTS = 5  # refusals in a row before a batch is given up on (another writer keeps moving it)
-T = TypeVar("T")
+def _rows(
+    pairs: Sequence[tuple[FeatureView, str]],
+    calls: Sequence[tuple[list[str], list[list[int]]]],
+    answers: Sequence[Any],
+    namespace: str,
+    now_ms: int,
+) -> list[FeatureRow]:
+    found: dict[str, list[Any]] = {}
+    for (keys, _), rows in zip(calls, answers, strict=True):
+        found.update(zip(keys, rows, strict=True))
+    out = []
+    for view, entity in pairs:
+        meta, *packed = found[entity_key(view, entity, namespace)]
+        out.append(row_of(view, entity, meta, packed, now_ms))
+    return out
 
 
-def apply_until_settled(
-    todo: list[T], attempt: Callable[[list[T]], list[T]], what: str, attempts: int = MAX_ATTEMPTS
-) -> None:
-    """The compare-and-set retry loop every writer of the store shares (the processor, the Flink job).
-
-    ``attempt`` applies what it can of ``todo`` (each batch checked against its partition's stored
-    position by :data:`APPLY_SCRIPT`) and returns the batches refused because another writer moved the
-    position; they are tried again from the stored position. Raises :class:`StreamError` when batches
-    are still refused after ``attempts`` tries.
-    """
-    for _ in range(attempts):
-        todo = attempt(todo)
-        if not todo:
-            return
-    raise StreamError(f"the store kept refusing batches of {what}: {todo!r}"[:500])
+def _positions(raw: Sequence[Any]) -> list[tuple[int, int]]:
+    return [
+        (int(pos) if pos is not None else -1, int(wm) if wm is not None else tiles.NO_WATERMARK)
+        for pos, wm in raw
+    ]
 
 
 class RedisOnlineStore:
-    """Reads and writes feature tiles in Redis (asyncio client)."""
+    """Reads (and, for tests and tools, writes) feature tiles in Redis (asyncio client).
 
-    def __init__(self, client: aioredis.Redis, namespace: str = "") -> None:
+    ``cluster``: the client is a Redis Cluster client; calls are then made per hash slot.
+    """
+
+    def __init__(self, client: aioredis.Redis, namespace: str = "", *, cluster: bool = False) -> None:
         self.client = client
         self.namespace = namespace
+        self.cluster = cluster
         self._apply = client.register_script(APPLY_SCRIPT)
         self._read = client.register_script(READ_SCRIPT)
 
@@ -452,62 +461,41 @@ class RedisOnlineStore:
         return bool(await self.client.ping())
 
     async def position(self, view: FeatureView, source: str) -> tuple[int, int]:
-        """A source partition's applied position and watermark (-1, -1 when nothing was applied)."""
-        pos, wm = await self.client.hmget(offsets_key(view, self.namespace), [source, f"{source}:wm"])
-        return (int(pos) if pos is not None else -1, int(wm) if wm is not None else tiles.NO_WATERMARK)
+        """A view version's applied position and watermark of ``source`` (-1, -1 when none)."""
+        raw = await self.client.hmget(positions_key(view, self.namespace), [source, f"{source}:wm"])
+        return _positions([raw])[0]
 
-    async def apply(
-        self,
-        view: FeatureView,
-        source: str,
-        events: Sequence[Mapping[str, Any]],
-        expected_position: int,
-        new_position: int,
-        watermark: int,
-    ) -> bool:
-        """Fold on-time ``events`` into one view and advance ``source`` atomically.
-
-        Returns False, writing nothing, if the stored position is not ``expected_position`` (another
-        writer moved it): the caller re-reads it and skips what is done. A source with several views
-        is applied with :meth:`apply_fold`, all views at once, since they share the position.
-        """
-        deltas = {view.name: tiles.batch_deltas(view, events)}
-        return await self.apply_fold([view], source, deltas, expected_position, new_position, watermark)
-
-    async def apply_fold(
-        self,
-        views: Sequence[FeatureView],
-        source: str,
-        deltas: Mapping[str, Mapping[str, tiles.EntityDelta]],
-        expected_position: int,
-        new_position: int,
-        watermark: int,
-    ) -> bool:
-        """Merge per-view ``deltas`` and advance ``source`` atomically (see :func:`apply_command`)."""
-        keys, args = apply_command(
-            views, self.namespace, source, deltas, expected_position, new_position, watermark
-        )
-        return int(await self._apply(keys=keys, args=args)) == APPLIED
+    async def apply(self, batches: Sequence[ViewBatch]) -> list[Conflict]:
+        """Applies ``batches`` (see :func:`apply_calls`); returns the conflicts (nothing of their
+        keys written, their batches' positions not moved)."""
+        calls = apply_calls(batches, self.namespace, cluster=self.cluster)
+        results = [await self._apply(keys=c.keys, args=c.args) for c in calls]
+        conflicts = conflicts_of(calls, results)
+        if self.cluster:
+            refused = {c.batch for c in conflicts}
+            settled = [b for i, b in enumerate(batches) if i not in refused]
+            for c in position_calls(settled, self.namespace):
+                await self._apply(keys=c.keys, args=c.args)
+        return conflicts
 
     async def read_pairs(
         self, pairs: Sequence[tuple[FeatureView, str]], now_ms: int | None = None
     ) -> list[FeatureRow]:
-        """Current values of each ``(view, entity)`` pair, in the order asked, in one round trip (one
-        script call), whatever the views, sources and entity types: what a model's features need."""
+        """Current values of each ``(view, entity)`` pair (the view object names its version), in the
+        order asked: one script call in all (one per hash slot on a cluster), whatever the views,
+        sources and entity types: what a model's features need."""
         if not pairs:
             return []
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        request = read_request(pairs, now, self.namespace)
-        answer = await self._read(args=[orjson.dumps(request)])
-        found: dict[tuple[str, str], list[Any]] = {}
-        for (key, specs), rows in zip(request, answer, strict=True):
-            for spec, row in zip(specs, rows, strict=True):
-                found[(key, spec[0])] = row
-        out = []
-        for view, entity in pairs:
-            meta, *packed = found[(entity_key(view, entity, self.namespace), view.name)]
-            out.append(row_of(view, entity, meta, packed, now))
-        return out
+        calls = read_calls(pairs, now, self.namespace, cluster=self.cluster)
+        if len(calls) == 1:
+            answers = [await self._read(keys=calls[0][0], args=[orjson.dumps(calls[0][1])])]
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for keys, windows in calls:
+                    await self._read(keys=keys, args=[orjson.dumps(windows)], client=pipe)
+                answers = await pipe.execute()
+        return _rows(pairs, calls, answers, self.namespace, now)
 
     async def read_many(
         self, views: Sequence[FeatureView], entities: Sequence[str], now_ms: int | None = None
@@ -526,35 +514,48 @@ class RedisOnlineStore:
 
 
 class RedisWriter:
-    """The write side for a synchronous caller (the feature processor): positions and applies, each a
-    single round trip for any number of source partitions."""
+    """The write side for a synchronous caller (the feature processor, the Flink job): positions and
+    applies, each a single round trip (one call per hash slot when ``cluster``)."""
 
-    def __init__(self, client: redis.Redis, namespace: str = "") -> None:
+    def __init__(self, client: redis.Redis, namespace: str = "", *, cluster: bool = False) -> None:
         self.client = client
         self.namespace = namespace
+        self.cluster = cluster
         self._apply = client.register_script(APPLY_SCRIPT)
 
     @classmethod
-    def from_url(cls, url: str, namespace: str = "") -> RedisWriter:
-        return cls(redis.Redis.from_url(url), namespace)
+    def from_url(cls, url: str, namespace: str = "", *, cluster: bool = False) -> RedisWriter:
+        return cls(redis.Redis.from_url(url), namespace, cluster=cluster)
 
     def close(self) -> None:
         self.client.close()
 
-    def positions(self, pairs: Sequence[tuple[FeatureView, str]]) -> list[tuple[int, int]]:
-        """``(position, watermark)`` of each (view of a source, source partition); -1, -1 if none."""
+    def positions(self, view_versions: Sequence[FeatureView], partition: str) -> list[tuple[int, int]]:
+        """``(position, watermark)`` of ``partition`` for each view version; -1, -1 where none."""
+        return self.positions_of([(view, partition) for view in view_versions])
+
+    def positions_of(self, pairs: Sequence[tuple[FeatureView, str]]) -> list[tuple[int, int]]:
+        """``(position, watermark)`` of each (view version, source partition), in one round trip."""
         with self.client.pipeline(transaction=False) as pipe:
             for view, source in pairs:
-                pipe.hmget(offsets_key(view, self.namespace), [source, f"{source}:wm"])
-            raw = pipe.execute()
-        return [
-            (int(pos) if pos is not None else -1, int(wm) if wm is not None else tiles.NO_WATERMARK)
-            for pos, wm in raw
-        ]
+                pipe.hmget(positions_key(view, self.namespace), [source, f"{source}:wm"])
+            return _positions(pipe.execute())
 
-    def apply_all(self, commands: Sequence[tuple[list[str], list[Any]]]) -> list[bool]:
-        """Runs :func:`apply_command` results in one pipeline; True for each one applied."""
+    def run(self, calls: Sequence[ApplyCall]) -> list[Any]:
+        """Runs apply calls in one pipeline; their raw results."""
+        if not calls:
+            return []
         with self.client.pipeline(transaction=False) as pipe:
-            for keys, args in commands:
-                self._apply(keys=keys, args=args, client=pipe)
-            return [int(r) == APPLIED for r in pipe.execute()]
+            for call in calls:
+                self._apply(keys=call.keys, args=call.args, client=pipe)
+            return list(pipe.execute())
+
+    def apply(self, batches: Sequence[ViewBatch]) -> list[Conflict]:
+        """Applies ``batches`` (see :func:`apply_calls`); returns the conflicts (nothing of their keys
+        written, their batches' positions not moved: redo them with :func:`refold`)."""
+        calls = apply_calls(batches, self.namespace, cluster=self.cluster)
+        conflicts = conflicts_of(calls, self.run(calls))
+        if self.cluster:
+            refused = {c.batch for c in conflicts}
+            self.run(position_calls([b for i, b in enumerate(batches) if i not in refused], self.namespace))
+        return conflicts

@@ -78,22 +78,35 @@ def split_late(
 
 @dataclass
 class EntityDelta:
-    """What one batch adds to one entity: partials per tile and the newest event time."""
+    """What one batch adds to one entity: partials per tile, the newest event time and the positions of
+    the first and last record folded in (the store's per-key exactly-once check compares them with the
+    key's stored position; -1 when the events came without positions)."""
 
     tiles: dict[int, aggregations.Partial]
     newest_ms: int
+    first: int = -1
+    last: int = -1
 
 
 def batch_deltas(view: FeatureView, events: Iterable[Mapping[str, Any]]) -> dict[str, EntityDelta]:
     """Group a batch of events into per-entity, per-tile partials."""
+    return record_deltas(view, ((-1, event) for event in events))
+
+
+def record_deltas(
+    view: FeatureView, records: Iterable[tuple[int, Mapping[str, Any]]]
+) -> dict[str, EntityDelta]:
+    """Group ``(position, event)`` records, in order, into per-entity, per-tile partials (no lateness
+    check: every record is folded)."""
     out: dict[str, EntityDelta] = {}
     folder = aggregations.Folder(view)
-    for event in events:
+    for position, event in records:
         entity = str(event[view.entity_key])
         ts = int(event[view.event_time])
         delta = out.get(entity)
         if delta is None:
-            delta = out[entity] = EntityDelta({}, ts)
+            delta = out[entity] = EntityDelta({}, ts, position)
+        delta.last = position
         tile = tile_of(view, ts)
         partial = delta.tiles.get(tile)
         if partial is None:
@@ -107,13 +120,14 @@ def batch_deltas(view: FeatureView, events: Iterable[Mapping[str, Any]]) -> dict
 @dataclass
 class PartitionFold:
     """One source partition's batch folded into every view of the source: what :func:`fold_partition`
-    returns. ``late`` holds, per view, ``(position, event, ms beyond the allowed lateness)``."""
+    returns, keyed by view version (:attr:`FeatureView.ref`, ``name@version``). ``late`` holds, per
+    view version, ``(position, event, ms beyond the allowed lateness)``."""
 
-    deltas: dict[str, dict[str, EntityDelta]]  # view -> entity -> delta
-    late: dict[str, list[tuple[int, Mapping[str, Any], int]]]  # view -> late records
-    on_time: dict[str, int]  # view -> events folded
+    deltas: dict[str, dict[str, EntityDelta]]  # view ref -> entity -> delta
+    late: dict[str, list[tuple[int, Mapping[str, Any], int]]]  # view ref -> late records
+    on_time: dict[str, int]  # view ref -> events folded
     watermark: int
-    newest_ms: dict[str, int]  # view -> newest on-time event time of the batch (freshness samples)
+    newest_ms: dict[str, int]  # view ref -> newest on-time event time of the batch (freshness samples)
 
 
 def fold_partition(
@@ -129,11 +143,11 @@ def fold_partition(
     if any(v.event_time != event_time for v in views):
         raise ValueError(f"views {[v.name for v in views]} do not share one event-time field")
     plan = [
-        (v.name, v.entity_key, v.allowed_lateness_ms, v.kind == "lifetime", v.tile_ms, aggregations.Folder(v))
+        (v.ref, v.entity_key, v.allowed_lateness_ms, v.kind == "lifetime", v.tile_ms, aggregations.Folder(v))
         for v in views
     ]
-    deltas: dict[str, dict[str, EntityDelta]] = {v.name: {} for v in views}
-    late: dict[str, list[tuple[int, Mapping[str, Any], int]]] = {v.name: [] for v in views}
+    deltas: dict[str, dict[str, EntityDelta]] = {v.ref: {} for v in views}
+    late: dict[str, list[tuple[int, Mapping[str, Any], int]]] = {v.ref: [] for v in views}
     on_time = dict.fromkeys(deltas, 0)
     newest = dict.fromkeys(deltas, NO_WATERMARK)
     for position, event in records:
@@ -146,9 +160,10 @@ def fold_partition(
             by_entity = deltas[name]
             delta = by_entity.get(entity)
             if delta is None:
-                delta = by_entity[entity] = EntityDelta({}, ts)
+                delta = by_entity[entity] = EntityDelta({}, ts, position)
             elif ts > delta.newest_ms:
                 delta.newest_ms = ts
+            delta.last = position
             tile = LIFETIME_TILE if lifetime else ts - ts % tile_ms
             partial = delta.tiles.get(tile)
             if partial is None:
@@ -160,6 +175,25 @@ def fold_partition(
         if ts > watermark:
             watermark = ts
     return PartitionFold(deltas, late, on_time, watermark, newest)
+
+
+def refold_key(
+    view: FeatureView,
+    records: Sequence[tuple[int, Mapping[str, Any]]],
+    watermark: int,
+    entity: str,
+    after: int,
+) -> EntityDelta | None:
+    """One key's delta again, from only its records after position ``after``: what a conflict in the
+    store (another writer applied part of the batch to this key) is redone with.
+
+    ``records`` and ``watermark`` are those the batch was folded from (:func:`fold_partition`): the
+    lateness decisions depend only on the partition's prefix, so they are the same as the first time.
+    """
+    on_time, _, _ = split_late(view, records, watermark)
+    key = view.entity_key
+    todo = [(p, e) for p, e in on_time if p > after and str(e[key]) == entity]
+    return record_deltas(view, todo).get(entity) if todo else None
 
 
 def window_values(

@@ -145,6 +145,20 @@ class ViewReplay:
 # --- examples ---------------------------------------------------------------------------------------------
 
 
+def _views_of(project: Project, model: Model, views: Sequence[FeatureView] | None) -> list[FeatureView]:
+    """The views ``model`` reads, in the order first referenced: those given (one version per view
+    name), else the project's newest; FeatureError when a view the model reads is not among them."""
+    if views is None:
+        return project.model_views(model)
+    given = {v.name: v for v in views}
+    out = []
+    for name in dict.fromkeys(v for v, _ in model.feature_refs):
+        if name not in given:
+            raise FeatureError(f"model {model.name!r}: no version of view {name!r} given to replay")
+        out.append(given[name])
+    return out
+
+
 def _partitions(records: Iterable[Record] | Partitions) -> Partitions:
     if isinstance(records, Mapping):
         return records
@@ -158,8 +172,12 @@ def examples_for(
     labels: Iterable[Record] | Partitions,
     *,
     sources: Mapping[str, Partitions] | None = None,
+    views: Sequence[FeatureView] | None = None,
 ) -> list[Example]:
     """The model's point-in-time examples, in event-time order (ties by key).
+
+    ``views``: the version of each view the model reads to replay (default: the project's newest,
+    ``project.model_views(model)``); the values are those that view version computes.
 
     ``events_by_partition``: the request source's records per partition, in log order; ``labels``: the
     labels source's records (per partition, or in one sequence). A view over another source reads its
@@ -172,7 +190,7 @@ def examples_for(
         raise FeatureError(f"model {model.name!r} declares no labels: it has no training set")
     request = model.request
     label_parts = _partitions(labels)
-    views = project.model_views(model)
+    views = _views_of(project, model, views)
     replays: dict[str, ViewReplay] = {}
     for source_name in dict.fromkeys(v.source_name for v in views):
         if sources is not None and source_name in sources:
@@ -187,8 +205,10 @@ def examples_for(
             )
         of_source = [v for v in views if v.source_name == source_name]
         everything = [v for v in project.views.values() if v.source_name == source_name]
+        everything += [v for v in of_source if v not in everything]  # an older version, still read
+        by_name = {v.name: v for v in of_source}
         for name, admitted in admitted_events(of_source, records, everything).items():
-            replays[name] = ViewReplay(project.views[name], admitted)
+            replays[name] = ViewReplay(by_name[name], admitted)
 
     newest: dict[Any, tuple[int, Record]] = {}
     for part in label_parts.values():
@@ -261,33 +281,48 @@ def _model(project: Project, name: str) -> Model:
     return model
 
 
-def replay(settings: CommonSettings, project: Project, model: Model | str) -> list[Example]:
+def replay(
+    settings: CommonSettings,
+    project: Project,
+    model: Model | str,
+    views: Sequence[FeatureView] | None = None,
+) -> list[Example]:
     """The model's examples replayed from the topics (the request source, the labels source and every
     source a view of the model reads), in event-time order: the history a trainer starts a model from,
-    each input as serving would have seen it."""
+    each input as serving would have seen it. ``views``: the view versions to replay (as
+    :func:`examples_for`)."""
     model = _model(project, model) if isinstance(model, str) else model
     if model.labels is None:
         raise FeatureError(f"model {model.name!r} declares no labels: it has no training set")
+    views = _views_of(project, model, views)
     needed = {model.request.name: model.request, model.labels.source.name: model.labels.source}
-    needed.update({v.source_name: v.source for v in project.model_views(model)})
+    needed.update({v.source_name: v.source for v in views})
     records = {name: read_source(settings, source) for name, source in needed.items()}
     return examples_for(
-        project, model, records[model.request.name], records[model.labels.source.name], sources=records
+        project,
+        model,
+        records[model.request.name],
+        records[model.labels.source.name],
+        sources=records,
+        views=views,
     )
 
 
 # --- writing ----------------------------------------------------------------------------------------------
 
 
-def _column_types(project: Project, model: Model) -> dict[str, str]:
+def _column_types(
+    project: Project, model: Model, views: Sequence[FeatureView] | None = None
+) -> dict[str, str]:
     """Column -> Avro primitive: the key, the event time, every input, the target."""
     spec = model.labels
     assert spec is not None
     request = model.request.fields
     columns = {spec.key: spec.source.fields.get(spec.key, "string"), model.request.event_time: "long"}
     columns.update({f: request[f] for f in model.request_fields})
+    by_name = {v.name: v for v in _views_of(project, model, views)}
     for view_name, feature in model.feature_refs:
-        view = project.views[view_name]
+        view = by_name[view_name]
         agg = next(a for a in view.aggregations if a.name == feature)
         columns[feature] = view.source.fields[agg.field] if agg.kind == "last" and agg.field else "double"
     if spec.target in columns:
@@ -308,12 +343,19 @@ def _coerce(kind: str, value: Any) -> Any:
     return str(value)
 
 
-def write_avro(project: Project, model: Model, examples: Sequence[Example], path: Path) -> Path:
+def write_avro(
+    project: Project,
+    model: Model,
+    examples: Sequence[Example],
+    path: Path,
+    views: Sequence[FeatureView] | None = None,
+) -> Path:
     """Write ``examples`` as an Avro container file: one record per example with the labels key, the
-    event time, every input and the target (every column nullable, typed from the definitions)."""
+    event time, every input and the target (every column nullable, typed from the definitions; from
+    ``views``, the view versions replayed, when given)."""
     spec = model.labels
     assert spec is not None
-    columns = _column_types(project, model)
+    columns = _column_types(project, model, views)
     schema = {
         "type": "record",
         "name": "TrainingExample",

@@ -3,7 +3,7 @@
 Steps (each name is the operator's name in Flink's UI and in logs)::
 
     source -> key by partition -> admit (decode, lateness) -> event-time (WatermarkStrategy)
-           -> key by (entity field, bucket) -> fold (batched APPLY_SCRIPT, pipelined) -> stats
+           -> key by (entity field, bucket) -> fold (batched store applies) -> stats
                                \\-> dead letters (undecodable or later than the allowed lateness)
 
 Definitions: ``--definitions project.json``, the project's definitions as the registry holds them
@@ -27,14 +27,17 @@ Guarantees (docs/2026-11-21-flink.md):
   ``max_future_skew``) are dead letters, by the shared admission check (:mod:`features.admission`).
   Lateness is decided per source partition, in partition order, by the shared rule
   (:func:`features.tiles.split_late`), with the partition's watermark in Flink state.
-  Entities are spread over ``--buckets`` stable hash buckets (crc32), and each (partition, entity field,
-  bucket) is one ordered position source ``flink:{input}:{partition}:{field}:{bucket}`` in the source's
-  offsets hash, shared by the views of that entity field: its records reach one fold operator in
-  position order, so the store's compare-and-set (:data:`APPLY_SCRIPT`) skips anything a replay brings
-  again. Positions are offsets or line numbers, so they are the same on every
-  replay: after a restore from a checkpoint, a restart without one, or a resubmission.
-- At-least-once: the Redis calls themselves (a replayed batch is sent again and refused), the dead
-  letters, and the ``seen`` field (wall time of the last write).
+  Entities are spread over ``--buckets`` stable hash buckets (crc32): an entity's records reach one
+  fold operator in position order, and each key keeps the position of the last record of its input
+  partition folded into it (``@{input}:{partition}``, :mod:`features.store`), so the store skips
+  anything a replay brings again, and a key applied in part is refolded from its own position. Each
+  (partition, entity field, bucket) is also one position source
+  ``flink:{input}:{partition}:{field}:{bucket}`` in the view versions' positions hashes, read on start
+  so a replay skips what was done without asking the keys. Positions are offsets or line numbers, so
+  they are the same on every replay: after a restore from a checkpoint, a restart without one, or a
+  resubmission.
+- At-least-once: the Redis calls themselves (a replayed batch is sent again and skipped per key) and
+  the dead letters.
 - The fold buffer lives in keyed state, so a checkpoint holds what was read but not yet written.
 - ``--buckets`` must never change for a namespace: position sources are named after the bucket.
 """
@@ -69,7 +72,7 @@ from pyflink.java_gateway import get_gateway
 
 from features import tiles
 from features.admission import Admission
-from features.store import APPLIED, APPLY_SCRIPT, apply_command, apply_until_settled, offsets_key
+from features.store import Conflict, RedisWriter, ViewBatch, apply_until_settled
 from infra.letters import DeadLetter
 from schemas import codec
 from schemas.definitions import FeatureView, Project, Source
@@ -142,7 +145,7 @@ def bucket_of(entity: str, buckets: int) -> int:
 
 
 def position_source(input_name: str, partition: int, group: str) -> str:
-    """The name of one ordered position source in the source's offsets hash (``group``: the entity
+    """The name of one ordered position source in the views' positions hashes (``group``: the entity
     field and bucket, ``field:bucket``)."""
     return f"flink:{input_name}:{partition}:{group}"
 
@@ -244,10 +247,10 @@ class EventTime(TimestampAssigner):
 class Fold(KeyedProcessFunction):
     """Keyed by (entity field, bucket): buffers records in keyed state and folds them into Redis.
 
-    A flush runs one :data:`APPLY_SCRIPT` per partition (all the group's views at once) in one pipeline,
-    each moving its position source from the applied position to the batch's last one; a refused call
-    (another attempt got there first) re-reads the position and retries with what is left. Emits a stats
-    tuple per flush.
+    A flush applies every partition's records after its position source's stored position (all the
+    group's views at once) in one round trip (:meth:`features.store.RedisWriter.apply`), moving the
+    position sources to the batch's last position; a key another attempt applied in part is refolded
+    from its own position and applied again. Emits a stats tuple per flush.
     """
 
     def __init__(self, config: JobConfig) -> None:
@@ -258,7 +261,7 @@ class Fold(KeyedProcessFunction):
         self.views = {v.name: v for v in views}
         self.groups = entity_groups(views)
         self.client = redis.Redis.from_url(self.config.redis_url)
-        self.script = self.client.register_script(APPLY_SCRIPT)
+        self.writer = RedisWriter(self.client, self.config.namespace)
         self.positions: dict[str, int] = {}  # position source -> applied position
         self.buffer = runtime_context.get_list_state(
             ListStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY())
@@ -302,59 +305,71 @@ class Fold(KeyedProcessFunction):
         for record in records:
             by_partition[record[0]].append(record)
         todo = [
-            (position_source(self.config.input_name, partition, group), recs)
+            (position_source(self.config.input_name, partition, group), partition, recs)
             for partition, recs in by_partition.items()
         ]
-        self._load_positions(views[0], [source for source, _ in todo])
+        self._load_positions(views, [source for source, _, _ in todo])
         stats = dict.fromkeys(STAT_FIELDS, 0)
         stats["records"] = len(records)
+        writes: list[ViewBatch] = []
+        fresh_of: list[list[tuple[Any, ...]]] = []
+        for source, partition, recs in todo:
+            fresh = [r for r in recs if r[1] > self.positions[source]]
+            if not fresh:
+                continue
+            new_position, watermark = fresh[-1][1], fresh[-1][4]
+            for view in views:
+                deltas = tiles.record_deltas(view, [(r[1], r[2]) for r in fresh if view.name in r[3]])
+                key_source = f"{self.config.input_name}:{partition}"
+                writes.append(ViewBatch(view, key_source, deltas, new_position, watermark, source))
+                fresh_of.append(fresh)
+            self.positions[source] = new_position
+            stats["applied"] += 1
+            stats["events"] += sum(len(r[3]) for r in fresh)
 
-        def attempt(todo: list[tuple[str, list[tuple[Any, ...]]]]) -> list[tuple[str, list[tuple[Any, ...]]]]:
-            commands = [c for c in (self._command(views, *t) for t in todo) if c is not None]
-            if not commands:
-                return []
-            with self.client.pipeline(transaction=False) as pipe:
-                for _source, keys, args, _new, _events in commands:
-                    self.script(keys=keys, args=args, client=pipe)
-                results = pipe.execute()
-            retry = set()
-            for (source, _k, _a, new, events), result in zip(commands, results, strict=True):
-                if int(result) == APPLIED:
-                    self.positions[source] = new
-                    stats["applied"] += 1
-                    stats["events"] += events
-                else:  # moved by another attempt: the stored position is the truth
-                    self.positions[source] = int(result)
-                    stats["refused"] += 1
-                    retry.add(source)
-            return [t for t in todo if t[0] in retry]
+        def attempt(todo: list[tuple[ViewBatch, list[tuple[Any, ...]], list[Conflict]]]) -> list[Any]:
+            redo = [(w, fresh, _refold(w, fresh, cs)) for w, fresh, cs in todo]
+            left = self.writer.apply([w for _, _, w in redo])
+            stats["refused"] += len(left)
+            by_write: dict[int, list[Conflict]] = defaultdict(list)
+            for c in left:
+                by_write[c.batch].append(c)
+            return [(redo[i][2], redo[i][1], cs) for i, cs in by_write.items()]
 
-        apply_until_settled(todo, attempt, f"group {group}")
+        conflicts = self.writer.apply(writes)
+        if conflicts:  # another attempt applied part of these keys: each is redone from its own position
+            stats["refused"] += len(conflicts)
+            first: dict[int, list[Conflict]] = defaultdict(list)
+            for c in conflicts:
+                first[c.batch].append(c)
+            again = [(writes[i], fresh_of[i], cs) for i, cs in first.items()]
+            apply_until_settled(again, attempt, f"group {group}")
         return stats
 
-    def _load_positions(self, view: FeatureView, sources: Sequence[str]) -> None:
+    def _load_positions(self, views: Sequence[FeatureView], sources: Sequence[str]) -> None:
+        """The applied position of each position source: the lowest of the views' (they move together)."""
         missing = [source for source in sources if source not in self.positions]
         if not missing:
             return
-        stored = self.client.hmget(offsets_key(view, self.config.namespace), missing)
-        for source, raw in zip(missing, stored, strict=True):
-            self.positions[source] = int(raw) if raw is not None else -1
+        found = self.writer.positions_of([(view, source) for source in missing for view in views])
+        for i, source in enumerate(missing):
+            self.positions[source] = min(p for p, _ in found[i * len(views) : (i + 1) * len(views)])
 
-    def _command(
-        self, views: Sequence[FeatureView], source: str, records: Sequence[tuple[Any, ...]]
-    ) -> tuple[str, list[str], list[Any], int, int] | None:
-        position = self.positions[source]
-        fresh = [r for r in records if r[1] > position]
-        if not fresh:
-            return None
-        deltas = {
-            view.name: tiles.batch_deltas(view, [r[2] for r in fresh if view.name in r[3]]) for view in views
-        }
-        new_position, watermark = fresh[-1][1], fresh[-1][4]
-        keys, args = apply_command(
-            views, self.config.namespace, source, deltas, position, new_position, watermark
-        )
-        return source, keys, args, new_position, sum(len(r[3]) for r in fresh)
+
+def _refold(write: ViewBatch, fresh: Sequence[tuple[Any, ...]], conflicts: Sequence[Conflict]) -> ViewBatch:
+    """``write`` again with only its conflicted keys, each from its records after the key's position (the
+    lateness decisions travel with the records)."""
+    view = write.view
+    deltas = {}
+    for c in conflicts:
+        todo = [
+            (r[1], r[2])
+            for r in fresh
+            if r[1] > c.applied and view.name in r[3] and str(r[2][view.entity_key]) == c.entity
+        ]
+        if todo:
+            deltas[c.entity] = tiles.record_deltas(view, todo)[c.entity]
+    return ViewBatch(view, write.source, deltas, write.position, write.watermark, write.position_field)
 
 
 class LogDeadLetter(ProcessFunction):

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from features import aggregations
-from features.store import RedisOnlineStore
+from features import aggregations, tiles
+from features.store import RedisOnlineStore, ViewBatch
 from infra.settings import CommonSettings
 from schemas.definitions import Project
 
@@ -26,12 +26,15 @@ async def test_redis_merges_the_sketch_as_python_does(
     merchants = [f"m{i}" for i in range(3 * aggregations.DISTINCT_K)]
     batches = [merchants[: aggregations.DISTINCT_K + 50], merchants[aggregations.DISTINCT_K - 50 :]]
     try:
-        for position, batch in enumerate(batches):
-            events = [
-                {"card_id": "card-k", "amount": 1.0, "merchant_id": m, "ts": tile_start + i % 1000}
-                for i, m in enumerate(batch)
-            ]
-            assert await store.apply(view, source, events, position - 1, position, tile_start)
+        offset = 0
+        for batch in batches:
+            records = []
+            for i, m in enumerate(batch):
+                event = {"card_id": "card-k", "amount": 1.0, "merchant_id": m, "ts": tile_start + i % 1000}
+                records.append((offset, event))
+                offset += 1
+            deltas = tiles.record_deltas(view, records)
+            assert await store.apply([ViewBatch(view, source, deltas, offset - 1, tile_start)]) == []
         [row] = await store.read(view, ["card-k"], now_ms=now)
     finally:
         await store.close()

@@ -25,7 +25,7 @@ import redis
 
 from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
 from features import tiles
-from features.store import FeatureRow, RedisOnlineStore, entity_key, offsets_key
+from features.store import FeatureRow, RedisOnlineStore, entity_key, positions_key
 from features.training import examples_for, read_source
 from infra.kafka import make_producer, read_to_end
 from infra.metrics import metric_value
@@ -212,7 +212,7 @@ def test_a_future_event_is_dead_lettered_and_does_not_move_the_watermark(
         and values["card_activity"][card]["amount_sum_1h"] == 3.0
     )
     client = redis.Redis.from_url(fraud.redis_url)
-    stored = client.hgetall(offsets_key(fraud_project.views["card_activity"], fraud.topic_prefix))
+    stored = client.hgetall(positions_key(fraud_project.views["card_activity"], fraud.topic_prefix))
     client.close()
     watermarks = {k.decode(): int(v) for k, v in stored.items() if k.endswith(b":wm")}
     assert list(watermarks.values()) == [now - 30_000], (
@@ -256,7 +256,7 @@ def test_late_events_are_dead_lettered_per_view_and_not_counted(
     services.start("features", "features", env={"TIDE_METRICS_PORT": str(port)})
     assert wait_until(lambda: len(dead_letters(fraud)) == 2, 30)
     letters = dead_letters(fraud)
-    assert sorted(h["tide.stage"] for h in letters) == ["features.card_activity", "features.card_daily"]
+    assert sorted(h["tide.stage"] for h in letters) == ["features.card_activity@1", "features.card_daily@1"]
     assert all(h["tide.error_type"] == "LateEvent" and h["tide.source.offset"] == "2" for h in letters)
     values = read_all(fraud, list(fraud_project.views.values()), ["card-late"], now)
     assert values["card_activity"]["card-late"]["txn_count_1h"] == 2
@@ -265,10 +265,12 @@ def test_late_events_are_dead_lettered_per_view_and_not_counted(
     # what it did is on its metrics endpoint, per view
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     for view, folded in (("card_activity", 2), ("card_daily", 2), ("card_profile", 3)):
-        assert metric_value(metrics, "tide_feature_events_total", f'view="{view}"') == folded
-        assert metric_value(metrics, "tide_feature_freshness_seconds_count", f'view="{view}"') == folded
-        assert (metric_value(metrics, "tide_feature_redis_write_seconds_count", f'view="{view}"') or 0) >= 1
-    late = metric_value(metrics, "tide_feature_late_events_total", 'fate="dead_letter",view="card_activity"')
+        assert metric_value(metrics, "tide_feature_events_total", f'view="{view}@1"') == folded
+        assert metric_value(metrics, "tide_feature_freshness_seconds_count", f'view="{view}@1"') == folded
+        assert (metric_value(metrics, "tide_feature_redis_write_seconds_count", f'view="{view}@1"') or 0) >= 1
+    late = metric_value(
+        metrics, "tide_feature_late_events_total", 'fate="dead_letter",view="card_activity@1"'
+    )
     assert late == 1
     assert "tide_feature_consumer_lag{" in metrics
 

@@ -16,7 +16,7 @@ from features import aggregations, tiles
 from features.admission import FUTURE_EVENT, MISSING_FIELD, NON_FINITE, WRONG_TYPE, Admission
 from features.commands import feature_listing
 from features.processor import FeatureFolder, PartitionBatch, SourceRecord, plan_sources, split_messages
-from features.store import pack, parse_tiles, read_request, row_of, unpack
+from features.store import pack, parse_tiles, read_calls, row_of, slot_of, unpack
 from infra.deadletter import MemoryDeadLetters
 from infra.settings import CommonSettings
 from schemas import codec
@@ -221,11 +221,14 @@ def test_fold_partition_splits_like_split_late_per_view() -> None:
     folded = tiles.fold_partition([strict, loose, PER_SHOP], records, tiles.NO_WATERMARK)
     for view in (strict, loose, PER_SHOP):
         on_time, late, watermark = tiles.split_late(view, records, tiles.NO_WATERMARK)
-        assert folded.late[view.name] == late and folded.watermark == watermark
-        assert folded.on_time[view.name] == len(on_time)
-        assert folded.deltas[view.name] == tiles.batch_deltas(view, [e for _, e in on_time])
-    assert len(folded.late["strict"]) > len(folded.late["loose"]) > 0
-    assert set(folded.deltas["per_shop"]) == {"0", "1", "2"}  # kept per its own entity key
+        assert folded.late[view.ref] == late and folded.watermark == watermark
+        assert folded.on_time[view.ref] == len(on_time)
+        assert folded.deltas[view.ref] == tiles.record_deltas(view, on_time)
+        for entity, delta in folded.deltas[view.ref].items():  # the positions the store checks per key
+            mine = [p for p, e in on_time if str(e[view.entity_key]) == entity]
+            assert (delta.first, delta.last) == (mine[0], mine[-1])
+    assert len(folded.late["strict@1"]) > len(folded.late["loose@1"]) > 0
+    assert set(folded.deltas["per_shop@1"]) == {"0", "1", "2"}  # kept per its own entity key
 
 
 def test_distinct_sketch_is_exact_when_small_bounded_and_close_when_large() -> None:
@@ -348,7 +351,7 @@ def test_poison_and_future_records_are_dead_lettered_and_never_move_the_watermar
 class FakeWriter:
     namespace = ""
 
-    def positions(self, pairs: Sequence[Any]) -> list[tuple[int, int]]:
+    def positions_of(self, pairs: Sequence[Any]) -> list[tuple[int, int]]:
         return [(-1, tiles.NO_WATERMARK)] * len(pairs)
 
 
@@ -359,8 +362,9 @@ def test_a_record_that_still_fails_to_fold_is_dead_lettered_not_fatal() -> None:
     broken = SourceRecord(3, {**GOOD, "amount": object(), "ts": NOW + 3}, b"k", b"raw")  # past admission
     batch = PartitionBatch("x.visits", 0, [ALL_KINDS, PER_SHOP], [*good, broken], last=3)
     flight = folder.prepare([batch])
-    ((_, folded, _),) = flight.work
-    assert folded.on_time["all_kinds"] == 3 and folded.watermark == NOW + 2
+    (planned,) = flight.work
+    folded = planned.fold
+    assert folded.on_time["all_kinds@1"] == 3 and folded.watermark == NOW + 2
     assert [(d.offset, d.value, d.error_type) for d in dlq.letters] == [(3, b"raw", "TypeError")]
     assert "cannot be folded" in dlq.letters[0].error
 
@@ -368,21 +372,33 @@ def test_a_record_that_still_fails_to_fold_is_dead_lettered_not_fatal() -> None:
 # --- reads and listing --------------------------------------------------------------------------------------
 
 
-def test_read_request_asks_each_hash_once_and_each_view_once_per_hash() -> None:
+def test_read_calls_ask_each_key_once_one_call_or_one_per_slot() -> None:
     daily = replace(ALL_KINDS, name="daily", kind="tumbling", window="1d", tile=None)
-    pairs = [(ALL_KINDS, "u1"), (daily, "u1"), (ALL_KINDS, "u1"), (PER_SHOP, "2"), (ALL_KINDS, "u2")]
-    request = read_request(pairs, NOW, "ns.")
-    assert [key for key, _ in request] == [
-        "ns.tide:f:visits:user:u1",
-        "ns.tide:f:visits:shop:2",
-        "ns.tide:f:visits:user:u2",
+    v2 = replace(ALL_KINDS, window="2h", version=2)
+    pairs = [
+        (ALL_KINDS, "u1"),
+        (daily, "u1"),
+        (ALL_KINDS, "u1"),
+        (PER_SHOP, "2"),
+        (ALL_KINDS, "u2"),
+        (v2, "u1"),
     ]
-    assert [[spec[0] for spec in specs] for _, specs in request] == [
-        ["all_kinds", "daily"],
-        ["per_shop"],
-        ["all_kinds"],
+    (call,) = read_calls(pairs, NOW, "ns.")
+    keys, windows = call
+    assert keys == [
+        "ns.tide:f:{user=u1}:all_kinds@1",
+        "ns.tide:f:{user=u1}:daily@1",
+        "ns.tide:f:{shop=2}:per_shop@1",
+        "ns.tide:f:{user=u2}:all_kinds@1",
+        "ns.tide:f:{user=u1}:all_kinds@2",
     ]
-    assert request[0][1][1][1:] == [tiles.tile_of(daily, NOW)] * 2
+    assert windows[1] == [tiles.tile_of(daily, NOW)] * 2
+    assert windows[4] == [tiles.first_tile(v2, NOW), tiles.tile_of(v2, NOW)]
+    clustered = read_calls(pairs, NOW, "ns.", cluster=True)
+    assert sorted(k for c in clustered for k in c[0]) == sorted(keys)
+    for call_keys, _ in clustered:  # every call touches one slot; an entity's keys share it
+        assert len({slot_of(k) for k in call_keys}) == 1
+    assert len(clustered) == 3
 
 
 def test_feature_listing_names_every_feature_of_every_view() -> None:
