@@ -294,8 +294,9 @@ class FeatureProcessor:
             return
         for view in gone:
             self.states.retire(view)
-            n = expire_view(self.writer.client, view, self.settings.topic_prefix)
-            log.info("%s: view %s retired: its %d keys expire", STEP, view.ref, n)
+            grace = self.settings.features_retire_grace_ms
+            n = expire_view(self.writer.client, view, self.settings.topic_prefix, grace)
+            log.info("%s: view %s retired: its %d keys expire in %d ms", STEP, view.ref, n, grace)
         self._replan(self.project)
 
     def run(self, stop: threading.Event) -> None:

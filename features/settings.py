@@ -17,3 +17,7 @@ class FeatureSettings(CommonSettings):
     # Longest the broker may hold a fetch for data (librdkafka's fetch.wait.max.ms): a broker that holds
     # fetches for the whole wait (the embedded one does) adds up to that much to every event's freshness.
     features_fetch_max_wait_ms: int = Field(default=100, ge=1)
+    # How long the keys of a retired view version stay readable (not updated any more) before they
+    # expire: serving nodes still swapping to the model version trained on the newer view version keep
+    # reading the old values meanwhile.
+    features_retire_grace_ms: int = Field(default=60_000, ge=1)

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 State = Literal["backfilling", "live", "retired"]
 STATE_SCRIPT = (Path(__file__).with_name("lua") / "state.lua").read_text()
-EXPIRE_MS = 1000  # how soon a retired version's keys go
 SCAN_COUNT = 1000
 
 
@@ -119,7 +118,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def expire_view(client: redis.Redis, view: FeatureView, namespace: str, after_ms: int = EXPIRE_MS) -> int:
+def expire_view(client: redis.Redis, view: FeatureView, namespace: str, after_ms: int) -> int:
     """Makes every key of this version of ``view`` expire in ``after_ms`` (SCAN over its key pattern,
     PEXPIRE in pipelines); returns how many keys."""
     n = 0

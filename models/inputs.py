@@ -65,8 +65,10 @@ class ModelInputs:
     join_key_types: Mapping[str, str]  # join key -> its Avro type in the request source
 
     @classmethod
-    def of(cls, project: Project, model: Model) -> ModelInputs:
-        """The inputs of ``model``, one of ``project``'s models (its views resolved in the project)."""
+    def of(cls, project: Project, model: Model, versions: Mapping[str, int] | None = None) -> ModelInputs:
+        """The inputs of ``model``, one of ``project``'s models, its views resolved in the project: at
+        ``versions`` (view name -> version, e.g. a model version's lineage) where given, else the
+        newest version of each view."""
         schema = model.request.parsed
         source_fields = model.request.fields
         docs = {f["name"]: str(f.get("doc", "")) for f in schema.get("fields", ())}
@@ -74,9 +76,11 @@ class ModelInputs:
             RequestField(name, source_fields[name], nullable(schema, name), docs.get(name, ""))
             for name in model.request_fields
         )
+        views = tuple(project.model_views(model, versions))
+        by_name = {v.name: v for v in views}
         features = []
         for view_name, feature in model.feature_refs:
-            view = project.views[view_name]
+            view = by_name[view_name]
             agg = next(a for a in view.aggregations if a.name == feature)
             if agg.kind == "count":
                 kind = "long"
@@ -85,7 +89,6 @@ class ModelInputs:
             else:
                 kind = "double"
             features.append(FeatureInput(view, feature, agg.kind, kind, agg.default is None))
-        views = tuple(project.model_views(model))
         join_keys = tuple(dict.fromkeys(v.entity_key for v in views))
         return cls(
             model=model,
@@ -103,6 +106,11 @@ class ModelInputs:
     @property
     def task(self) -> str:
         return self.model.task
+
+    @property
+    def view_versions(self) -> dict[str, int]:
+        """View name -> the version of it these inputs read."""
+        return {v.name: v.version for v in self.views}
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from infra.errors import ModelLoadError
@@ -62,6 +62,7 @@ __all__ = [
     "load_model",
     "make_loader",
     "onnx_providers",
+    "view_versions_of",
 ]
 
 # A builder turns a model_version record (artifact fetched and checked) and the model's inputs into a
@@ -86,6 +87,9 @@ class LoadedModel:
     task: str = "binary"
     classes: tuple[str, ...] = ()
     definitions_digest: str | None = None  # of the definitions it was trained with, when the record says
+    # View name -> the version of the view it was trained with (its lineage); empty for records older
+    # than lineage, which are served the views' current versions.
+    view_versions: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -101,6 +105,7 @@ class LoadedModel:
             "sha256": self.sha256,
             "signed_by": self.signed_by,
             "definitions_digest": self.definitions_digest,
+            "view_versions": dict(self.view_versions),
         }
 
 
@@ -168,7 +173,14 @@ def load_model(
         task=inputs.task,
         classes=tuple(str(c) for c in record.get("classes") or ()),
         definitions_digest=record.get("definitions_digest"),
+        view_versions=view_versions_of(record),
     )
+
+
+def view_versions_of(record: Mapping[str, Any]) -> dict[str, int]:
+    """The view versions a ``model_version`` record was trained with (view name -> version); empty
+    when the record predates lineage."""
+    return {str(name): int(v) for name, v in (record.get("view_versions") or {}).items()}
 
 
 def make_loader(models: Mapping[str, ModelInputs], policy: LoadPolicy | None = None) -> Loader:

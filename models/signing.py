@@ -4,12 +4,14 @@ What is signed is a *statement* about the version, not the artifact bytes alone:
 
     b"tide.model_version/1\\n" + canonical JSON of {model, version, flavor, sha256, feature_names}
 
-plus ``task`` and ``classes`` when the record is not a plain binary model (so the statements of binary
-versions are what they always were). The artifact is bound through its sha256 (checked against the bytes
-on load), and the statement names the model, version, flavor, input order, task and class order, so a
-signed artifact cannot be replayed as another model, another version, with its inputs permuted or its
-outputs given other class names. The canonical JSON has sorted keys, no spaces and ASCII only, so
-every writer produces the same bytes for the same statement.
+plus ``task`` and ``classes`` when the record is not a plain binary model, and ``view_versions`` (its
+lineage: the version of each view it was trained with) when the record names any, so the statements of
+older versions are what they always were. The artifact is bound through its sha256 (checked against
+the bytes on load), and the statement names the model, version, flavor, input order, task, class order
+and lineage, so a signed artifact cannot be replayed as another model, another version, with its inputs
+permuted, its outputs given other class names or its features read from other view versions. The
+canonical JSON has sorted keys, no spaces and ASCII only, so every writer produces the same bytes for
+the same statement.
 
 A key is identified by ``key_id``: the first 16 hex digits of the SHA-256 of its raw 32-byte public key.
 Keys are PEM files: the private key PKCS#8 (unencrypted: protect the file, e.g. a mounted secret), public
@@ -57,6 +59,9 @@ def statement(record: Mapping[str, Any]) -> bytes:
     task, classes = str(record.get("task") or "binary"), [str(c) for c in record.get("classes") or ()]
     if task != "binary" or classes:
         body.update(task=task, classes=classes)
+    views = record.get("view_versions") or {}
+    if views:
+        body["view_versions"] = {str(name): int(v) for name, v in views.items()}
     return STATEMENT_PREFIX + json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
 
 

@@ -5,16 +5,24 @@ One cycle per model (:func:`retrain_model`):
 
 1. its examples (:func:`online_training.history.all_examples`): each labelled event of the request source
    with the model's inputs as serving saw them when it scored the event (request fields, and every
-   feature as of just before the event, through the window code the online processor runs);
+   feature as of just before the event, through the window code the online processor runs), each view
+   at its newest live version (:func:`online_training.lineage.binding_of`; a model with a view not
+   live yet waits);
 2. split by event time: the newest ``retrain_holdout`` share is held out;
 3. the model's batch trainer (``factory(n_inputs)``, a torch module; the contract is in
    :mod:`online_training.network`) trained for its task on the others, on CUDA when torch sees a GPU;
 4. exported to ONNX and the held-out rows scored through :class:`models.runtime.OnnxRuntime`, the
    serving path; nothing is published unless those scores equal torch's to within 1e-5;
 5. published as the next version of the model (flavor ``onnx``, after its newest version of any flavor)
-   with its declared metric on the held-out rows, unless no label arrived since its last ONNX version,
-   or it does no better than guessing (binary: held-out ROC AUC under ``retrain_min_auc``; regression:
-   held-out MAE not under that of predicting the training mean).
+   with its declared metric on the held-out rows and its lineage (the registry digest and the view
+   versions it was trained with), unless no label arrived since its last ONNX version of the same
+   inputs and view versions, or it does no better than guessing (binary: held-out ROC AUC under
+   ``retrain_min_auc``; regression: held-out MAE not under that of predicting the training mean).
+
+``tide retrain --every`` follows the registry while it runs (:class:`schemas.registry.Follower`, polled
+every second between cycles): a model added (or changed) is retrained at once, a removed one no more,
+and a model whose views get a newer live version is retrained on it at once, so the older view
+version can be retired.
 
 Inputs must be numeric or boolean: the ONNX runtime feeds a model one float32 row, and a string has no
 float value there. A model with a string input (request field or ``last`` feature) is refused before
@@ -29,15 +37,17 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import redis
 import torch
 from torch import nn
 
 from features.training import Example
+from features.versions import read_states
 from infra.errors import TrainingError
 from infra.imports import add_code_path, import_object
 from models.inputs import ModelInputs
@@ -45,9 +55,11 @@ from models.profile import build_profile
 from models.runtime import OnnxRuntime, feature_matrix
 from online_training.evaluation import build_metric, rolling_auc
 from online_training.history import all_examples
+from online_training.lineage import Binding, binding_of, waiting_views
 from online_training.network import check_parity, export_onnx, fit_network, pick_device, train_mlp
 from online_training.publish import newest_versions, publish_model_version, signer_of
 from online_training.settings import RetrainSettings
+from schemas import registry
 from schemas.definitions import Model, Project
 
 __all__ = [
@@ -66,6 +78,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FLAVOR = "onnx"
+POLL_S = 1.0  # how often a periodic run looks for new definitions and live view versions
 
 
 def batch_models(project: Project) -> list[Model]:
@@ -75,14 +88,14 @@ def batch_models(project: Project) -> list[Model]:
     ]
 
 
-def check_model(project: Project, model: Model) -> None:
+def check_model(project: Project, model: Model, versions: Mapping[str, int] | None = None) -> None:
     """:class:`TrainingError` naming the model and input when it cannot be batch-trained (see the module
-    docstring)."""
+    docstring); ``versions``: the view versions it would read (default the newest)."""
     if model.task not in ("binary", "regression"):
         raise TrainingError(
             f"model {model.name!r}: batch training supports binary and regression tasks, not {model.task}"
         )
-    strings = ModelInputs.of(project, model).strings(model.input_names)
+    strings = ModelInputs.of(project, model, versions).strings(model.input_names)
     if strings:
         raise TrainingError(
             f"model {model.name!r}, input {strings[0]!r}: string inputs cannot be batch-trained (ONNX models "
@@ -205,18 +218,36 @@ def retrain_model(
     project: Project,
     model: Model,
     newest: dict[str, dict[str, Any]] | None = None,
+    *,
+    binding: Binding | None = None,
+    digest: str | None = None,
 ) -> dict[str, Any]:
     """One cycle for ``model`` (module docstring); returns a summary, ``published`` saying whether it did.
-    ``newest``: the newest version of each model (any flavor), if already read."""
+    ``newest``: the newest version of each model (any flavor), if already read; ``binding``: the view
+    versions to train on (default: the newest live ones, read from Redis); ``digest``: of the registry
+    definitions being run (default: ``project``'s)."""
     started = time.perf_counter()
-    check_model(project, model)
-    examples = all_examples(settings, project, model)
-    summary: dict[str, Any] = {"model": model.name, "labels": len(examples), "published": False}
+    if binding is None:
+        binding, waiting = _bind(settings, project, model)
+        if binding is None:
+            return {"model": model.name, "labels": 0, "published": False, "reason": waiting}
+    check_model(project, model, binding.view_versions)
+    examples = all_examples(settings, project, model, binding.views)
+    summary: dict[str, Any] = {
+        "model": model.name,
+        "labels": len(examples),
+        "published": False,
+        "view_versions": binding.view_versions,
+    }
     if len(examples) < settings.retrain_min_labels:
         return {**summary, "reason": f"{len(examples)} labels, fewer than {settings.retrain_min_labels}"}
     train, held_out = split_by_time(examples, settings.retrain_holdout)
     latest_onnx = newest_versions(settings, FLAVOR).get(model.name)
-    if latest_onnx is not None and latest_onnx["trained_on"] == len(train):
+    if (
+        latest_onnx is not None
+        and latest_onnx["trained_on"] == len(train)
+        and binding.serves(latest_onnx["feature_names"], latest_onnx.get("view_versions") or {})
+    ):
         return {
             **summary,
             "version": latest_onnx["version"],
@@ -256,7 +287,8 @@ def retrain_model(
         trained_on=len(train),
         reference=build_profile([e.x for e in held_out], candidate.scores, model.monitor),
         task=model.task,
-        definitions_digest=project.digest(),
+        definitions_digest=digest or project.digest(),
+        view_versions=binding.view_versions,
     )
     return {
         **summary,
@@ -268,10 +300,28 @@ def retrain_model(
     }
 
 
-def retrain(settings: RetrainSettings, project: Project) -> list[dict[str, Any]]:
+def _bind(settings: RetrainSettings, project: Project, model: Model) -> tuple[Binding | None, str]:
+    """``model`` bound to its views' newest live versions, or None and why it waits."""
+    if not model.feature_refs:
+        return binding_of(project, model, {}), ""
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        states = read_states(client, settings.topic_prefix)
+    finally:
+        client.close()
+    binding = binding_of(project, model, states)
+    if binding is not None:
+        return binding, ""
+    views = ", ".join(waiting_views(project, model, states))
+    return None, f"waiting for a live version of view(s) {views}"
+
+
+def retrain(
+    settings: RetrainSettings, project: Project, *, digest: str | None = None
+) -> list[dict[str, Any]]:
     """One cycle for every model with a batch trainer; one summary each."""
     newest = newest_versions(settings)
-    return [retrain_model(settings, project, model, newest) for model in batch_models(project)]
+    return [retrain_model(settings, project, model, newest, digest=digest) for model in batch_models(project)]
 
 
 def run(
@@ -281,30 +331,126 @@ def run(
     every_s: float | None = None,
     stop: threading.Event | None = None,
     on_result: Callable[[dict[str, Any]], None] = lambda _: None,
+    follow: bool | None = None,
 ) -> None:
     """Retrain every batch model once, or every ``every_s`` seconds until ``stop`` is set. A model that
     cannot be batch-trained fails at once; a failed cycle of a periodic run is logged and the next one
-    runs (a single run raises)."""
+    runs (a single run raises). ``follow`` (default: for a periodic run) follows the registry: see the
+    module docstring."""
     stop = stop or threading.Event()
     add_code_path(settings.project)
     signer_of(settings)  # a bad signing key fails now
-    models = batch_models(project)
-    for model in models:
+    follower = registry.Follower(settings) if (every_s is not None if follow is None else follow) else None
+    digest = project.digest()
+    if follower is not None:
+        project, digest = follower.current.project, follower.current.digest
+    for model in batch_models(project):
         check_model(project, model)
-    if not models:
+    if not batch_models(project):
         log.warning("project %s has no model with a batch trainer: nothing to retrain", project.name)
-    while not stop.is_set():
-        newest = newest_versions(settings) if models else {}
+    schedule = _Schedule()
+    try:
+        while not stop.is_set():
+            if follower is not None and (found := follower.poll()) is not None:
+                project, digest = found.project, found.digest
+                log.info("retraining with definitions version %d (%s)", found.version, digest[:12])
+            due = schedule.due(settings, project, every_s)
+            if due:
+                newest = newest_versions(settings)
+                for model, binding in due:
+                    result = _cycle(settings, project, model, binding, newest, digest, every_s)
+                    if result is not None:
+                        schedule.done(model, binding, result)
+                        log.info("retrain %s", json.dumps(result, default=str))
+                        on_result(result)
+            if every_s is None:
+                return
+            stop.wait(POLL_S if follower is not None else every_s)
+    finally:
+        if follower is not None:
+            follower.close()
+
+
+def _cycle(
+    settings: RetrainSettings,
+    project: Project,
+    model: Model,
+    binding: Binding | None,
+    newest: dict[str, dict[str, Any]],
+    digest: str,
+    every_s: float | None,
+) -> dict[str, Any] | None:
+    if binding is None:
+        return {
+            "model": model.name,
+            "labels": 0,
+            "published": False,
+            "reason": _bind(settings, project, model)[1],
+        }
+    try:
+        return retrain_model(settings, project, model, newest, binding=binding, digest=digest)
+    except Exception:
+        if every_s is None:
+            raise
+        # The next cycle may well succeed (a broker back from a restart): log, wait, go on.
+        log.exception("retraining %s failed; next try in %.0f s", model.name, every_s)
+        return None
+
+
+@dataclass
+class _Schedule:
+    """When each batch model is retrained next: every ``every_s``, and at once when it is new, its
+    definition changed or its views got a newer live version (its binding changed)."""
+
+    next_at: dict[str, float] = field(default_factory=dict)  # model -> monotonic time
+    trained: dict[str, str] = field(default_factory=dict)  # model -> fingerprint of its last cycle
+    waiting: set[str] = field(default_factory=set)
+
+    def due(
+        self, settings: RetrainSettings, project: Project, every_s: float | None
+    ) -> list[tuple[Model, Binding | None]]:
+        models = batch_models(project)
+        names = {m.name for m in models}
+        for gone in set(self.next_at) - names:
+            del self.next_at[gone]
+            self.trained.pop(gone, None)
+            log.info("model %s is no longer a model with a batch trainer: not retrained any more", gone)
+        now = time.monotonic()
+        states = _states(settings) if any(m.feature_refs for m in models) else {}
+        out: list[tuple[Model, Binding | None]] = []
         for model in models:
-            try:
-                result = retrain_model(settings, project, model, newest)
-            except Exception:
-                if every_s is None:
-                    raise
-                # The next cycle may well succeed (a broker back from a restart): log, wait, go on.
-                log.exception("retraining %s failed; next try in %.0f s", model.name, every_s)
+            binding = binding_of(project, model, states)
+            if binding is None:
+                if model.name not in self.waiting:  # reported once, then looked at again each poll
+                    self.waiting.add(model.name)
+                    out.append((model, None))
                 continue
-            log.info("retrain %s", json.dumps(result, default=str))
-            on_result(result)
-        if every_s is None or stop.wait(every_s):
-            return
+            self.waiting.discard(model.name)
+            changed = self.trained.get(model.name) != binding.fingerprint
+            if changed or now >= self.next_at.get(model.name, 0.0):
+                if changed and model.name in self.trained:
+                    log.info("model %s: retrained now on %s", model.name, binding.describe())
+                try:
+                    check_model(project, model, binding.view_versions)
+                except TrainingError as exc:
+                    if every_s is None:
+                        raise
+                    log.error("%s; not retrained", exc)
+                    self.trained[model.name] = binding.fingerprint
+                    self.next_at[model.name] = float("inf")
+                    continue
+                out.append((model, binding))
+                self.next_at[model.name] = now + (every_s or 0.0)
+        return out
+
+    def done(self, model: Model, binding: Binding | None, result: Mapping[str, Any]) -> None:
+        if binding is not None:
+            self.trained[model.name] = binding.fingerprint
+
+
+def _states(settings: RetrainSettings) -> dict[str, Any]:
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        return dict(read_states(client, settings.topic_prefix))
+    finally:
+        client.close()

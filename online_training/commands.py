@@ -62,7 +62,9 @@ def add_commands(add: AddCommand) -> None:
         cmd_train,
         "Run the online trainer: every model with a learner learns from its labels (joined with the inputs "
         "served for their events, or point-in-time features replayed for events never scored), "
-        "progressively, and publishes versions (flavor river).",
+        "progressively, and publishes versions (flavor river). Follows the registry and the view versions "
+        "made live: a model applied while it runs is trained (history first), a changed one starts a new "
+        "lineage, a removed one stops.",
     )
     rt = add(
         "retrain",
@@ -70,7 +72,8 @@ def add_commands(add: AddCommand) -> None:
         "Batch-retrain every model with a batch trainer: point-in-time training rows replayed from the "
         "topics, its torch module trained (CUDA when present, else CPU), its ONNX export checked to score "
         "like torch, published as the model's next version (flavor onnx). Prints one JSON summary per "
-        "model and run.",
+        "model and run. With --every it follows the registry: models applied meanwhile are retrained at "
+        "once.",
     )
     rt.add_argument(
         "--every",

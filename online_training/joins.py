@@ -1,7 +1,10 @@
 """The trainer's state in Redis, per model: served inputs and labels waiting for each other, labels
 waiting to be learnt from replayed features, what was learnt (markers) and the learn log.
 
-Keys live under ``<topic prefix>tide:train:<model>:``. Per-label state is kept in hashes, one per time
+Keys live under ``<topic prefix>tide:train:<model>:<lineage>:`` (one set per lineage of the model: a
+lineage's learner learns each label once, whatever another lineage learnt; see
+:mod:`online_training.lineage`), the learn log under ``<topic prefix>tide:train:<model>:log``. Per-label
+state is kept in hashes, one per time
 bucket of the join TTL (written to the newest, read from the newest two, each expiring two TTLs after its
 last write), so a batch of any size costs a few Redis commands, and every entry lives at least one TTL:
 
@@ -12,7 +15,8 @@ last write), so a batch of any size costs a few Redis commands, and every entry 
   the label and into which version of the model it went;
 - ``pending``: a sorted set of the keys of waiting labels, scored by when they are due for replay;
 - ``epoch`` / ``epochs``: the run counter, and each ended run's last committed version;
-- ``log``: the learn log, one JSON entry per label learnt, in learning order (one list item per batch).
+- ``log`` (per model, every lineage's): the learn log, one JSON entry per label learnt, in learning order
+  (one list item per batch).
 
 Why markers carry an epoch and a version: Redis is written before the Kafka transaction that publishes
 the version commits. A run that crashes leaves markers for labels its learner had learnt but no
@@ -57,12 +61,18 @@ class Waiting:
 class JoinStore:
     """One model's trainer state (see the module docstring). Call :meth:`start_epoch` once per run."""
 
-    def __init__(self, client: redis.Redis, namespace: str, model: str, ttl_s: int) -> None:
+    def __init__(
+        self, client: redis.Redis, namespace: str, model: str, ttl_s: int, lineage: str = ""
+    ) -> None:
         self.client = client
         self.model = model
+        self.lineage = lineage
         self.ttl_s = ttl_s
         self.bucket_ms = ttl_s * 1000
-        self.prefix = f"{namespace}tide:train:{model}:"
+        base = f"{namespace}tide:train:{model}:"
+        # The lineage "" is the one that predates lineages: its keys are where they always were.
+        self.prefix = f"{base}{lineage}:" if lineage else base
+        self.log_key = f"{base}log"
         self.epoch = 0
         self.committed: dict[int, int] = {}  # ended run -> its last committed version
 
@@ -164,8 +174,8 @@ class JoinStore:
         if log and log_max:
             # One list item per batch (a JSON array of its entries): a batch costs one argument, not
             # hundreds. Trimmed by batches of this one's size: about log_max entries are kept.
-            pipe.rpush(self.key("log"), b"[" + b",".join(log) + b"]")
-            pipe.ltrim(self.key("log"), -max(1, -(-log_max // len(log))), -1)
+            pipe.rpush(self.log_key, b"[" + b",".join(log) + b"]")
+            pipe.ltrim(self.log_key, -max(1, -(-log_max // len(log))), -1)
         pipe.execute()
 
     def parked(self, keys: Sequence[str]) -> list[Any]:
@@ -220,7 +230,7 @@ class JoinStore:
         return value
 
     def clear_log(self) -> None:
-        self.client.delete(self.key("log"))
+        self.client.delete(self.log_key)
 
 
 def log_entry(epoch: int, version: int, key: str, path: str, y: Any, y_pred: Any) -> bytes:

@@ -10,7 +10,7 @@ are those of bare river with the same factory, to the bit.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from infra.errors import TrainingError
@@ -53,9 +53,12 @@ def build_learner(model: Model) -> Any:
     return learner
 
 
-def profiled_inputs(project: Project, model: Model) -> tuple[str, ...]:
-    """The monitored inputs a reference profile histograms: those with numeric (or boolean) values."""
-    strings = set(ModelInputs.of(project, model).strings(model.monitor))
+def profiled_inputs(
+    project: Project, model: Model, versions: Mapping[str, int] | None = None
+) -> tuple[str, ...]:
+    """The monitored inputs a reference profile histograms: those with numeric (or boolean) values
+    (``versions``: the view versions the model reads, default the newest)."""
+    strings = set(ModelInputs.of(project, model, versions).strings(model.monitor))
     return tuple(m for m in model.monitor if m not in strings)
 
 

@@ -1,10 +1,11 @@
 """Publishing model versions: the one way both trainers (and benchmarks) put a version on the models topic.
 
 :func:`publish_model_version` builds the ``model_version`` record (with the model's task, classes and
-the digest of the definitions it was trained with), stores the artifact inline (up to
-``artifact_inline_max_bytes``) or in the artifact store by URI, signs it when a signing key is
-configured (:mod:`models.signing`) and produces it keyed by model name. :func:`newest_versions` reads
-the newest committed version of every model in one pass over the models topic.
+its lineage: the digest of the definitions it was trained with and the version of each view it read),
+stores the artifact inline (up to ``artifact_inline_max_bytes``) or in the artifact store by URI, signs
+it when a signing key is configured (:mod:`models.signing`) and produces it keyed by model name.
+:func:`newest_versions` reads the newest committed version of every model in one pass over the models
+topic.
 
 Exactly-once: with the caller's transactional producer (the online trainer's), the record is only
 produced; it becomes visible when the caller commits the transaction that also holds the consumed
@@ -78,8 +79,11 @@ def build_record(
     task: str = "binary",
     classes: Sequence[str] = (),
     definitions_digest: str | None = None,
+    view_versions: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The ``model_version`` record for an artifact: stored inline or by URI, signed when configured."""
+    """The ``model_version`` record for an artifact: stored inline or by URI, signed when configured.
+    ``definitions_digest`` and ``view_versions`` (view name -> version) are its lineage: the registry
+    definitions and the view versions it was trained with."""
     digest = sha256_hex(artifact)
     inline = len(artifact) <= _inline_max(settings)
     record: dict[str, Any] = {
@@ -100,6 +104,7 @@ def build_record(
         "signature": None,
         "key_id": None,
         "definitions_digest": definitions_digest,
+        "view_versions": {str(name): int(v) for name, v in (view_versions or {}).items()},
     }
     signer = signer_of(settings)
     if signer is not None:
@@ -122,6 +127,7 @@ def publish_model_version(
     task: str = "binary",
     classes: Sequence[str] = (),
     definitions_digest: str | None = None,
+    view_versions: Mapping[str, int] | None = None,
     producer: Producer | None = None,
 ) -> dict[str, Any]:
     """Build (:func:`build_record`) and produce a model version; returns the record published.
@@ -143,6 +149,7 @@ def publish_model_version(
         task=task,
         classes=classes,
         definitions_digest=definitions_digest,
+        view_versions=view_versions,
     )
     value = codec.encode("model_version", record)
     name = topic(settings, "models")
@@ -151,10 +158,11 @@ def publish_model_version(
     else:
         _produce_and_wait(settings, name, model.encode(), value)
     log.info(
-        "published model=%s version=%d flavor=%s artifact=%s (%d bytes) %s=%s %s",
+        "published model=%s version=%d flavor=%s views=%s artifact=%s (%d bytes) %s=%s %s",
         model,
         version,
         flavor,
+        ",".join(f"{name}@{v}" for name, v in sorted(record["view_versions"].items())) or "-",
         "inline" if record["artifact_uri"] is None else record["artifact_uri"],
         len(artifact),
         metric_name or "metric",

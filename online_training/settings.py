@@ -46,6 +46,9 @@ class TrainerSettings(PublishSettings):
     trainer_catchup_max: int = Field(default=50_000, ge=1)
     # Inputs sampled (the newest) for each version's reference profile.
     trainer_reference_size: int = Field(default=2000, ge=10)
+    # How often the trainer looks for newer definitions in the registry and for view versions made live
+    # (a model whose binding changed starts a new lineage; see online_training.lineage).
+    trainer_follow_interval_s: float = Field(default=1.0, gt=0)
     # About how many entries each model's learn log keeps (a Redis list: what was learnt, in order, with
     # the prediction made before learning it; trimmed by whole batches); 0 keeps none.
     trainer_learn_log: int = Field(default=10_000, ge=0)

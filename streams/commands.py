@@ -1,6 +1,8 @@
 """``tide produce``, ``tide tail`` and ``tide drift``: data in and out, and the drift scorer.
 
-Each loads the project's definitions from the registry (``schemas.registry.load``) and passes them down.
+Each loads the project's definitions from the registry (``schemas.registry.load``) and passes them down;
+``tide drift`` also follows the registry while it runs (a model applied later is watched without a
+restart).
 """
 
 from __future__ import annotations
@@ -104,5 +106,6 @@ def add_commands(add: AddCommand) -> None:
         "drift",
         cmd_drift,
         "Run the drift scorer: every model's monitored inputs and output compared with the reference "
-        "profile of its version (PSI over a sliding window); alerts go to the drift-alerts topic.",
+        "profile of its version (PSI over a sliding window); alerts go to the drift-alerts topic. Follows "
+        "the registry: models applied while it runs are watched, removed ones dropped.",
     )

@@ -23,6 +23,11 @@ reference when that version has one, else with the model's newest reference.
 
 Alerts are produced in the processor's Kafka transaction, so they are committed exactly once with the
 consumed offsets. Stats points are best-effort and may repeat after a crash.
+
+The scorer follows the registry while it runs (:class:`schemas.registry.Follower`, polled between
+batches): a model added is watched from its next version on (a version seen before its model was
+known is kept aside and taken up when it is), a removed model is dropped, and a model whose monitored
+inputs change is watched on the new ones from its next reference.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from infra.metrics import serve_metrics
 from infra.settings import CommonSettings
 from infra.topics import TOPICS, topic
 from models.profile import SCORE, as_number, psi
-from schemas import codec
+from schemas import codec, registry
 from schemas.definitions import Model, Project
 from schemas.records import DriftAlert, Histogram
 
@@ -64,6 +69,8 @@ STATS_MAXLEN = 10_000
 # Bounds on per-model state: references of old versions and windows of versions no longer scored.
 REFERENCES_PER_MODEL = 256
 MONITORS_PER_MODEL = 4
+UNKNOWN_KEPT = 4  # versions kept per model not (yet) in the definitions, newest first
+FOLLOW_INTERVAL_S = 0.5  # how often the registry is looked at
 
 DRIFT_STATISTIC = Gauge(
     "tide_drift_statistic",
@@ -311,6 +318,9 @@ class DriftStep:
     ) -> None:
         self._settings = settings
         self._definitions: Mapping[str, Model] = project.models
+        self._unknown: dict[str, dict[int, Mapping[str, Any]]] = {}  # model -> version -> record
+        self._follower: registry.Follower | None = None
+        self._next_follow = 0.0
         self._unwatched: set[tuple[str, int]] = set()  # (model, version) whose missing histograms were logged
         self._producer = producer
         self._alerts_topic = alerts_topic
@@ -344,16 +354,56 @@ class DriftStep:
             if self._stats_sink is not None:
                 self._stats_sink(self._points)
             self._points = []
+        self._poll_registry()
         return True  # checkpoint every batch: alerts go out with the offsets that raised them
 
     def idle(self) -> bool:
+        self._poll_registry()
         return False  # nothing is produced without input
+
+    # -- definitions -----------------------------------------------------------------------------------
+
+    def follow(self, follower: registry.Follower | None) -> None:
+        """Take newer definitions from ``follower`` between batches."""
+        self._follower = follower
+
+    def _poll_registry(self) -> None:
+        now = time.monotonic()
+        if self._follower is None or now < self._next_follow:
+            return
+        self._next_follow = now + FOLLOW_INTERVAL_S
+        found = self._follower.poll()
+        if found is not None:
+            log.info("definitions version %d (%s)", found.version, found.digest[:12])
+            self.update(found.project)
+
+    def update(self, project: Project) -> None:
+        """Watch the models of ``project`` from now on: new ones (with the versions of them seen while
+        they were unknown), not removed ones; a model whose watched inputs changed rebuilds its
+        monitors from its references."""
+        before, self._definitions = self._definitions, project.models
+        for name in set(before) - set(project.models):
+            self._models.pop(name, None)
+            log.info("model %s is no longer a model of the project: not watched any more", name)
+        for name, model in project.models.items():
+            if name not in before:
+                log.info("watching model %s", name)
+                for _, record in sorted(self._unknown.pop(name, {}).items()):
+                    self._on_model_version(record)
+            elif watched(before[name]) != watched(model) and name in self._models:
+                self._models[name].monitors.clear()  # rebuilt on the next prediction, on what it watches now
+                log.info("model %s: watching %s", name, ", ".join(watched(model)))
 
     # -- records ---------------------------------------------------------------------------------------
 
     def _on_model_version(self, record: Mapping[str, Any]) -> None:
         if record["model"] not in self._definitions:
+            # Perhaps of a model applied a moment ago, whose definitions this scorer has not read yet.
             log.debug("model %s v%s is not a model of the project", record["model"], record["version"])
+            kept = self._unknown.setdefault(str(record["model"]), {})
+            kept[int(record["version"])] = record
+            for old in sorted(kept)[:-UNKNOWN_KEPT]:
+                del kept[old]
             return
         ref = Reference.from_model_version(record)
         if ref is None:
@@ -541,20 +591,31 @@ def replay_references(settings: DriftSettings, step: DriftStep, *, timeout_s: fl
     return read
 
 
-def run(settings: DriftSettings, project: Project, stop: threading.Event | None = None) -> None:
+def run(
+    settings: DriftSettings,
+    project: Project,
+    stop: threading.Event | None = None,
+    *,
+    follow: bool = True,
+) -> None:
     """Watch every model of ``project`` until ``stop`` is set.
 
     ``project`` is what the registry holds (``schemas.registry.load``) and ``stop`` the entry point's
-    stop event (``infra.console.stop_event``: SIGTERM and SIGINT set it); both are passed down.
+    stop event (``infra.console.stop_event``: SIGTERM and SIGINT set it); both are passed down. With
+    ``follow``, newer definitions in the registry are taken up while running (module docstring).
     """
     stop = stop if stop is not None else threading.Event()
     serve_metrics(settings)
+    follower = registry.Follower(settings) if follow else None
+    if follower is not None and follower.current.digest != project.digest():
+        project = follower.current.project
     client = redis.Redis.from_url(settings.redis_url)
     log.info("watching models %s of project %s", ", ".join(sorted(project.models)) or "(none)", project.name)
     try:
         producer = make_transactional_producer(settings, transactional_id(settings))
         sink = RedisStatsSink(client, namespace=settings.topic_prefix)
         step = DriftStep(settings, project, producer, topic(settings, "drift-alerts"), sink)
+        step.follow(follower)
         replay_references(settings, step)
         consumer = make_consumer(settings, settings.drift_group)
         dlq = KafkaDeadLetters(producer, topic(settings, "dead-letter"))
@@ -564,4 +625,6 @@ def run(settings: DriftSettings, project: Project, stop: threading.Event | None 
         }
         processor.run(step, consumer, producer, dlq, expected, stop, codec.decode_named)
     finally:
+        if follower is not None:
+            follower.close()
         client.close()

@@ -3,8 +3,10 @@ a batch trainer out, loaded by serving's loader and scoring as torch does (binar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,14 @@ from online_training.history import all_examples
 from online_training.network import torch_scores
 from online_training.publish import latest_record
 from online_training.settings import RetrainSettings
+from schemas import registry
 from schemas.definitions import Project
 from schemas.registry import register_schemas
 from streams.tail import tail
+from tests.integration.test_trainer import mark_live
 from tide import Client, cli
 from tide.plan import apply
+from tide.processes import wait_until
 from tide.project import load_project
 
 pytestmark = pytest.mark.integration
@@ -63,6 +68,12 @@ def test_retrain_publishes_onnx_versions_that_serving_loads(
         signing_key_file=keys["private_key"],
         artifact_inline_max_bytes=0,  # the first version travels by URI
     )
+    [waiting] = batch.retrain(rs, fraud_project)  # its view has no live version yet
+    assert (waiting["published"], waiting["reason"]) == (
+        False,
+        "waiting for a live version of view(s) card_activity",
+    )
+    mark_live(rs, fraud_project)
     [empty] = batch.retrain(rs, fraud_project)  # fraud_nn only: fraud has a river learner
     assert (empty["model"], empty["published"], empty["labels"]) == ("fraud_nn", False, 0)
     n = produce_generated(rs, fraud_project, 3000, seed=11)
@@ -80,6 +91,7 @@ def test_retrain_publishes_onnx_versions_that_serving_loads(
     assert record is not None
     assert (record["flavor"], record["version"], record["trained_on"]) == ("onnx", 1, result["train"])
     assert (record["task"], record["definitions_digest"]) == ("binary", fraud_project.digest())
+    assert record["view_versions"] == {"card_activity": 1} == result["view_versions"]
     assert record["artifact"] == b"" and record["artifact_uri"].startswith(tmp_path.as_uri())
     assert record["feature_names"] == list(model.input_names)
     assert record["key_id"] == keys["key_id"] and record["reference"]["size"] == result["held_out"]
@@ -226,3 +238,52 @@ def test_a_regression_model_is_retrained_and_served_as_values(
     late = loaded.runtime.predict_one({"time": 21, "diet": 3}).score
     early = loaded.runtime.predict_one({"time": 0, "diet": 3}).score
     assert 150 < late < 400 and 20 < early < 90  # values on the target's scale, not standardised ones
+
+
+def test_a_periodic_retrain_follows_the_registry(settings: CommonSettings, tmp_path: Path) -> None:
+    root = tmp_path / "chick_batch"
+    for name, schema in CHICK_FILES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(schema))
+    for name, code in CHICK_CODE.items():
+        (root / name).write_text(textwrap.dedent(code))
+    project = load_project(root)
+    rs = RetrainSettings(
+        **{**settings.model_dump(), "project": root}, retrain_min_labels=100, retrain_epochs=5
+    )
+    apply(rs, project)
+    register_schemas(project)
+    rows: list[tuple[dict[str, Any], Any]] = list(datasets.ChickWeights())
+    client = Client(rs, project, 1)
+    client.produce(
+        "weighings",
+        [{"event_id": f"w{i}", **x, "ts": 1_700_000_000_000 + i} for i, (x, _) in enumerate(rows)],
+    )
+    client.produce(
+        "weights",
+        [
+            {"event_id": f"w{i}", "chick": x["chick"], "weight": float(y), "ts": 0}
+            for i, (x, y) in enumerate(rows)
+        ],
+    )
+    results: list[dict[str, Any]] = []
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=batch.run,
+        args=(rs, project),
+        kwargs={"every_s": 3600, "stop": stop, "on_result": results.append},
+    )
+    thread.start()
+    try:
+        assert wait_until(lambda: [r["model"] for r in results] == ["growth_nn"], 60)
+        # a model applied while it runs is retrained at once, not at the next cycle (an hour away)
+        second = dataclasses.replace(project.models["growth_nn"], name="growth_nn2")
+        apply(rs, dataclasses.replace(project, models={**project.models, "growth_nn2": second}))
+        assert wait_until(lambda: len(results) == 2, 60)
+        assert results[1]["model"] == "growth_nn2" and results[1]["published"], results[1]
+        newest = registry.latest(rs)
+        assert newest is not None and latest_record(rs, "growth_nn2")["definitions_digest"] == newest.digest  # type: ignore[index]
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive() and len(results) == 2

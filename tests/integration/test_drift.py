@@ -3,6 +3,7 @@ project of two models watched at once."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -388,3 +389,39 @@ def test_two_models_alert_per_model_and_input(settings: DriftSettings, runner: R
     ]
     for alert in alerts:
         assert 1000 <= int((alert["trigger_event_id"] or "e-1")[1:]) < 1000 + settings.drift_window
+
+
+def test_a_model_applied_while_the_scorer_runs_is_watched(
+    fraud: DriftSettings, settings: DriftSettings, project: Project, runner: Runner
+) -> None:
+    runner.project = project
+    rng = np.random.default_rng(5)
+    producer = make_producer(settings)
+    predictions = topic(settings, "predictions")
+    _publish_model(settings, producer, MODEL, rng)
+    for i, row in enumerate(_rows(rng, 100)):
+        producer.produce(predictions, key=b"card-1", value=_card(MODEL, i, row, 0.1), partition=0)
+    assert producer.flush(30) == 0
+    runner.start()
+    _wait_for_points(settings, MODEL, 100 // settings.drift_check_every)  # it runs
+
+    # a second model, applied now: its first version and predictions reach the running scorer
+    lite = dataclasses.replace(project.models[MODEL], name="fraud_lite", monitor=("amount",))
+    apply(fraud, dataclasses.replace(project, models={**project.models, "fraud_lite": lite}))
+    _publish_model(settings, producer, "fraud_lite", rng)
+    assert producer.flush(30) == 0
+    # Serving takes the new model up first (its predictions cannot come before its version); until the
+    # scorer has read both, a prediction of it has no reference to be compared with.
+    time.sleep(3 * drift.FOLLOW_INTERVAL_S + 1)
+    rows = _rows(rng, 1000) + _rows(rng, 1000, amount_scale=3.0)
+    for i, (row, score) in enumerate(zip(rows, rng.beta(1, 20, len(rows)), strict=True)):
+        value = _card("fraud_lite", i, row, float(score))
+        producer.produce(predictions, key=b"card-1", value=value, partition=0)
+    assert producer.flush(30) == 0
+    points = _wait_for_points(settings, "fraud_lite", len(rows) // settings.drift_check_every)
+    assert {k.decode() for k in points[-1][1]} == {"ts", "version", "trigger_event_id", "amount", SCORE}
+    alerts = [
+        codec.decode(m.value() or b"", "drift_alert")
+        for m in _read_all(settings, "drift-alerts", lambda got: len(got) > 0, 30)
+    ]
+    assert [(a["model"], a["feature"]) for a in alerts] == [("fraud_lite", "amount")]

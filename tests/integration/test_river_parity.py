@@ -31,6 +31,7 @@ from online_training.publish import latest_record
 from online_training.settings import TrainerSettings
 from schemas.definitions import Project
 from schemas.registry import register_schemas
+from tests.integration.test_trainer import mark_live
 from tide import Client
 from tide.plan import apply
 from tide.processes import wait_until
@@ -175,6 +176,7 @@ def applied(settings: CommonSettings, project: Project, root: Path, **overrides:
     )
     apply(s, project)
     register_schemas(project)
+    mark_live(s, project)  # as the feature processor does for a new project
     return s
 
 

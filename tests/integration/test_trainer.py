@@ -8,11 +8,13 @@ import random
 import threading
 from typing import Any
 
+import orjson
 import pytest
 import redis
 
 from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
 from features.training import examples_for, read_source
+from features.versions import views_key
 from infra.kafka import make_producer
 from infra.processor import Incoming
 from infra.settings import CommonSettings
@@ -95,6 +97,23 @@ def trainer_settings(settings: CommonSettings, **overrides: Any) -> TrainerSetti
     )
 
 
+def mark_live(settings: CommonSettings, project: Project, *refs: str) -> None:
+    """Write view versions' state "live" (default: every version ``project`` keeps), as the feature
+    processor does once a version's backfill has caught up: a model trains on live versions only."""
+    refs = refs or tuple(project.view_versions)
+    if not refs:
+        return
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        live = orjson.dumps({"state": "live", "ts": 0, "progress": {}})
+        client.hset(views_key(settings.topic_prefix), mapping=dict.fromkeys(refs, live))
+    finally:
+        client.close()
+
+
+VIEWS_V1 = {"card_activity": 1, "card_daily": 1, "card_profile": 1}  # what the fraud model reads
+
+
 def step_of(s: TrainerSettings, project: Project, client: redis.Redis) -> TrainerStep:
     return trainer.restore(s, project, Collect(), client)  # type: ignore[arg-type]
 
@@ -108,6 +127,7 @@ def test_labels_join_served_inputs_in_either_order_once(
 ) -> None:
     s = trainer_settings(fraud, trainer_prediction_grace_s=3600, trainer_publish_interval_s=3600)
     client = redis.Redis.from_url(s.redis_url)
+    mark_live(s, fraud_project)
     step = step_of(s, fraud_project, client)
     assert list(step.states) == ["fraud"]  # fraud_nn has no learner: it is `tide retrain`'s
     assert latest_record(s, "fraud")["version"] == 1  # type: ignore[index]  # untrained: serving can start
@@ -136,6 +156,7 @@ def test_labels_join_served_inputs_in_either_order_once(
 
 def test_learns_publishes_and_resumes_exactly(fraud: CommonSettings, fraud_project: Project) -> None:
     s = trainer_settings(fraud, trainer_prediction_grace_s=3600)
+    mark_live(s, fraud_project)
     stop = threading.Event()
     thread = threading.Thread(target=trainer.run, args=(s, fraud_project, stop), daemon=True)
     thread.start()
@@ -164,7 +185,7 @@ def test_learns_publishes_and_resumes_exactly(fraud: CommonSettings, fraud_proje
     model = fraud_project.models["fraud"]
     assert last["feature_names"] == list(model.input_names) and last["task"] == "binary"
     assert last["metric_name"] == "ROCAUC" and last["metric_value"] > 0.9  # the classes are separable
-    assert last["definitions_digest"] == fraud_project.digest()
+    assert last["definitions_digest"] == fraud_project.digest() and last["view_versions"] == VIEWS_V1
     reference = last["reference"]
     assert reference["size"] == n and reference["prediction"] is not None
     assert [h["name"] for h in reference["features"]] == ["amount", "card_present"]  # model.monitor
@@ -191,6 +212,7 @@ def test_a_crash_relearns_once_only_what_no_committed_version_holds(
     client = redis.Redis.from_url(s.redis_url)
     rng = random.Random(7)
     served = {f"c{i}": inputs(rng, i % 3 == 0) for i in range(30)}
+    mark_live(s, fraud_project)
     first = step_of(s, fraud_project, client)
     state = first.states["fraud"]
     for key, x in list(served.items())[:10]:
@@ -231,6 +253,7 @@ def test_events_never_scored_are_learnt_from_point_in_time_features(
     client = Client(s, fraud_project, 1)
     client.produce("transactions", events)
     redis_client = redis.Redis.from_url(s.redis_url)
+    mark_live(s, fraud_project)
     step = step_of(s, fraud_project, redis_client)
     assert keys_learnt(s) == []  # no label yet: nothing in history
     model = fraud_project.models["fraud"]

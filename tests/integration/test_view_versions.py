@@ -130,6 +130,7 @@ def services(settings: CommonSettings, tmp_path: Path) -> Any:
             "TIDE_STATE_DIR": str(tmp_path),
             "TIDE_FEATURES_GROUP": f"{settings.topic_prefix}features",
             "TIDE_FEATURES_BATCH": "200",
+            "TIDE_FEATURES_RETIRE_GRACE_MS": "500",
         },
         tmp_path / "logs",
     )

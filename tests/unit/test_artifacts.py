@@ -165,6 +165,11 @@ def test_statement_is_canonical_and_names_what_is_bound() -> None:
         b'"task":"multiclass","version":3}'
     ) and b'"classes":["b","a"]' in statement(multi)
     assert statement(multi) != statement({**multi, "classes": ["a", "b"]})
+    # a lineage binds the view versions read; a record without one states what it always did
+    assert statement({**rec, "view_versions": {}}) == statement(rec)
+    lineage = {**rec, "view_versions": {"b_view": 2, "a_view": 1}}
+    assert b'"view_versions":{"a_view":1,"b_view":2}' in statement(lineage)
+    assert statement(lineage) != statement({**lineage, "view_versions": {"b_view": 1, "a_view": 1}})
 
 
 def test_key_files_round_trip_and_refuse_overwrite(tmp_path: Path) -> None:
@@ -256,6 +261,7 @@ def test_publish_inline_under_the_threshold_into_the_given_producer(tmp_path: Pa
     decoded = codec.decode(value, expected="model_version")
     # what the record does not set decodes to the schema's defaults (a binary model, no classes)
     assert decoded == {"task": "binary", "classes": [], "definitions_digest": None, **record}
+    assert decoded["view_versions"] == {}  # no lineage given
     assert decoded["artifact"] == BLOB and decoded["artifact_uri"] is None
     assert decoded["sha256"] == hashlib.sha256(BLOB).hexdigest()
     assert decoded["feature_names"] == ["amount", "card_present"] and decoded["signature"] is None
@@ -269,12 +275,16 @@ def test_publish_by_uri_over_the_threshold_and_signed(tmp_path: Path) -> None:
         artifact_inline_max_bytes=1024,
         signing_key_file=keys["private_key"],
     )
-    record = build_record(settings, **publish_args())
+    lineage = {"definitions_digest": "d" * 64, "view_versions": {"card_1h": 2}}
+    record = build_record(settings, **publish_args(**lineage))
+    assert {k: record[k] for k in lineage} == lineage
     assert record["artifact"] == b"" and record["artifact_uri"].startswith("file://")
     assert record_artifact(record) == BLOB
     assert record["key_id"] == keys["key_id"]
     verifier = Verifier.from_pem_file(Path(keys["public_key"]))
     assert verifier.verify(codec.decode(codec.encode("model_version", record))) == keys["key_id"]
+    with pytest.raises(ModelLoadError, match="bad signature"):  # its lineage is signed
+        verifier.verify({**record, "view_versions": {"card_1h": 1}})
     explicit = PublishSettings(
         state_dir=tmp_path, artifact_inline_max_bytes=0, artifact_store=str(tmp_path / "s")
     )  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -528,3 +529,29 @@ def test_a_new_version_starts_its_score_window_empty(settings: DriftSettings) ->
     sizes = {name: d.n for name, d in monitor.detectors.items()}
     assert sizes.pop(SCORE) == 1  # version 1's scores are not version 2's
     assert set(sizes.values()) == {301}  # inputs are inputs, whichever version scores them
+
+
+def test_new_definitions_watch_added_models_and_drop_removed_ones(settings: DriftSettings) -> None:
+    rng = np.random.default_rng(8)
+    producer = FakeProducer()
+    only_detector = replace(PROJECT, models={"detector": PROJECT.models["detector"]})
+    step = DriftStep(settings, only_detector, producer, "drift-alerts", None)
+    _publish(step, rng, "detector", 1, 1000)
+    _publish(step, rng, "sorter", 1, 1000)  # a model applied a moment ago, not yet in the definitions
+    _publish(step, rng, "sorter", 2, 1000)
+    assert step.reference("sorter") is None
+    # the sorter is applied; the detector is removed, and the estimator now monitors `value` too
+    estimator = replace(PROJECT.models["estimator"], monitor=("level", "value"))
+    step.update(replace(PROJECT, models={"sorter": PROJECT.models["sorter"], "estimator": estimator}))
+    assert step.reference("sorter") == step.reference("sorter", 2) and step.reference("sorter", 1)
+    assert step.reference("detector") is None
+    _publish(step, rng, "estimator", 1, 1000)
+    for i, row in enumerate(_rows(rng, 1000, value_mean=200.0)):
+        for model in ("sorter", "estimator", "detector"):
+            step.handle(
+                _incoming("prediction", _prediction(model, 2 if model == "sorter" else 1, row, 0.5, i))
+            )
+    step.flush()
+    raised = {(a["model"], a["feature"]) for a in producer.alerts()}
+    assert ("sorter", "value") in raised and ("estimator", "value") in raised
+    assert not any(model == "detector" for model, _ in raised)

@@ -210,6 +210,7 @@ def record(
         "signature": None,
         "key_id": None,
         "definitions_digest": PROJECT.digest(),
+        "view_versions": {"recent": 1},
     }
     base.update(overrides)
     return base
@@ -250,6 +251,7 @@ def test_round_trips_its_artifact_and_answers_for_its_task(flavor: str, task: st
     assert (loaded.name, loaded.version, loaded.flavor, loaded.task) == (task, 7, flavor, task)
     assert loaded.describe()["provider"] == loaded.runtime.provider
     assert loaded.definitions_digest == PROJECT.digest()
+    assert loaded.view_versions == {"recent": 1} == loaded.describe()["view_versions"]
     one = [loaded.runtime.predict_one(x) for x in ROWS]
     assert all(isinstance(o, Output) and isinstance(o.score, float) for o in one)
     if task == "binary":
@@ -543,3 +545,30 @@ def test_a_v1_record_still_decodes_and_loads_as_binary() -> None:
     assert decoded["signature"] is None and decoded["task"] == "binary" and decoded["classes"] == []
     loaded = load(decoded)
     assert (loaded.flavor, loaded.task, loaded.definitions_digest) == ("onnx", "binary", None)
+    assert decoded["view_versions"] == {} and loaded.view_versions == {}  # no lineage: current views
+
+
+def test_inputs_are_built_for_the_view_versions_a_lineage_names() -> None:
+    newer = FeatureView(
+        "recent",
+        PROJECT.sources["readings"],
+        PROJECT.entities["sensor"],
+        [Feature("n_1h", "count"), Feature("x_mean_1h", "mean", "x"), Feature("last_kind", "last", "flag")],
+        window="2h",
+        version=2,
+    )
+    project = Project(
+        PROJECT.name,
+        PROJECT.sources,
+        PROJECT.entities,
+        {"recent": newer},
+        PROJECT.labels,
+        PROJECT.models,
+        previous_views={"recent@1": PROJECT.views["recent"]},
+    )
+    model = project.models["binary"]
+    current, old = ModelInputs.of(project, model), ModelInputs.of(project, model, {"recent": 1})
+    assert (current.view_versions, old.view_versions) == ({"recent": 2}, {"recent": 1})
+    assert current.views == (newer,) and old.views == (PROJECT.views["recent"],)
+    assert (current.types["last_kind"], old.types["last_kind"]) == ("boolean", "string")  # each version's
+    assert [p[0].ref for p in old.pairs({"sensor_id": "s1"})] == ["recent@1"]

@@ -253,3 +253,27 @@ def test_written_file_reads_back(tmp_path: Path) -> None:
     assert back[0]["converted"] is examples[0].y
     assert isinstance(examples[0], Example)
     assert tiles.NO_WATERMARK < 0  # the replay starts every partition without a watermark, as online
+
+
+def test_a_replay_computes_the_view_versions_it_is_given() -> None:
+    # version 2 of `activity` has a 10-minute window; version 1 (the 1h one) is kept for its models
+    newer = replace(ACTIVITY, window="10m", version=2)
+    project = replace(
+        PROJECT, views={**PROJECT.views, "activity": newer}, previous_views={"activity@1": ACTIVITY}
+    )
+    events = visits(300)
+    labels = [outcome(e) for e in events[200:]]
+    as_v1 = examples_for(
+        project, MODEL, {0: events}, labels, views=project.model_views(MODEL, {"activity": 1})
+    )
+    assert as_v1 == examples_for(PROJECT, MODEL, {0: events}, labels)  # what the v1-only project gave
+    as_v2 = examples_for(project, MODEL, {0: events}, labels)  # default: the newest version
+    assert as_v2 == examples_for(project, MODEL, {0: events}, labels, views=[newer, HISTORY, OUTCOME_RATE])
+    assert [e.x["n_1h"] for e in as_v2] != [e.x["n_1h"] for e in as_v1]
+    for example in as_v2:
+        before = [e for e in events if in_window(e["ts"], example.ts, 10 * MIN, MIN)]
+        assert example.x["n_1h"] == len(
+            [e for e in before if e["user"] == events[int(str(example.key)[1:])]["user"]]
+        )
+    with pytest.raises(FeatureError, match="no version of view 'history'"):
+        examples_for(project, MODEL, {0: events}, labels, views=[newer, OUTCOME_RATE])
