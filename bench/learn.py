@@ -312,12 +312,14 @@ def run_bootstrap(info: Any, project: Any, root: Path, rows: list[Any], prefix: 
     """A trainer starting on history: replays the topics point-in-time, learns it all, publishes."""
     import redis
 
+    from features.versions import mark_live
     from infra.kafka import make_producer
     from online_training import trainer
 
     settings = namespace(info, prefix, project, root)
     produce(settings, project, rows, events=True, scored=False)
     client = redis.Redis.from_url(settings.redis_url)
+    mark_live(client, settings.topic_prefix, list(project.view_versions))  # no feature processor runs here
     started = time.perf_counter()
     step = trainer.restore(settings, project, make_producer(settings), client)
     seconds = time.perf_counter() - started

@@ -8,13 +8,12 @@ import random
 import threading
 from typing import Any
 
-import orjson
 import pytest
 import redis
 
 from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
+from features import versions
 from features.training import examples_for, read_source
-from features.versions import views_key
 from infra.kafka import make_producer
 from infra.processor import Incoming
 from infra.settings import CommonSettings
@@ -100,13 +99,9 @@ def trainer_settings(settings: CommonSettings, **overrides: Any) -> TrainerSetti
 def mark_live(settings: CommonSettings, project: Project, *refs: str) -> None:
     """Write view versions' state "live" (default: every version ``project`` keeps), as the feature
     processor does once a version's backfill has caught up: a model trains on live versions only."""
-    refs = refs or tuple(project.view_versions)
-    if not refs:
-        return
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        live = orjson.dumps({"state": "live", "ts": 0, "progress": {}})
-        client.hset(views_key(settings.topic_prefix), mapping=dict.fromkeys(refs, live))
+        versions.mark_live(client, settings.topic_prefix, refs or tuple(project.view_versions))
     finally:
         client.close()
 
