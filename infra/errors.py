@@ -14,7 +14,8 @@ TideError
 ├── TrainingError          online_training: a learner or model artifact could not be built
 └── ServingError           serving: a model could not be loaded or a request not scored
     ├── ModelLoadError         an artifact failed to load or warm up; the old model stays
-    │   └── DigestMismatch         an artifact's bytes do not match its recorded sha256
+    │   ├── DigestMismatch         an artifact's bytes do not match its recorded sha256
+    │   └── LineageMismatch        a version's view versions or inputs are not served by these definitions
     ├── RequestError           a scoring request is invalid (HTTP 4xx; names the field)
     │   └── DeploymentError        a deployment action is invalid (names the field)
     └── Unavailable            the service cannot score now (HTTP 5xx: no model, slow feature store)
@@ -85,6 +86,11 @@ class ModelLoadError(ServingError):
 
 class DigestMismatch(ModelLoadError):
     """An artifact's bytes do not hash to the sha256 its record names (raised by one check everywhere)."""
+
+
+class LineageMismatch(ModelLoadError):
+    """A model version's lineage (view versions, inputs, task) cannot be served under the definitions
+    served now; what served before keeps serving."""
 
 
 class RequestError(ServingError):

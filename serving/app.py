@@ -10,27 +10,33 @@ Routes::
     GET  /metrics                       Prometheus metrics (all workers' with several: serving.metrics)
     GET  /openapi.json                  the OpenAPI document of all of the above
 
-One node serves every model of the project's definitions (read from the registry at start, or passed
-in): each with its own request schema (:class:`serving.validation.RequestSchema`), documented in
-/openapi.json. Every route but /healthz, /readyz and /openapi.json needs an API key once keys are
-configured (serving.auth); request bodies and whole requests are bounded in time (serving.limits).
+One node serves every model of the project's definitions (read from the registry at start and followed
+while it runs, or passed in): each with its own request schema (:class:`serving.validation.RequestSchema`),
+documented in /openapi.json. A model applied while the node runs is served within seconds, a removed one
+answers 404, a changed one is served per its versions' lineage (:mod:`serving.lineage`): the new
+definitions are built aside (:class:`serving.catalog.Catalog`, each model's routing) and swapped in whole,
+so no request fails because of a change. Every route but /healthz, /readyz and /openapi.json needs an
+API key once keys are configured (serving.auth); request bodies and whole requests are bounded in time
+(serving.limits).
 
 :func:`create_app` takes its collaborators injected (tests) or builds them in the lifespan: a
-:class:`ModelFollower` feeding the registry, the Redis online store and the prediction log.
+:class:`serving.follower.ModelFollower` feeding the registry, the Redis online store and the prediction log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -42,19 +48,20 @@ from features.store import RedisOnlineStore
 from infra.errors import RequestError, StreamError, Unavailable
 from infra.imports import add_code_path
 from infra.settings import load
-from models.inputs import ModelInputs, model_inputs
-from models.runtime import make_loader
 from schemas.definitions import Project
+from schemas.registry import Registered
 from schemas.registry import load as load_definitions
 from serving import scoring
 from serving.auth import ApiKeyAuth, configured_keys, default_rules
+from serving.catalog import Catalog, DefinitionsWatch
 from serving.coalesce import CoalescingReader
 from serving.deployments import deployment_record, publish_deployment
+from serving.follower import ModelFollower
 from serving.limits import RequestDeadline
+from serving.lineage import Lineage, pinned_inputs
 from serving.metrics import metrics_payload
-from serving.openapi import openapi_document
 from serving.predlog import PredictionLog
-from serving.registry import ModelFollower, ModelRegistry
+from serving.registry import ModelRegistry
 from serving.scoring import FeatureReader, PredictionSink
 from serving.settings import ServeSettings, load_policy
 from serving.validation import RequestSchema, parse_json_object
@@ -74,6 +81,13 @@ FIRST_ANSWER_DELAY = Histogram(
     "Time from a model version's creation to its first answer on this worker (publish to first answer)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )
+
+DEFINITIONS_VERSION = Gauge(
+    "tide_serving_definitions_version",
+    "Registry version of the definitions served (0: passed in, not read from the registry)",
+    multiprocess_mode="mostrecent",
+)
+DEFINITIONS_CHANGES = Counter("tide_serving_definitions_changes_total", "Definitions taken up while running")
 
 REQUEST_ID_HEADER = "x-request-id"
 DEPLOYMENT_FIELDS = frozenset({"action", "version", "weight", "reason"})
@@ -171,24 +185,75 @@ class ScoringService:
         store: FeatureReader | None,
         predlog: PredictionSink | None,
         deployer: Deployer | None = None,
+        *,
+        version: int | None = None,
+        auth_enabled: bool = False,
     ) -> None:
+        """``version``: the registry version of ``project``; the registry is followed from it while the
+        service runs (None: ``project`` was passed in and is served as it is)."""
         self.settings = settings
-        self.project = project
-        self.inputs: dict[str, ModelInputs] = model_inputs(project)
-        self.schemas = {name: RequestSchema(inputs) for name, inputs in self.inputs.items()}
+        self.catalog = Catalog.build(settings, project, version=version, auth_enabled=auth_enabled)
         self.deployer = deployer or self._publish_deployment
         self._answered: set[tuple[str, int]] = set()
         self._id_prefix = os.urandom(8).hex()
         self._request_count = 0
         self.owns_registry = registry is None
-        self.registry = registry or ModelRegistry(known=self.inputs)
-        for name in self.inputs:  # every model is listed, loaded or not
-            self.registry.declare(name)
+        self.registry = registry or ModelRegistry()
+        # Reads the trusted keys now: a bad key file fails at start-up.
+        self.lineage = Lineage(project, load_policy(settings))
+        pin = functools.partial(pinned_inputs, project)
+        for name, schema in self.catalog.schemas.items():  # every model is listed, loaded or not
+            self.registry.define(name, schema, pin)
         self.store = store
         self.predlog = predlog
         self.follower: ModelFollower | None = None
-        # Reads the trusted keys now: a bad key file fails at start-up.
-        self.loader = make_loader(self.inputs, load_policy(settings))
+        self.watch: DefinitionsWatch | None = None
+        self._changing = threading.Lock()  # one change of definitions at a time
+        DEFINITIONS_VERSION.set(version or 0)
+
+    @property
+    def project(self) -> Project:
+        return self.catalog.project
+
+    @property
+    def schemas(self) -> Mapping[str, RequestSchema]:
+        return self.catalog.schemas
+
+    def apply_definitions(self, project: Project, version: int | None = None) -> None:
+        """Serve ``project`` from now on, without a restart (see the module docstring).
+
+        Everything derived from it is built aside first; then each model's routing is rebuilt and
+        swapped (its versions pinned again to their lineage), the catalog swapped, removed models
+        dropped, and the model follower told which models to follow and which to load again.
+        """
+        with self._changing:
+            old = self.catalog
+            catalog = Catalog.build(self.settings, project, version=version, auth_enabled=old.auth_enabled)
+            pin = functools.partial(pinned_inputs, project)
+            self.lineage.project = project  # loads from now on pin to it (swap pins again: no race)
+            for name, schema in catalog.schemas.items():
+                self.registry.define(name, schema, pin)
+            self.catalog = catalog  # a request reads a model's routing first, then (none) the catalog
+            removed = sorted(old.schemas.keys() - catalog.schemas.keys())
+            for name in removed:
+                self.registry.remove(name)
+            if self.follower is not None:
+                self.follower.follow(catalog.schemas)
+                self.follower.reconsider(catalog.schemas)
+        added = sorted(catalog.schemas.keys() - old.schemas.keys())
+        DEFINITIONS_VERSION.set(version or 0)
+        DEFINITIONS_CHANGES.inc()
+        logger.info(
+            "serving definitions v%s of project %s: models %s (added %s, removed %s)",
+            version,
+            project.name,
+            ", ".join(catalog.schemas) or "none",
+            ", ".join(added) or "none",
+            ", ".join(removed) or "none",
+        )
+
+    def _registered(self, registered: Registered) -> None:
+        self.apply_definitions(registered.project, registered.version)
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -203,15 +268,25 @@ class ScoringService:
             owned_log.start()
         if self.owns_registry:
             self.follower = ModelFollower(
-                self.settings, self.registry, loader=self.loader, models=self.inputs
+                self.settings, self.registry, lineage=self.lineage, models=self.catalog.schemas
             )
             self.follower.start()
+        version = self.catalog.version
+        if version is not None:
+            self.watch = DefinitionsWatch(self.settings, self._registered, since=version)
+            self.watch.start()
         logger.info(
-            "scoring service started (project %s, models %s)", self.project.name, ", ".join(self.inputs)
+            "scoring service started (project %s, definitions v%s, models %s)",
+            self.project.name,
+            version,
+            ", ".join(self.catalog.schemas),
         )
         try:
             yield
         finally:
+            if self.watch is not None:
+                await asyncio.to_thread(self.watch.stop)
+                self.watch = None
             if self.follower is not None:
                 await asyncio.to_thread(self.follower.stop)
                 self.follower = None
@@ -224,35 +299,45 @@ class ScoringService:
             logger.info("scoring service stopped")
 
     def _schema(self, name: str) -> RequestSchema:
-        schema = self.schemas.get(name)
+        schemas = self.catalog.schemas
+        schema = schemas.get(name)
         if schema is None:
-            raise RequestError(f"unknown model {name!r}; models: {', '.join(self.schemas)}", status=404)
+            raise RequestError(f"unknown model {name!r}; models: {', '.join(schemas)}", status=404)
         return schema
 
     async def score(self, request: Request) -> Response:
         started = time.perf_counter()
         name = request.path_params["name"]
-        schema = self._schema(name)
+        # Read once: a swap from here on does not affect this request. The routing carries the schema
+        # of the definitions its versions were pinned under; a model with none yet is looked up in the
+        # catalog (swapped before a removed model's routing is dropped: never a 503 for a removed model).
+        routing = self.registry.routing(name)
+        schema = routing.schema if routing is not None and routing.schema is not None else self._schema(name)
         instances, batch = schema.parse_body(await read_body(request, self.settings.serve_max_body_bytes))
-        routing = self.registry.routing(name)  # read once: a swap from here on does not affect this request
         if routing is None:
             raise Unavailable(f"model {name!r} has no version loaded yet", retry_after=RETRY_AFTER_S)
         if self.store is None or self.predlog is None:
             raise Unavailable("service is not started", retry_after=RETRY_AFTER_S)
         request_id = request.headers.get(REQUEST_ID_HEADER) or self._new_request_id()
         ids = [f"{request_id}-{i}" for i in range(len(instances))] if batch else [request_id]
-        inputs = schema.inputs
-        rows = await scoring.read_features(
-            self.store, inputs, instances, self.settings.serve_request_timeout_s
-        )
-        scored = scoring.score(routing, inputs, instances, rows, ids)
+        routed = scoring.route(routing, schema.inputs, instances)
+        reads = [(r.inputs, inst) for r, inst in zip(routed, instances, strict=True)]
+        shadow_inputs = None
+        if routing.shadow is not None:  # its rows are read with the request's, in the same round trip
+            shadow_inputs = routing.inputs_of(routing.shadow, schema.inputs)
+            reads += [(shadow_inputs, inst) for inst in instances]
+        found = await scoring.read_features(self.store, reads, self.settings.serve_request_timeout_s)
+        scored = scoring.score(routed, instances, found, ids)
         scoring.log_predictions(self.predlog, scored, (time.perf_counter() - started) * 1000)
         self._first_answers(scored)
         items = [scoring.response_item(s) for s in scored]
         body = {"request_id": request_id, "predictions": items} if batch else items[0]
         mirror = None
-        if routing.shadow is not None:  # after the response is sent: a shadow never delays or changes it
-            mirror = BackgroundTask(scoring.shadow, routing.shadow, scored, self.predlog)
+        if routing.shadow is not None and shadow_inputs is not None:
+            # after the response is sent: a shadow never delays or changes it
+            mirror = BackgroundTask(
+                scoring.shadow, routing.shadow, shadow_inputs, scored, found, self.predlog
+            )
         return ORJSONResponse(body, headers={"X-Request-ID": request_id}, background=mirror)
 
     def _new_request_id(self) -> str:
@@ -303,15 +388,14 @@ class ScoringService:
         published has one loaded (a model nothing was published for yet does not hold the others up)."""
         reasons = []
         versions = {}
-        for name in self.inputs:
+        models = self.catalog.schemas
+        for name in models:
             model = self.registry.get(name)
             versions[name] = model.version if model is not None else None
             if model is None and self.registry.published(name):
                 reasons.append(f"no version of model {name!r} loaded yet")
         if all(v is None for v in versions.values()) and not reasons:
-            reasons.append(
-                f"no version of any model loaded ({', '.join(self.inputs) or 'no models defined'})"
-            )
+            reasons.append(f"no version of any model loaded ({', '.join(models) or 'no models defined'})")
         if self.store is None:
             reasons.append("online store not started")
         else:
@@ -339,9 +423,12 @@ def create_app(
     store: FeatureReader | None = None,
     predlog: PredictionSink | None = None,
     deployer: Deployer | None = None,
+    definitions: Registered | None = None,
 ) -> Starlette:
     """The scoring app. Without ``settings`` they are read from ``TIDE_*`` (uvicorn factory mode); without
-    ``project`` the definitions are read from the registry (``schemas.registry.load``).
+    ``project`` the definitions are ``definitions`` (as read from the registry) or read from the registry
+    (``schemas.registry.load``), and the registry is followed while the app runs
+    (:class:`serving.catalog.DefinitionsWatch`); a ``project`` passed in is served as it is.
 
     Collaborators passed in are used as they are and left running at shutdown; those not passed are
     built, started and stopped by the app's lifespan (an injected ``registry`` gets no follower).
@@ -350,14 +437,16 @@ def create_app(
     keys = configured_keys(settings)  # a bad key setting fails here, naming it
     # Pickled pipelines refer to functions of the project's code by module name.
     add_code_path(settings.project)
+    version = None
     if project is None:
-        project = load_definitions(settings).project
-    service = ScoringService(settings, project, registry, store, predlog, deployer)
-    document = openapi_document(settings, auth_enabled=bool(keys), models=service.schemas)
-    openapi_body = orjson.dumps(document)
+        registered = definitions or load_definitions(settings)
+        project, version = registered.project, registered.version
+    service = ScoringService(
+        settings, project, registry, store, predlog, deployer, version=version, auth_enabled=bool(keys)
+    )
 
     async def openapi(request: Request) -> Response:
-        return Response(openapi_body, media_type="application/json")
+        return Response(service.catalog.openapi, media_type="application/json")
 
     routes = [
         Route("/v1/models/{name}/score", instrumented("score", service.score), methods=["POST"]),

@@ -50,7 +50,8 @@ def add_commands(add: AddCommand) -> None:
         "serve",
         cmd_serve,
         "Run the HTTP scoring service for every model of the applied definitions "
-        "(POST /v1/models/{name}/score); follows the models topic and hot-swaps versions.",
+        "(POST /v1/models/{name}/score); follows the registry (models applied, changed or removed while it "
+        "runs) and the models topic, and hot-swaps versions.",
     )
     dp = add(
         "deploy",

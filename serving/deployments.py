@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from confluent_kafka import Producer
@@ -35,8 +35,10 @@ from infra.errors import DeploymentError, StreamError
 from infra.kafka import make_producer
 from infra.settings import CommonSettings
 from infra.topics import topic
+from models.inputs import ModelInputs
 from models.runtime import LoadedModel
 from schemas import codec
+from serving.validation import RequestSchema
 
 logger = logging.getLogger(__name__)
 
@@ -184,12 +186,25 @@ def bucket(model: str, entity: str) -> float:
 
 @dataclass(frozen=True)
 class Routing:
-    """The loaded versions one request is routed between. Immutable: replaced whole on any change."""
+    """Everything one request of a model is served with: the loaded versions it is routed between,
+    the inputs each version is scored with (its lineage: ``inputs`` by version) and the request schema
+    of the model's definition. Immutable: replaced whole on any change, definitions included, so one
+    request never mixes two definitions or two policies.
+
+    ``inputs`` and ``schema`` may be left out (a registry used without definitions): the model's
+    current inputs and schema then apply.
+    """
 
     champion: LoadedModel
     canary: LoadedModel | None = None
     canary_weight: float = 0.0
     shadow: LoadedModel | None = None
+    inputs: Mapping[int, ModelInputs] = field(default_factory=dict)
+    schema: RequestSchema | None = None
+
+    def inputs_of(self, model: LoadedModel, default: ModelInputs) -> ModelInputs:
+        """The inputs ``model`` (one of the arms) is scored with."""
+        return self.inputs.get(model.version, default)
 
     def pick(self, entity: str) -> tuple[LoadedModel, str]:
         """The model and arm that answer for ``entity`` (the request's entity values, as one string)."""

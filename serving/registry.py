@@ -1,16 +1,19 @@
-"""Which model versions serve each model name, and the thread that keeps them current.
+"""Which model versions serve each model name.
 
 Swap atomicity: :class:`ModelRegistry` keeps one immutable :class:`~serving.deployments.Routing` per
-name (champion, canary, shadow — each an immutable :class:`LoadedModel`) in a plain dict. Any change
-(a new version loaded, a deployment applied) builds a new ``Routing`` and replaces the dict value in one
-assignment (atomic under the GIL). A request reads the routing once and uses it to the end, so a swap
-never changes the model under an in-flight request, and no request sees a half-loaded model (loading
-and warm-up finish before the assignment). Readers take no lock; writers serialise on one.
+name (champion, canary, shadow — each an immutable :class:`LoadedModel` — the inputs each is scored with,
+and the model's request schema) in a plain dict. Any change (a new version loaded, a deployment applied,
+new definitions) builds a new ``Routing`` and replaces the dict value in one assignment (atomic under the
+GIL). A request reads the routing once and uses it to the end, so a swap never changes the model under an
+in-flight request, and no request sees a half-loaded model (loading and warm-up finish before the
+assignment). Readers take no lock; writers serialise on one.
 
-:class:`ModelFollower` replays the models and deployments topics from the beginning on a daemon
-thread: model versions are remembered, deployments update the traffic policy, and the versions the
-policy wants are loaded (newest first) and swapped in. A version that fails to load is logged, counted
-and published to the dead-letter topic, and the routing that was serving keeps serving.
+Definitions change while the node runs (:meth:`ModelRegistry.define`, :meth:`ModelRegistry.remove`): a
+model's loaded versions are pinned again to their lineage (:mod:`serving.lineage`) and the routing rebuilt
+aside and swapped in whole. A version whose lineage does not fit the definitions is refused (logged,
+counted, never served) and reconsidered when they change again; a removed model's versions are dropped.
+The thread that feeds the registry from the models and deployments topics is
+:class:`serving.follower.ModelFollower`.
 """
 
 from __future__ import annotations
@@ -18,32 +21,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
-from infra.deadletter import DeadLetterSink, KafkaDeadLetters
-from infra.errors import DeploymentError, SchemaError, ServingError
-from infra.kafka import make_producer, messages, replay_reader
-from infra.letters import DeadLetter
-from infra.topics import TOPICS, topic
-from models.runtime import LoadedModel, Loader
-from schemas import codec
+from infra.errors import ServingError
+from models.inputs import ModelInputs
+from models.runtime import LoadedModel
 from serving.deployments import ARM_CANARY, ARM_CHAMPION, ARM_SHADOW, Routing, TrafficPolicy
-from serving.settings import ServeSettings
+from serving.lineage import LINEAGE_REFUSED, LineageMismatch, lineage_of
+from serving.validation import RequestSchema
 
 logger = logging.getLogger(__name__)
 
 MODEL_SWAPS = Counter("tide_model_swaps_total", "Changes of the version answering as champion", ["model"])
-MODEL_LOAD_FAILURES = Counter(
-    "tide_model_load_failures_total", "Model versions that failed to load or warm up", ["model"]
-)
-MODEL_RECORDS_INVALID = Counter(
-    "tide_model_records_invalid_total", "Records on the models or deployments topic that were refused"
-)
 DEPLOYMENTS_APPLIED = Counter(
     "tide_deployments_applied_total", "Deployment actions applied", ["model", "action"]
 )
@@ -53,13 +46,12 @@ ARM_VERSION = Gauge(
     ["model", "arm"],
     multiprocess_mode="mostrecent",
 )
-MODEL_SWAP_DELAY = Histogram(
-    "tide_model_swap_delay_seconds",
-    "Time from a model version's creation to its swap into serving",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
-)
 
 MAX_RECORDS = 32  # newest version records kept (besides those the policy names) for later loads
+
+# The inputs a version is scored with under the definitions served (serving.lineage.pinned_inputs bound
+# to them); raises LineageMismatch.
+Pin = Callable[[Mapping[str, Any]], ModelInputs]
 
 
 @dataclass
@@ -83,10 +75,23 @@ class _ModelState:
     records: dict[int, tuple[Mapping[str, Any], Source | None]] = field(default_factory=dict)
     loaded: dict[int, LoadedModel] = field(default_factory=dict)
     failed: set[int] = field(default_factory=set)
-    newest: int | None = None  # newest version published that has not failed to load
+    # Versions whose lineage does not fit the definitions (the reason): reconsidered when they change.
+    refused: dict[int, str] = field(default_factory=dict)
+    newest: int | None = None  # newest version published that has not failed to load nor been refused
+    pins: dict[int, ModelInputs] = field(default_factory=dict)  # loaded version -> its inputs
+    schema: RequestSchema | None = None  # of the model's definition (None: a registry without one)
+    pin: Pin | None = None
 
     def serving_version(self) -> int | None:
         return self.policy.champion if self.policy.champion is not None else self.newest
+
+    def usable_newest(self) -> int | None:
+        usable = [v for v in self.records if v not in self.failed and v not in self.refused]
+        return max([*usable, *self.loaded], default=None)
+
+    def drop(self, version: int) -> None:
+        self.loaded.pop(version, None)
+        self.pins.pop(version, None)
 
 
 class ModelRegistry:
@@ -95,6 +100,7 @@ class ModelRegistry:
     def __init__(self, known: Iterable[str] = ()) -> None:
         self._routing: dict[str, Routing] = {}
         self._states: dict[str, _ModelState] = {name: _ModelState() for name in known}
+        self._removed: set[str] = set()  # models taken out of the definitions: their versions are ignored
         self._changed = threading.Condition()
 
     # --- readers (no lock) ---------------------------------------------------------------------------------
@@ -131,6 +137,7 @@ class ModelRegistry:
                         "policy": state.policy.describe(),
                         "newest": state.newest,
                         "failed": sorted(state.failed),
+                        "refused": {str(v): reason for v, reason in sorted(state.refused.items())},
                         "versions": [state.loaded[v].describe() for v in sorted(state.loaded)],
                     }
                 )
@@ -141,24 +148,81 @@ class ModelRegistry:
     def declare(self, name: str) -> None:
         """Mark ``name`` as served, before any version of it has loaded."""
         with self._changed:
+            self._removed.discard(name)
             self._states.setdefault(name, _ModelState())
+
+    def define(self, name: str, schema: RequestSchema | None, pin: Pin | None) -> list[int]:
+        """Serve ``name`` under (new) definitions: its request schema, and ``pin``, which gives the
+        inputs each version is scored with (raising :class:`LineageMismatch` for one that cannot be
+        served). The loaded versions are pinned again and those refused dropped; the new routing is
+        built aside and swapped in whole. Returns the versions refused before, to be reconsidered (the
+        follower's :meth:`ModelFollower.reconsider`)."""
+        with self._changed:
+            self._removed.discard(name)
+            state = self._states.setdefault(name, _ModelState())
+            state.schema, state.pin = schema, pin
+            retry = sorted(state.refused)
+            state.refused.clear()
+            if pin is not None:
+                for version, model in sorted(state.loaded.items()):
+                    try:
+                        state.pins[version] = pin(lineage_of(model))
+                    except LineageMismatch as exc:
+                        self._refuse(name, state, version, str(exc))
+            state.newest = state.usable_newest()
+            self._reroute(name, state)
+            return retry
+
+    def remove(self, name: str) -> None:
+        """Stop serving ``name`` (taken out of the definitions): its routing and versions are dropped,
+        and versions of it read later are ignored until it is declared again."""
+        with self._changed:
+            self._removed.add(name)
+            state = self._states.pop(name, None)
+            routing = self._routing.pop(name, None)
+            self._changed.notify_all()
+        if routing is not None:
+            for arm in (ARM_CHAMPION, ARM_CANARY, ARM_SHADOW):
+                ARM_VERSION.labels(name, arm).set(0)
+        if state is not None:
+            logger.info(
+                "model %s: removed from the definitions; versions %s dropped", name, sorted(state.loaded)
+            )
 
     def remember(self, record: Mapping[str, Any], source: Source | None = None) -> None:
         """Note a published model version (loading is the follower's job: see :meth:`wanted`)."""
         with self._changed:
+            if record["model"] in self._removed:
+                return
             state = self._states.setdefault(record["model"], _ModelState())
             version = int(record["version"])
             if version in state.failed:
                 return
             state.records[version] = (record, source)
+            if version in state.refused:
+                return
             self._advance(record["model"], state, version)
             self._trim(state)
 
-    def swap(self, model: LoadedModel) -> bool:
-        """Add a loaded version (as published and loaded); True when the routing changed."""
+    def swap(self, model: LoadedModel, inputs: ModelInputs | None = None) -> bool:
+        """Add a loaded version (as published and loaded), scored with ``inputs`` (default: the model's
+        current inputs); True when the routing changed. Under definitions (:meth:`define`) the version
+        is pinned to them here, and refused (False) when its lineage does not fit."""
         with self._changed:
+            if model.name in self._removed:
+                return False
             state = self._states.setdefault(model.name, _ModelState())
+            if state.pin is not None:
+                try:  # pinned again: the definitions may have changed while it loaded
+                    inputs = state.pin(lineage_of(model))
+                except LineageMismatch as exc:
+                    self._refuse(model.name, state, model.version, str(exc))
+                    state.newest = state.usable_newest()
+                    self._reroute(model.name, state)
+                    return False
             state.loaded[model.version] = model
+            if inputs is not None:
+                state.pins[model.version] = inputs
             self._advance(model.name, state, model.version)
             return self._reroute(model.name, state)
 
@@ -169,8 +233,18 @@ class ModelRegistry:
             state.failed.add(version)
             state.records.pop(version, None)
             if state.newest == version:
-                usable = [v for v in state.records if v not in state.failed] + list(state.loaded)
-                state.newest = max(usable, default=None)
+                state.newest = state.usable_newest()
+            self._reroute(name, state)
+
+    def refuse(self, name: str, version: int, reason: str) -> None:
+        """A version's lineage does not fit the definitions served: never serve it under them (logged
+        and counted); what served before keeps serving."""
+        with self._changed:
+            state = self._states.get(name)
+            if state is None:
+                return
+            self._refuse(name, state, version, reason)
+            state.newest = state.usable_newest()
             self._reroute(name, state)
 
     def deploy(self, record: Mapping[str, Any]) -> None:
@@ -206,7 +280,7 @@ class ModelRegistry:
             return [
                 state.records[v][0]
                 for v in state.policy.wanted(state.newest)
-                if v not in state.loaded and v in state.records
+                if v not in state.loaded and v in state.records and v not in state.refused
             ]
 
     def source(self, name: str, version: int) -> Source | None:
@@ -242,6 +316,12 @@ class ModelRegistry:
 
     # --- internals (lock held) -----------------------------------------------------------------------------
 
+    def _refuse(self, name: str, state: _ModelState, version: int, reason: str) -> None:
+        state.refused[version] = reason
+        state.drop(version)
+        LINEAGE_REFUSED.labels(name).inc()
+        logger.error("%s; refused, not served (what served before keeps serving)", reason)
+
     def _advance(self, name: str, state: _ModelState, version: int) -> None:
         if state.newest is not None and version <= state.newest:
             return
@@ -263,20 +343,33 @@ class ModelRegistry:
         champion = state.loaded.get(serving) if serving is not None else None
         if champion is None:  # the wanted champion is not loaded (yet, or it failed): keep the current one
             champion = current.champion if current else None
+            if champion is not None and state.loaded.get(champion.version) is not champion:
+                champion = None  # dropped (refused under new definitions): it may not serve any more
             if champion is None and state.policy.champion is None and state.loaded:
                 champion = state.loaded[max(state.loaded)]
         if champion is None:
-            return False
+            if current is None:
+                return False
+            del self._routing[name]  # nothing of this model may serve now
+            self._changed.notify_all()
+            for arm in (ARM_CHAMPION, ARM_CANARY, ARM_SHADOW):
+                ARM_VERSION.labels(name, arm).set(0)
+            logger.warning("model %s: no version can serve under the definitions served", name)
+            return True
         canary = state.loaded.get(state.policy.canary) if state.policy.canary else None
         shadow = state.loaded.get(state.policy.shadow) if state.policy.shadow else None
-        routing = Routing(champion, canary, state.policy.canary_weight if canary else 0.0, shadow)
+        arms = [m for m in (champion, canary, shadow) if m is not None and m.version in state.pins]
+        pins = {m.version: state.pins[m.version] for m in arms}
+        routing = Routing(
+            champion, canary, state.policy.canary_weight if canary else 0.0, shadow, pins, state.schema
+        )
         if routing == current:
             return False
         self._routing[name] = routing  # the one atomic step readers can observe
         # Versions no arm needs any more are dropped (the last champion stays loaded for rollbacks).
         keep = set(state.policy.wanted(state.newest)) | {champion.version}
         for version in [v for v in state.loaded if v not in keep]:
-            del state.loaded[version]
+            state.drop(version)
         self._changed.notify_all()
         for arm, model in ((ARM_CHAMPION, champion), (ARM_CANARY, canary), (ARM_SHADOW, shadow)):
             ARM_VERSION.labels(name, arm).set(model.version if model else 0)
@@ -289,173 +382,3 @@ class ModelRegistry:
                 current.champion.version if current else "none",
             )
         return True
-
-
-ConsumerFactory = Callable[[ServeSettings], Consumer]
-
-
-def _state_reader(settings: ServeSettings) -> Consumer:
-    names = ("models", "deployments")
-    return replay_reader(settings, {topic(settings, n): TOPICS[n].partitions for n in names})
-
-
-class ModelFollower:
-    """Follows the models and deployments topics on a daemon thread and keeps a registry current."""
-
-    RETRY_S = 1.0
-
-    def __init__(
-        self,
-        settings: ServeSettings,
-        registry: ModelRegistry,
-        *,
-        loader: Loader,
-        models: Collection[str] | None = None,
-        consumer_factory: ConsumerFactory = _state_reader,
-        dead_letters: DeadLetterSink | None = None,
-    ) -> None:
-        """``loader``: builds a version from its record (``models.runtime.make_loader``: the project's
-        models, and the signature policy). ``models``: the model names followed; records of others on
-        the topics are skipped (None: every model)."""
-        self.settings = settings
-        self.registry = registry
-        self._consumer_factory = consumer_factory
-        self._loader = loader
-        self._models = frozenset(models) if models is not None else None
-        self._skipped: set[str] = set()
-        self._dead_letters = dead_letters
-        self._dl_producer: Producer | None = None  # only when the follower built its own sink
-        self._models_topic = topic(settings, "models")
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="tide-model-follower", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                logger.warning("model follower did not stop within %.1f s", timeout)
-            self._thread = None
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                consumer = self._consumer_factory(self.settings)
-            except Exception:
-                logger.exception("cannot create a reader for the models topic; retrying")
-                self._stop.wait(self.RETRY_S)
-                continue
-            try:
-                for batch in messages(consumer):
-                    if self._stop.is_set():
-                        break
-                    self.apply(
-                        (m.value() or b"", Source(m.topic() or "", m.partition() or 0, m.offset() or 0))
-                        for m in batch
-                    )
-            except Exception:
-                # Replaying from the start is safe: every record is idempotent on the registry.
-                logger.exception("model follower failed; restarting from the beginning")
-                self._stop.wait(self.RETRY_S)
-            finally:
-                consumer.close()
-
-    def apply(self, payloads: Iterable[tuple[bytes, Source]]) -> None:
-        """Handle a batch of ``(payload, source)`` records from the models and deployments topics.
-
-        Records are applied in order; then, per model touched, the versions the policy wants are loaded,
-        most important first. A replay of a long history so loads the few versions in use, not all.
-        """
-        touched: set[str] = set()
-        for payload, source in payloads:
-            touched.update(self._apply_one(payload, source))
-        for name in sorted(touched):
-            self._converge(name)
-
-    def _apply_one(self, payload: bytes, source: Source) -> list[str]:
-        try:
-            record = codec.decode(payload)
-        except SchemaError as exc:
-            MODEL_RECORDS_INVALID.inc()
-            logger.warning("skipping undecodable record at %s: %s", source, exc)
-            return []
-        kind = codec.record_name(payload)
-        name = str(record.get("model"))
-        if self._models is not None and kind in ("model_version", "deployment") and name not in self._models:
-            if name not in self._skipped:
-                self._skipped.add(name)
-                logger.warning(
-                    "skipping records of model %s at %s: not a model of the definitions", name, source
-                )
-            return []
-        if kind == "model_version":
-            source.payload = payload
-            self.registry.remember(record, source)
-        elif kind == "deployment":
-            try:
-                self.registry.deploy(record)
-            except DeploymentError as exc:
-                MODEL_RECORDS_INVALID.inc()
-                logger.error("refusing deployment at %s (%s): %s", source, record, exc)
-                return []
-        else:
-            MODEL_RECORDS_INVALID.inc()
-            logger.warning("skipping a %s record at %s: not a model version or deployment", kind, source)
-            return []
-        return [record["model"]]
-
-    def _converge(self, name: str) -> None:
-        # Each load changes what is wanted (a failure falls back to an older version): ask again.
-        while wanted := self.registry.wanted(name):
-            record = wanted[0]
-            version = int(record["version"])
-            try:
-                loaded = self._loader(record)
-            except Exception as exc:  # ModelLoadError, or a loader bug: either way the routing stays
-                self._failed(record, exc)
-                continue
-            if self.registry.swap(loaded):
-                delay_s = time.time() - loaded.published_ts / 1000
-                MODEL_SWAP_DELAY.observe(max(delay_s, 0.0))
-                logger.info("model %s version %d in use, %.3f s after it was created", name, version, delay_s)
-
-    def _failed(self, record: Mapping[str, Any], exc: Exception) -> None:
-        name, version = record["model"], int(record["version"])
-        source = self.registry.source(name, version)
-        self.registry.failed(name, version)
-        MODEL_LOAD_FAILURES.labels(name).inc()
-        logger.error(
-            "model %s version %d at %s failed to load, routing unchanged: %s", name, version, source, exc
-        )
-        letter = DeadLetter(
-            stage="serving.load",
-            error=str(exc),
-            error_type=type(exc).__name__,
-            key=name.encode(),
-            value=source.payload if source else None,
-            source_topic=source.topic if source else self._models_topic,
-            partition=source.partition if source else -1,
-            offset=source.offset if source else -1,
-        )
-        try:
-            self._dead_letter_sink().send(letter)
-            if self._dl_producer is not None:
-                self._dl_producer.flush(5.0)
-        except Exception:
-            logger.exception("could not publish the load failure of model %s version %d", name, version)
-
-    def _dead_letter_sink(self) -> DeadLetterSink:
-        if self._dead_letters is None:
-            self._dl_producer = make_producer(self.settings)
-            self._dead_letters = KafkaDeadLetters(self._dl_producer, topic(self.settings, "dead-letter"))
-        return self._dead_letters

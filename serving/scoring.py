@@ -1,8 +1,10 @@
 """Scoring one request: online features in one round trip, one routing, one logged prediction each.
 
-The routing (champion, canary, shadow) is read from the registry once by the caller and passed in, so a
-hot swap or a deployment during the request never mixes policies within it. Every ``(view, entity)``
-pair the request's instances need, whatever their views and entities, is read in one store call.
+The routing (champion, canary, shadow, and the inputs each is scored with) is read from the registry
+once by the caller and passed in, so a hot swap, a deployment or a change of definitions during the
+request never mixes policies within it. Each version reads the view versions of its own lineage
+(:mod:`serving.lineage`); every ``(view version, entity)`` pair the request's instances need, whatever
+their views, versions and entities (the shadow's included), is read in one store call.
 """
 
 from __future__ import annotations
@@ -41,17 +43,37 @@ class PredictionSink(Protocol):
     def log(self, record: Mapping[str, Any]) -> None: ...
 
 
+# The rows a request read, by (view version, entity value): views compare by name and version.
+Found = Mapping[Pair, FeatureRow]
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Who answers one instance: the version, its arm, and the inputs it is scored with."""
+
+    model: LoadedModel
+    arm: str
+    inputs: ModelInputs
+
+
+def route(routing: Routing, default: ModelInputs, instances: Sequence[ScoreRequest]) -> list[Routed]:
+    """Each instance's arm (sticky per entity values, by the join keys of ``default``: the model's
+    definition) and the inputs of the version that answers it."""
+    out = []
+    for inst in instances:
+        model, arm = routing.pick(default.entity_key(inst.entities))
+        out.append(Routed(model, arm, routing.inputs_of(model, default)))
+    return out
+
+
 async def read_features(
-    store: FeatureReader, inputs: ModelInputs, instances: Sequence[ScoreRequest], timeout_s: float
-) -> list[dict[str, FeatureRow]]:
-    """Each instance's rows by view name, every distinct pair read once, in one store call bounded by
-    ``timeout_s``."""
-    if not inputs.views:
-        return [{} for _ in instances]
-    wanted = [inputs.pairs(inst.entities) for inst in instances]
-    unique = list(
-        {(view.name, entity): (view, entity) for pairs in wanted for view, entity in pairs}.values()
-    )
+    store: FeatureReader, reads: Sequence[tuple[ModelInputs, ScoreRequest]], timeout_s: float
+) -> dict[Pair, FeatureRow]:
+    """The rows every ``(inputs, instance)`` read needs, each distinct pair read once, in one store call
+    bounded by ``timeout_s``."""
+    unique = list(dict.fromkeys(pair for inputs, inst in reads for pair in inputs.pairs(inst.entities)))
+    if not unique:
+        return {}
     try:
         async with asyncio.timeout(timeout_s):  # no extra task per request, unlike wait_for
             rows = await store.read_pairs(unique)
@@ -60,8 +82,21 @@ async def read_features(
     except Exception as exc:
         logger.warning("online feature read failed: %s: %s", type(exc).__name__, exc)
         raise Unavailable("online feature store unavailable", retry_after=1) from exc
-    found = {(view.name, entity): row for (view, entity), row in zip(unique, rows, strict=True)}
-    return [{view.name: found[(view.name, entity)] for view, entity in pairs} for pairs in wanted]
+    return dict(zip(unique, rows, strict=True))
+
+
+def rows_of(inputs: ModelInputs, inst: ScoreRequest, found: Found) -> dict[str, FeatureRow]:
+    """The rows ``inputs`` reads for ``inst``, by view name (one version of each view)."""
+    return {view.name: found[(view, entity)] for view, entity in inputs.pairs(inst.entities)}
+
+
+def assemble(inputs: ModelInputs, inst: ScoreRequest, rows: Mapping[str, FeatureRow]) -> dict[str, Any]:
+    """The exact input ``inputs`` scores: its own request fields (a version may have been trained on
+    fewer than the model's definition holds now) and features."""
+    fields = inst.fields
+    if len(inputs.request_fields) != len(fields):
+        fields = {f.name: fields[f.name] for f in inputs.request_fields}
+    return inputs.assemble(fields, rows)
 
 
 @dataclass(frozen=True)
@@ -78,23 +113,23 @@ class Scored:
 
 
 def score(
-    routing: Routing,
-    inputs: ModelInputs,
+    routed: Sequence[Routed],
     instances: Sequence[ScoreRequest],
-    rows: Sequence[dict[str, FeatureRow]],
+    found: Found,
     request_ids: Sequence[str],
 ) -> list[Scored]:
-    """Score each instance with the arm its entities route to (one routing for the whole request).
+    """Score each instance with the version it was routed to (:func:`route`), on the rows of that
+    version's view versions.
 
     A batch is scored with one model call per version that answers part of it.
     """
-    picks = [routing.pick(inputs.entity_key(inst.entities)) for inst in instances]
-    xs = [inputs.assemble(inst.fields, r) for inst, r in zip(instances, rows, strict=True)]
-    outputs = _predict([model for model, _ in picks], xs)
+    rows = [rows_of(r.inputs, inst, found) for r, inst in zip(routed, instances, strict=True)]
+    xs = [assemble(r.inputs, inst, rs) for r, inst, rs in zip(routed, instances, rows, strict=True)]
+    outputs = _predict([r.model for r in routed], xs)
     return [
-        Scored(inst, request_id, r, x, model, arm, out)
-        for inst, request_id, r, x, (model, arm), out in zip(
-            instances, request_ids, rows, xs, picks, outputs, strict=True
+        Scored(inst, request_id, rs, x, r.model, r.arm, out)
+        for inst, request_id, rs, x, r, out in zip(
+            instances, request_ids, rows, xs, routed, outputs, strict=True
         )
     ]
 
@@ -136,17 +171,22 @@ def log_predictions(predlog: PredictionSink, scored: Sequence[Scored], latency_m
         )
 
 
-def shadow(model: LoadedModel, scored: Sequence[Scored], predlog: PredictionSink) -> None:
-    """Mirror a request to the shadow version: score the same inputs, log them, return nothing.
+def shadow(
+    model: LoadedModel, inputs: ModelInputs, scored: Sequence[Scored], found: Found, predlog: PredictionSink
+) -> None:
+    """Mirror a request to the shadow version: score the same instances on its own inputs (``inputs``:
+    its lineage; the rows were read with the request's), log them, return nothing.
 
     Runs after the response has been sent; a shadow failure is logged and never reaches the client.
     """
     started = time.perf_counter()
     try:
-        outputs = _predict([model] * len(scored), [s.x for s in scored])
+        rows = [rows_of(inputs, s.request, found) for s in scored]
+        xs = [assemble(inputs, s.request, r) for s, r in zip(scored, rows, strict=True)]
+        outputs = _predict([model] * len(scored), xs)
         mirrored = [
-            dataclasses.replace(s, model=model, arm=ARM_SHADOW, output=out)
-            for s, out in zip(scored, outputs, strict=True)
+            dataclasses.replace(s, rows=r, x=x, model=model, arm=ARM_SHADOW, output=out)
+            for s, r, x, out in zip(scored, rows, xs, outputs, strict=True)
         ]
     except Exception:
         logger.exception("shadow model %s version %d failed to score", model.name, model.version)

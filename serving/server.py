@@ -35,7 +35,8 @@ def _export_for_workers(settings: ServeSettings) -> None:
 
 def run(settings: ServeSettings) -> None:
     """Serve until interrupted. One worker runs the app in this process; more run in child processes, each
-    reading the definitions from the registry itself (read here first, so a missing apply fails now)."""
+    reading the definitions from the registry itself (read here first, so a missing apply fails now).
+    Every worker follows the registry while it runs."""
     registered = load_definitions(settings)
     common: dict = {
         "host": settings.serve_host,
@@ -59,4 +60,4 @@ def run(settings: ServeSettings) -> None:
         with multiprocess_dir():  # workers' metrics in one directory, summed by /metrics
             uvicorn.run(APP_FACTORY, factory=True, workers=settings.serve_workers, **common)
     else:
-        uvicorn.run(create_app(settings, project=registered.project), **common)
+        uvicorn.run(create_app(settings, definitions=registered), **common)

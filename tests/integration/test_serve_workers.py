@@ -1,8 +1,9 @@
 """`tide serve` with several workers, as a real process on a real port: every worker follows the models
-topic and scores, and /metrics sums all workers whichever one answers the scrape."""
+topic and the registry and scores, and /metrics sums all workers whichever one answers the scrape."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from river import compose, linear_model
 
 from infra.imports import import_object
 from infra.settings import CommonSettings, env_var
 from models.artifacts import dump_river
 from online_training.publish import publish_model_version
+from schemas import registry
 from schemas.definitions import Project
 from tide.embedded import free_port
 from tide.processes import wait_until
@@ -90,6 +93,27 @@ def test_two_workers_serve_and_metrics_add_up(
             # Whichever worker answers the scrape, it reports every worker's requests.
             for _ in range(5):
                 assert _scored(client.get("/metrics").text) == REQUESTS
+        # A model applied while the workers run: each worker follows the registry and serves it.
+        lite = dataclasses.replace(model, name="fraud_lite", request_fields=["amount"], monitor=())
+        registry.publish(
+            settings,
+            dataclasses.replace(fraud_project, models={**fraud_project.models, "fraud_lite": lite}),
+            2,
+        )
+        lite_artifact, _ = dump_river(compose.Select("amount") | linear_model.LogisticRegression())
+        publish_model_version(
+            settings,
+            model="fraud_lite",
+            version=1,
+            flavor="river",
+            artifact=lite_artifact,
+            feature_names=lite.input_names,
+        )
+        lite_url = f"{url}/v1/models/fraud_lite/score"
+        body = {"entity": "c1", "features": {"amount": 3.0}}
+        # fresh connections land on either worker: a run of 200s means both serve it
+        ok = wait_until(lambda: all(_score(lite_url, body).status_code == 200 for _ in range(10)), 30)
+        assert ok, _score(lite_url, body).text
     finally:
         server.send_signal(signal.SIGINT)
         _, stderr = server.communicate(timeout=30)

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from features import tiles
 from features.store import FeatureRow
@@ -21,7 +22,8 @@ from schemas import codec
 from schemas.definitions import FeatureView, Project
 from serving.app import create_app
 from serving.deployments import TrafficPolicy, bucket, deployment_record
-from serving.registry import ModelFollower, ModelRegistry, Source
+from serving.follower import ModelFollower
+from serving.registry import ModelRegistry, Source
 from serving.settings import ServeSettings
 
 MODEL = "fraud"
@@ -243,6 +245,86 @@ def test_follower_loads_what_the_policy_wants(registry: ModelRegistry):
     bad = codec.encode("deployment", {**deploy("follow"), "action": "retire"})
     batch(bad)
     assert follower.registry.get(MODEL).version == 5  # type: ignore[union-attr]
+
+
+class TopicReader:
+    """A consumer double over a shared list of payloads (one partition): each reader starts at the
+    beginning, as the follower's does."""
+
+    class Message:
+        def __init__(self, value: bytes, offset: int) -> None:
+            self._value, self._offset = value, offset
+
+        def error(self) -> None:
+            return None
+
+        def value(self) -> bytes:
+            return self._value
+
+        def topic(self) -> str:
+            return "models"
+
+        def partition(self) -> int:
+            return 0
+
+        def offset(self) -> int:
+            return self._offset
+
+    def __init__(self, log: list[bytes]) -> None:
+        self.log, self.at = log, 0
+
+    def consume(self, n: int, timeout: float) -> list[TopicReader.Message]:
+        out = [self.Message(p, i) for i, p in enumerate(self.log[self.at : self.at + n], start=self.at)]
+        self.at += len(out)
+        if not out:
+            time.sleep(0.01)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_model_added_while_following_is_replayed_and_each_record_applied_once():
+    loads: list[tuple[str, int]] = []
+
+    def loader(record: Mapping[str, Any]) -> LoadedModel:
+        loads.append((record["model"], record["version"]))
+        return LoadedModel(
+            record["model"], record["version"], "river", ConstantRuntime(0.5), (), time.time(), 0
+        )
+
+    def promotions() -> float:
+        labels = {"model": MODEL, "action": "promote"}
+        return REGISTRY.get_sample_value("tide_deployments_applied_total", labels) or 0.0
+
+    log = [
+        _model_record(1),
+        _model_record(1, model="other"),
+        _model_record(2),
+        codec.encode("deployment", deploy("promote", 1)),
+    ]
+    registry = ModelRegistry()
+    follower = ModelFollower(
+        ServeSettings(),
+        registry,
+        loader=loader,
+        models=[MODEL],
+        consumer_factory=lambda _: TopicReader(log),  # type: ignore[arg-type, return-value]
+        dead_letters=MemoryDeadLetters(),
+    )
+    promoted = promotions()
+    follower.start()
+    try:
+        registry.wait_until(MODEL, lambda r: r.champion.version == 1 and promotions() == promoted + 1)
+        assert registry.routing("other") is None  # not a model followed: skipped
+        follower.follow([MODEL, "other"])  # added: its records, read before, are replayed from the start
+        registry.wait_for("other", 1)
+        time.sleep(0.1)
+        assert len(loads) == len(set(loads))  # nothing loaded twice
+        assert promotions() == promoted + 1  # the replay applied no record of the model followed twice
+        assert registry.get(MODEL).version == 1  # type: ignore[union-attr]
+    finally:
+        follower.stop()
 
 
 # --- over HTTP -------------------------------------------------------------------------------------------

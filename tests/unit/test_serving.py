@@ -28,8 +28,9 @@ from models.runtime import LoadedModel, load_model, make_loader
 from schemas import codec
 from schemas.definitions import FeatureView, Project
 from serving.app import create_app
+from serving.follower import ModelFollower
 from serving.predlog import PredictionLog
-from serving.registry import ModelFollower, ModelRegistry, Source
+from serving.registry import ModelRegistry, Source
 from serving.settings import ServeSettings
 
 MODEL = "fraud"

@@ -235,6 +235,7 @@ SPEND = {
     "features": {"basket": 30.0, "coupon": None},
 }
 SEGMENT = {"entities": {"user_id": "u1", "shop_id": "42"}, "features": {"device": "phone", "basket": 30}}
+BOUGHT = {"features": {"basket": 12.0}}
 
 
 # --- outputs per task, one store call ---------------------------------------------------------------------
@@ -464,3 +465,6 @@ async def test_request_schema_accepts_exactly_what_the_validator_accepts(
         accepted = False
         assert exc.status == 422
     assert validator.is_valid(body) == accepted, body
+
+
+# --- definitions that change while the node runs; lineage ---------------------------------------------------
