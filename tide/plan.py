@@ -35,6 +35,7 @@ from tide.diff import diff, versioned
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Plan:
     project: Project  # with each source's schema history filled from the registry
