@@ -2,8 +2,10 @@
 
 - ``tide features`` (or ``run``): the processor, every view of every source of the project;
 - ``tide features list``: every feature of every view, one JSON line each;
-- ``tide features get VIEW ENTITY``: one view's current values for one entity (value, window, status,
-  age);
+- ``tide features get VIEW ENTITY [--version N]``: one view's current values for one entity (value,
+  window, status, age), of its newest version or of a kept older one;
+- ``tide features versions``: every kept view version, its state (backfilling, live, retired) and its
+  backfill progress per source partition;
 - ``tide features training-set --model NAME --out FILE``: the model's point-in-time training set (Avro).
 """
 
@@ -67,6 +69,35 @@ def get_row(settings: CommonSettings, view: FeatureView, entity: str) -> dict[st
     return asyncio.run(read())
 
 
+def version_listing(settings: CommonSettings, project: Project) -> list[dict[str, Any]]:
+    """Every kept view version with its state and progress, as ``tide features versions`` prints them."""
+    import redis
+
+    from features.versions import read_states
+
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        states = read_states(client, settings.topic_prefix)
+    finally:
+        client.close()
+    out = []
+    for ref, view in sorted(project.view_versions.items()):
+        state = states.get(ref)
+        out.append(
+            {
+                "view": view.name,
+                "version": view.version,
+                "newest": project.views.get(view.name) == view,
+                "state": state.state if state else "pending",
+                "progress": {
+                    p: {"position": a, "target": b} for p, (a, b) in (state.progress if state else {}).items()
+                },
+                "window": view.describe(),
+            }
+        )
+    return out
+
+
 def _training_model(project: Project, name: str | None) -> str:
     if name is not None:
         return name
@@ -94,9 +125,16 @@ def cmd_features(args: argparse.Namespace) -> int:
         return 0
     if args.action == "get":
         if len(args.target) != 2:
-            raise FeatureError("usage: tide features get VIEW ENTITY")
+            raise FeatureError("usage: tide features get VIEW ENTITY [--version N]")
         view_name, entity = args.target
-        emit(get_row(settings, view_named(project, view_name), entity))
+        view = view_named(project, view_name)
+        if args.version is not None:
+            view = project.view_version(view_name, args.version)
+        emit(get_row(settings, view, entity))
+        return 0
+    if args.action == "versions":
+        for line in version_listing(settings, project):
+            emit(line)
         return 0
     from features.training import from_topics
 
@@ -111,13 +149,17 @@ def add_commands(add: AddCommand) -> None:
         "features",
         cmd_features,
         "Run the online feature processor over every view the registry holds (default), `list` every "
-        "feature, `get VIEW ENTITY` to print one view's current values for an entity as JSON, or "
+        "feature, `get VIEW ENTITY` to print one view's current values for an entity as JSON, `versions` "
+        "to show every kept view version with its state and backfill progress, or "
         "`training-set --model NAME --out FILE` to replay the topics into the model's point-in-time "
         "training set (Avro).",
     )
-    fe.add_argument("action", nargs="?", choices=("run", "list", "get", "training-set"), default="run")
+    fe.add_argument(
+        "action", nargs="?", choices=("run", "list", "get", "versions", "training-set"), default="run"
+    )
     fe.add_argument("target", nargs="*", metavar="VIEW ENTITY", help="`get`: the view and the entity's key")
     fe.add_argument(
         "--model", help="`training-set`: the model (default: the project's one model with labels)"
     )
     fe.add_argument("--out", help="`training-set` output (Avro; default out/training/MODEL.avro)")
+    fe.add_argument("--version", type=int, help="`get`: a kept older version of the view (default: newest)")

@@ -7,7 +7,11 @@ model (404)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -129,6 +133,18 @@ def score(url: str, model: str) -> int:
         return -1
 
 
+def cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "tide.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def counts(events: Sequence[dict[str, Any]], field: str, window_ms: int, now_ms: int) -> dict[str, int]:
     """Events per ``field`` value in the sliding window (one-minute tiles) ending at ``now_ms``."""
     start = now_ms - now_ms % MINUTE - window_ms + MINUTE
@@ -225,6 +241,12 @@ def test_a_project_changes_while_it_runs(settings: CommonSettings, tmp_path: Pat
         assert wait_until(live, 120), services.log_tail("features")
         at = int(time.time() * 1000)
         assert stored(settings, new, SENSORS, at) == counts(history, "sensor_id", 7_200_000, at)
+        listed = [json.loads(line) for line in cli(env, "features", "versions").splitlines()]
+        by_ref = {f"{v['view']}@{v['version']}": v for v in listed}
+        assert by_ref[new.ref]["state"] == "live" and by_ref[new.ref]["newest"] is True
+        assert by_ref[old.ref]["newest"] is False  # still kept: live until the model moved, then retired
+        older = json.loads(cli(env, "features", "get", "sensor_recent", "s1", "--version", "1"))
+        assert older["window"]["window_ms"] == 3_600_000
 
         # The model moves to the new version (trained on it, by replay), and is served with it.
         def moved() -> list[dict[str, Any]]:
