@@ -38,9 +38,11 @@ from tide.project import load_project
 pytestmark = pytest.mark.integration
 
 
-def produce_generated(settings: CommonSettings, project: Project, count: int, seed: int) -> int:
-    """``count`` transactions and every one's label; returns how many labels."""
-    gen = TransactionGenerator(GeneratorConfig(cards=300, seed=seed, fraud_rate=0.1, label_delay=100))
+def produce_history(
+    settings: CommonSettings, project: Project, count: int, config: GeneratorConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``count`` generated transactions and every one's label, produced; returns both."""
+    gen = TransactionGenerator(config)
     events, labels = [], []
     for _ in range(count):
         event, due = gen.next()
@@ -50,7 +52,13 @@ def produce_generated(settings: CommonSettings, project: Project, count: int, se
     client = Client(settings, project, 1)
     client.produce("transactions", events)
     client.produce("chargebacks", labels)
-    return len(labels)
+    return events, labels
+
+
+def produce_generated(settings: CommonSettings, project: Project, count: int, seed: int) -> int:
+    """``count`` transactions and every one's label; returns how many labels."""
+    config = GeneratorConfig(cards=300, seed=seed, fraud_rate=0.1, label_delay=100)
+    return len(produce_history(settings, project, count, config)[1])
 
 
 def test_retrain_publishes_onnx_versions_that_serving_loads(

@@ -13,19 +13,18 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import Producer
 from river import compose, linear_model
 
 from features import tiles
 from features.store import RedisOnlineStore, ViewBatch
 from infra.settings import CommonSettings
-from infra.topics import topic
 from models.artifacts import dump_river
-from schemas import codec, registry
+from schemas import registry
 from schemas.definitions import Feature, FeatureView, Model, Project
 from serving.app import create_app
 from serving.registry import ModelRegistry
 from serving.settings import ServeSettings
+from tests.integration.test_serving_live import publish
 from tide.embedded import StackInfo
 
 pytestmark = pytest.mark.integration
@@ -59,17 +58,6 @@ def version_record(name: str, version: int, feature_names: list[str], **views: i
         "created_ts": int(time.time() * 1000),
         "view_versions": dict(views),
     }
-
-
-def publish(settings: ServeSettings, *records: dict[str, Any]) -> None:
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
-    for record in records:
-        producer.produce(
-            topic(settings, "models"),
-            key=record["model"].encode(),
-            value=codec.encode("model_version", record),
-        )
-    assert producer.flush(10) == 0
 
 
 def apply(settings: ServeSettings, project: Project) -> int:

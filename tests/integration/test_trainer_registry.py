@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
+from examples.fraud.driver.generator import GeneratorConfig
 from examples.fraud.fraud_model import new_model
 from features.training import examples_for, read_source
 from infra.settings import CommonSettings
@@ -24,10 +24,10 @@ from online_training.publish import latest_record, read_versions
 from online_training.settings import TrainerSettings
 from schemas import registry
 from schemas.definitions import Feature, Model, Project
+from tests.integration.test_batch_retrain import produce_history
 from tests.integration.test_trainer import VIEWS_V1, item, label, mark_live, prediction, step_of
 from tests.integration.test_trainer import inputs as served_inputs
 from tests.integration.test_trainer import trainer_settings as base_settings
-from tide import Client
 from tide.plan import apply
 from tide.processes import wait_until
 
@@ -51,17 +51,9 @@ def history(
     settings: CommonSettings, project: Project, n: int, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``n`` transactions and every one's label, produced; returns both."""
-    gen = TransactionGenerator(GeneratorConfig(cards=40, seed=seed, fraud_rate=0.2, label_delay=0))
-    events, labels = [], []
-    for _ in range(n):
-        event, due = gen.next()
-        events.append(event)
-        labels += due
-    labels += gen.drain()
-    client = Client(settings, project, 1)
-    client.produce("transactions", events)
-    client.produce("chargebacks", labels)
-    return events, labels
+    return produce_history(
+        settings, project, n, GeneratorConfig(cards=40, seed=seed, fraud_rate=0.2, label_delay=0)
+    )
 
 
 def with_models(project: Project, *models: Model, without: tuple[str, ...] = ()) -> Project:

@@ -25,6 +25,7 @@ from serving.deployments import TrafficPolicy, bucket, deployment_record
 from serving.follower import ModelFollower
 from serving.registry import ModelRegistry, Source
 from serving.settings import ServeSettings
+from tests.unit.test_serving import FakeMessage
 
 MODEL = "fraud"
 SCORE = f"/v1/models/{MODEL}/score"
@@ -251,24 +252,7 @@ class TopicReader:
     """A consumer double over a shared list of payloads (one partition): each reader starts at the
     beginning, as the follower's does."""
 
-    class Message:
-        def __init__(self, value: bytes, offset: int) -> None:
-            self._value, self._offset = value, offset
-
-        def error(self) -> None:
-            return None
-
-        def value(self) -> bytes:
-            return self._value
-
-        def topic(self) -> str:
-            return "models"
-
-        def partition(self) -> int:
-            return 0
-
-        def offset(self) -> int:
-            return self._offset
+    Message = FakeMessage
 
     def __init__(self, log: list[bytes]) -> None:
         self.log, self.at = log, 0

@@ -609,7 +609,9 @@ def _alert() -> dict[str, Any]:
     }
 
 
-class _Msg:
+class FakeMessage:
+    """A consumed record of the models topic (one partition)."""
+
     def __init__(self, value: bytes, offset: int) -> None:
         self._value, self._offset = value, offset
 
@@ -631,10 +633,10 @@ class _Msg:
 
 class FakeConsumer:
     def __init__(self, payloads: list[bytes]) -> None:
-        self.pending = [_Msg(p, i) for i, p in enumerate(payloads)]
+        self.pending = [FakeMessage(p, i) for i, p in enumerate(payloads)]
         self.closed = False
 
-    def consume(self, num_messages: int, timeout: float) -> list[_Msg]:
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
         out, self.pending = self.pending[:num_messages], self.pending[num_messages:]
         if not out:
             time.sleep(timeout)
