@@ -16,7 +16,8 @@ from infra.processor import Incoming
 from models.profile import SCORE, build_profile, histogram
 from schemas import codec
 from schemas.definitions import Labels, Model, Project, Source
-from streams.drift import DriftSettings, DriftStep, PsiDriftDetector, watched
+from streams.drift import DriftSettings, DriftStep, watched
+from streams.psi import PsiDriftDetector
 
 PROFILED = ("value", "flag", "level")  # what the reference profiles hold a histogram of
 
