@@ -62,7 +62,7 @@ V2 = (
 """
 )
 V3 = V2.replace('[Feature("n_1h", "count")], window="1h"', '[Feature("n_1h", "count")], window="2h"')
-V4 = V3.split("    site_model = Model(")[0]
+V4 = V3.split("    site = Entity(")[0]  # the added view, its entity and its model removed
 
 SENSORS = [f"s{i}" for i in range(6)]
 MINUTE = 60_000
@@ -270,6 +270,18 @@ def test_a_project_changes_while_it_runs(settings: CommonSettings, tmp_path: Pat
         # Removing the added model (breaking): it stops being served.
         apply(settings, load_project(write_project(tmp_path / "plant_v4", V4, LEARNERS)), allow_breaking=True)
         assert wait_until(lambda: score(url, "site_model") == 404, 30)
+        # ... and its view is no longer computed: a new reading moves sensor_recent, not site_recent.
+        at = int(time.time() * 1000)
+        before = stored(settings, site_recent, ["site1"], at)
+        late = {**reading(len(history), at, rng), "sensor_id": "s1", "site_id": "site1"}
+        producer.produce(settings.topic_prefix + "readings", key=b"s1", value=codec.encode("readings", late))
+        assert producer.flush(10) == 0
+        s1 = stored(settings, new, ["s1"], at)["s1"]
+        assert wait_until(lambda: stored(settings, new, ["s1"], int(time.time() * 1000))["s1"] == s1 + 1, 30)
+        assert stored(settings, site_recent, ["site1"], at) == before
+        assert "site_recent" not in {
+            v["view"] for v in map(json.loads, cli(env, "features", "versions").splitlines())
+        }
     finally:
         traffic.stop.set()
         if traffic.thread.is_alive():
