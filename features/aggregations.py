@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from schemas.definitions import FeatureView
@@ -38,10 +38,20 @@ DISTINCT_K = 256  # hashes a distinct-count sketch keeps: exact below, ~6 % erro
 HASH_SPACE = float(2**52)  # hashes are below this: exact as doubles (the Lua merge compares them)
 
 
+_HASHES: dict[str, int] = {}  # value text -> hash: the values a stream repeats (merchants, countries)
+_HASHES_MAX = 1 << 16
+
+
 def value_hash(value: Any) -> int:
     """A value's 52-bit hash for distinct counting, the same in every process (unlike ``hash``)."""
-    digest = hashlib.blake2b(str(value).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 12
+    text = str(value)
+    found = _HASHES.get(text)
+    if found is None:
+        found = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 12
+        if len(_HASHES) >= _HASHES_MAX:
+            _HASHES.clear()
+        _HASHES[text] = found
+    return found
 
 
 def kmv(hashes: set[int]) -> set[int]:
@@ -101,9 +111,17 @@ def partial_of(view: FeatureView, event: Mapping[str, Any]) -> Partial:
     return p
 
 
+_FOLDS: dict[tuple[Any, ...], Callable[[Partial, Mapping[str, Any], int], None]] = {}
+
+
 class Folder:
     """Folds events into a partial in place: the same slots and values as :func:`partial_of` then
-    :func:`merge`, without building a partial per event (the processor's hot path)."""
+    :func:`merge`, without building a partial per event (the processor's hot path).
+
+    The view's fold is compiled once into straight-line code (its slots are known up front): an empty
+    partial is filled with one dict literal, a started one updated slot by slot, with no loop over
+    aggregation kinds per event.
+    """
 
     def __init__(self, view: FeatureView) -> None:
         fields: dict[str, list[str]] = {}
@@ -118,39 +136,88 @@ class Folder:
         self.hists = [(f"h:{f}:", f) for f in dict.fromkeys(fields.get("quantile", ()))]
         self.lasts = [("last:" + f, f) for f in dict.fromkeys(fields.get("last", ()))]
         self.distincts = [("d:" + f, f) for f in dict.fromkeys(fields.get("distinct", ()))]
+        self.fold: Callable[[Partial, Mapping[str, Any], int], None] = self._compile()
 
-    def fold(self, p: Partial, event: Mapping[str, Any], ts: int) -> None:
-        """Adds one event (with event time ``ts``) to ``p``; ``{}`` starts a new partial."""
-        p["n"] = p.get("n", 0.0) + 1.0
-        for slot, f in self.sums:
-            p[slot] = p.get(slot, 0.0) + float(event[f])
-        for slot, f in self.squares:
-            v = float(event[f])
-            p[slot] = p.get(slot, 0.0) + v * v
-        for slot, f in self.mins:
-            v = float(event[f])
-            if slot not in p or v < p[slot]:
-                p[slot] = v
-        for slot, f in self.maxs:
-            v = float(event[f])
-            if slot not in p or v > p[slot]:
-                p[slot] = v
+    def _compile(self) -> Callable[[Partial, Mapping[str, Any], int], None]:
+        """``fold(p, event, ts)`` for this view's slots, as generated code (names and fields are
+        embedded as literals with ``repr``), compiled once per set of slots."""
+        spec = tuple(
+            tuple(slots)
+            for slots in (
+                self.sums,
+                self.squares,
+                self.mins,
+                self.maxs,
+                self.hists,
+                self.lasts,
+                self.distincts,
+            )
+        )
+        found = _FOLDS.get(spec)
+        if found is None:
+            found = _FOLDS[spec] = self._generate()
+        return found
+
+    def _generate(self) -> Callable[[Partial, Mapping[str, Any], int], None]:
+        numeric = list(
+            dict.fromkeys(f for _, f in self.sums + self.squares + self.mins + self.maxs + self.hists)
+        )
+        var = {f: f"v{i}" for i, f in enumerate(numeric)}
+        reads = [f"    {var[f]} = float(event[{f!r}])" for f in numeric]
+        hashes = [f"    d{i} = value_hash(event[{f!r}])" for i, (_, f) in enumerate(self.distincts)]
+        # a new partial: one dict literal (the slots in the order the loop version inserted them)
+        literal = ['"n": 1.0']
+        literal += [f"{slot!r}: {var[f]}" for slot, f in self.sums]
+        literal += [f"{slot!r}: {var[f]} * {var[f]}" for slot, f in self.squares]
+        literal += [f"{slot!r}: {var[f]}" for slot, f in self.mins + self.maxs]
+        literal += [f"{prefix!r} + bucket_of({var[f]}): 1.0" for prefix, f in self.hists]
+        literal += [f"{slot!r}: (ts, event[{f!r}])" for slot, f in self.lasts]
+        literal += [f"{slot!r}: {{d{i}}}" for i, (slot, _) in enumerate(self.distincts)]
+        started = ['        p["n"] = p.get("n", 0.0) + 1.0']
+        started += [f"        p[{s!r}] = p.get({s!r}, 0.0) + {var[f]}" for s, f in self.sums]
+        started += [f"        p[{s!r}] = p.get({s!r}, 0.0) + {var[f]} * {var[f]}" for s, f in self.squares]
+        for ops, slots in (("<", self.mins), (">", self.maxs)):
+            for s, f in slots:
+                started.append(f"        if {s!r} not in p or {var[f]} {ops} p[{s!r}]:")
+                started.append(f"            p[{s!r}] = {var[f]}")
         for prefix, f in self.hists:
-            slot = prefix + bucket_of(float(event[f]))
-            p[slot] = p.get(slot, 0.0) + 1.0
-        for slot, f in self.lasts:
-            old = p.get(slot)
-            if old is None or ts >= old[0]:
-                p[slot] = (ts, event[f])
-        for slot, f in self.distincts:
-            h = value_hash(event[f])
-            if slot not in p:
-                p[slot] = {h}
-            else:
-                sketch = p[slot]
-                sketch.add(h)
-                if len(sketch) > 2 * DISTINCT_K:  # trimmed now and then; pack and merge keep K
-                    p[slot] = kmv(sketch)
+            started.append(f"        h = {prefix!r} + bucket_of({var[f]})")
+            started.append("        p[h] = p.get(h, 0.0) + 1.0")
+        for s, f in self.lasts:
+            started.append(f"        old = p.get({s!r})")
+            started.append("        if old is None or ts >= old[0]:")
+            started.append(f"            p[{s!r}] = (ts, event[{f!r}])")
+        for i, (s, _) in enumerate(self.distincts):
+            started.append(f"        sketch = p.get({s!r})")
+            started.append("        if sketch is None:")
+            started.append(f"            p[{s!r}] = {{d{i}}}")
+            started.append("        else:")
+            started.append(f"            sketch.add(d{i})")
+            started.append(
+                "            if len(sketch) > TRIM:  # trimmed now and then; pack and merge keep K"
+            )
+            started.append(f"                p[{s!r}] = kmv(sketch)")
+        # the lasts are read in the order the loop version read them: a missing field fails the same way
+        source = "\n".join(
+            [
+                "def fold(p, event, ts):",
+                *reads,
+                *hashes,
+                "    if not p:",
+                f"        p.update({{{', '.join(literal)}}})",
+                "    else:",
+                *started,
+            ]
+        )
+        scope: dict[str, Any] = {
+            "value_hash": value_hash,
+            "bucket_of": bucket_of,
+            "kmv": kmv,
+            "TRIM": 2 * DISTINCT_K,
+        }
+        exec(compile(source, f"<fold of {self.__class__.__name__}>", "exec"), scope)
+        fold: Callable[[Partial, Mapping[str, Any], int], None] = scope["fold"]
+        return fold
 
 
 def merge_slot(name: str, a: Any, b: Any) -> Any:

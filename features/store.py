@@ -37,7 +37,7 @@ A read is one script call per hash slot (one in all on a single node) returning 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -48,6 +48,9 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from features import aggregations, tiles
+from features.packed import pack as pack  # re-exported (tests, tools)
+from features.packed import packer
+from features.packed import unpack as unpack
 from infra.errors import StreamError
 from schemas.definitions import FeatureView
 
@@ -112,50 +115,6 @@ def slot_of(key: str) -> int:
     return int(key_slot(key.encode()))
 
 
-# --- packed partials ------------------------------------------------------------------------------------
-
-
-def pack(partial: Mapping[str, Any]) -> str:
-    """One tile's partial as one hash field value.
-
-    Numeric slots hold floats, ``last:`` slots (time, value) tuples, ``d:`` slots sets (written as a
-    sorted JSON array).
-    """
-    lines = []
-    for slot, value in partial.items():
-        kind = type(value)
-        if kind is float:
-            lines.append(f"{slot}={_number(value)}")
-        elif kind is tuple:
-            lines.append(f"{slot}={value[0]} {orjson.dumps(value[1]).decode()}")
-        elif kind is set:
-            lines.append(f"{slot}={orjson.dumps(sorted(value)[: aggregations.DISTINCT_K]).decode()}")
-        else:
-            lines.append(f"{slot}={_number(float(value))}")
-    return "\n".join(lines)
-
-
-def unpack(packed: bytes | str) -> dict[str, Any]:
-    """The partial of a packed field (the inverse of :func:`pack`, after any number of merges)."""
-    text = packed.decode() if isinstance(packed, bytes) else packed
-    out: dict[str, Any] = {}
-    for line in text.split("\n"):
-        slot, _, value = line.partition("=")
-        if slot.startswith("last:"):
-            ts, _, raw = value.partition(" ")
-            out[slot] = (int(float(ts)), orjson.loads(raw))
-        elif slot.startswith("d:"):
-            out[slot] = set(orjson.loads(value))
-        else:
-            out[slot] = float(value)
-    return out
-
-
-def _number(value: float) -> str:
-    """A slot value's text: integers without a fraction (counts stay short and exact), else repr."""
-    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
-
-
 # --- writing --------------------------------------------------------------------------------------------
 
 _KIND = {"sliding": "s", "hopping": "s", "tumbling": "t", "lifetime": "l"}
@@ -195,29 +154,35 @@ class Conflict:
 
 @dataclass
 class ApplyCall:
-    """One call of :data:`APPLY_SCRIPT`: its keys and arguments, and per entry the (batch index,
-    entity) it writes (to name conflicts)."""
+    """One call of :data:`APPLY_SCRIPT`: its keys and arguments, and per run of entries the index of
+    the batch it comes from and its entities in entry order (to name conflicts)."""
 
     keys: list[str]
     args: list[Any]
-    entries: list[tuple[int, str]] = field(default_factory=list)
+    runs: list[tuple[int, Collection[str]]] = field(default_factory=list)
+
+    def entry(self, number: int) -> tuple[int, str]:
+        """(batch index, entity) of the call's entry ``number`` (1-based, as the script counts)."""
+        number -= 1
+        for batch, entities in self.runs:
+            if number < len(entities):
+                return batch, list(entities)[number]
+            number -= len(entities)
+        raise IndexError(number)
 
 
 class _CallBuilder:
+    """Accumulates one call: the entries' keys and arguments run by run (a run: the entries of one
+    batch in this call), then the positions to move."""
+
     def __init__(self) -> None:
-        self.keys: dict[str, int] = {}
+        self.keys: list[str] = []
+        self.entries: list[str] = []
         self.views: dict[str, int] = {}
         self.view_rows: list[list[Any]] = []
-        self.sources: dict[str, int] = {}
-        self.entries: list[list[Any]] = []
-        self.named: list[tuple[int, str]] = []
+        self.runs: list[list[Any]] = []
+        self.named: list[tuple[int, Collection[str]]] = []
         self.positions: list[list[Any]] = []
-
-    def key(self, key: str) -> int:
-        index = self.keys.get(key)
-        if index is None:
-            index = self.keys[key] = len(self.keys) + 1
-        return index
 
     def view(self, view: FeatureView) -> int:
         index = self.views.get(view.ref)
@@ -226,18 +191,19 @@ class _CallBuilder:
             self.view_rows.append([_KIND[view.kind], view.tile_ms, view.window_ms, _ttl(view)])
         return index
 
-    def source(self, source: str) -> int:
-        index = self.sources.get(source)
-        if index is None:
-            index = self.sources[source] = len(self.sources) + 1
-        return index
+    def add(
+        self, index: int, batch: ViewBatch, deltas: Mapping[str, tiles.EntityDelta], namespace: str
+    ) -> None:
+        """The entries of ``deltas`` (all or some of ``batch``'s, the ``index``-th batch) as one run."""
+        view = batch.view
+        self.runs.append([self.view(view), "@" + batch.source, index + 1, len(deltas)])
+        self.named.append((index, deltas))
+        _encode(view, deltas, namespace, self.keys, self.entries)
 
     def call(self) -> ApplyCall:
-        header = orjson.dumps([self.view_rows, ["@" + s for s in self.sources]])
-        args: list[Any] = [header, orjson.dumps(self.entries)]
-        if self.positions:
-            args.append(orjson.dumps(self.positions))
-        return ApplyCall(list(self.keys), args, self.named)
+        header = orjson.dumps([self.view_rows, self.runs])
+        positions = orjson.dumps(self.positions) if self.positions else b""
+        return ApplyCall(self.keys, [header, positions, "".join(self.entries)], self.named)
 
 
 def _ttl(view: FeatureView) -> str:
@@ -246,23 +212,32 @@ def _ttl(view: FeatureView) -> str:
     return "0" if retention is None else str(retention)
 
 
-def _entries(batch: ViewBatch) -> Iterator[tuple[str, str, list[Any]]]:
-    """Per entity: the entity, its key and its entry's tail (first, last, newest, tile, packed...).
-    Tiles already behind the window of the batch's newest event are left out (the script would trim
-    them at once)."""
-    view = batch.view
+def _encode(
+    view: FeatureView,
+    deltas: Mapping[str, tiles.EntityDelta],
+    namespace: str,
+    keys: list[str],
+    entries: list[str],
+) -> None:
+    """Appends each entity's key to ``keys`` and its entry to ``entries``: ``"\\30first last newest n
+    tile\\31packed"`` and ``"\\31tile\\31packed"`` per further tile (see :file:`lua/apply.lua`). Tiles
+    already behind the window of the entity's newest event are left out (the script would trim them at
+    once); the newest event's own tile never is."""
     lifetime, tile_ms = view.kind == "lifetime", view.tile_ms
     span = 0 if view.kind == "tumbling" else view.window_ms - tile_ms
-    prefix, suffix = f"tide:f:{{{view.entity.name}=", f"}}:{view.ref}"
-    for entity, delta in batch.deltas.items():
+    prefix, suffix = f"{namespace}tide:f:{{{view.entity.name}=", f"}}:{view.ref}"
+    add_key, add, pack = keys.append, entries.append, packer(view)
+    for entity, delta in deltas.items():
+        add_key(prefix + entity + suffix)
+        found = delta.tiles
+        if len(found) == 1:  # the common case: one tile, the newest event's
+            for tile, partial in found.items():
+                add(f"\x1e{delta.first} {delta.last} {delta.newest_ms} 1 {tile}\x1f{pack(partial)}")
+            continue
         newest = delta.newest_ms
         cutoff = 0 if lifetime else newest - newest % tile_ms - span
-        tail: list[Any] = [delta.first, delta.last, newest]
-        for tile, partial in delta.tiles.items():
-            if tile >= cutoff:
-                tail.append(tile)
-                tail.append(pack(partial))
-        yield entity, prefix + entity + suffix, tail
+        kept = [f"{tile}\x1f{pack(partial)}" for tile, partial in found.items() if tile >= cutoff]
+        add(f"\x1e{delta.first} {delta.last} {newest} {len(kept)} " + "\x1f".join(kept))
 
 
 def apply_calls(
@@ -274,33 +249,35 @@ def apply_calls(
     conflicted). Cluster: one call per hash slot of the entity keys, positions left out: the caller
     moves them with :func:`position_calls` once its batches settled.
     """
+    if not cluster:
+        single = _CallBuilder()
+        for index, batch in enumerate(batches):
+            if batch.deltas:
+                single.add(index, batch, batch.deltas, namespace)
+        if not single.keys:
+            return []
+        for index, batch in enumerate(batches):
+            single.keys.append(positions_key(batch.view, namespace))
+            at = len(single.keys)
+            single.positions.append([at, index + 1, batch.field, batch.position, batch.watermark])
+        return [single.call()]
     builders: dict[int, _CallBuilder] = {}
-    single = _CallBuilder()
     slots: dict[str, int] = {}
     for index, batch in enumerate(batches):
-        if not batch.deltas:
-            continue
-        for entity, key, tail in _entries(batch):
-            key = namespace + key
-            if cluster:
-                tag = key[key.index("{") : key.index("}", key.index("{")) + 1]
-                slot = slots.get(tag)
-                if slot is None:
-                    slot = slots[tag] = slot_of(tag)
-                b = builders.get(slot)
-                if b is None:
-                    b = builders[slot] = _CallBuilder()
-            else:
-                b = single
-            b.entries.append([b.key(key), b.view(batch.view), b.source(batch.source), *tail[:3], index + 1])
-            b.entries[-1].extend(tail[3:])
-            b.named.append((index, entity))
-    if cluster:
-        return [b.call() for b in builders.values()]
-    for index, batch in enumerate(batches):
-        at = single.key(positions_key(batch.view, namespace))
-        single.positions.append([at, index + 1, batch.field, batch.position, batch.watermark])
-    return [single.call()] if single.keys else []
+        by_slot: dict[int, dict[str, tiles.EntityDelta]] = {}
+        head = f"{namespace}tide:f:{{{batch.view.entity.name}="
+        for entity, delta in batch.deltas.items():
+            tag = head + entity + "}"  # the key up to its hash tag: the slot of every key of the entity
+            slot = slots.get(tag)
+            if slot is None:
+                slot = slots[tag] = slot_of(tag)
+            by_slot.setdefault(slot, {})[entity] = delta
+        for slot, deltas in by_slot.items():
+            b = builders.get(slot)
+            if b is None:
+                b = builders[slot] = _CallBuilder()
+            b.add(index, batch, deltas, namespace)
+    return [b.call() for b in builders.values()]
 
 
 def position_calls(batches: Sequence[ViewBatch], namespace: str = "") -> list[ApplyCall]:
@@ -311,7 +288,8 @@ def position_calls(batches: Sequence[ViewBatch], namespace: str = "") -> list[Ap
         b = builders.get(key)
         if b is None:
             b = builders[key] = _CallBuilder()
-        b.positions.append([b.key(key), index + 1, batch.field, batch.position, batch.watermark])
+            b.keys.append(key)
+        b.positions.append([1, index + 1, batch.field, batch.position, batch.watermark])
     return [b.call() for b in builders.values()]
 
 
@@ -320,7 +298,7 @@ def conflicts_of(calls: Sequence[ApplyCall], results: Sequence[Any]) -> list[Con
     out = []
     for call, result in zip(calls, results, strict=True):
         for i in range(0, len(result), 2):
-            batch, entity = call.entries[int(result[i]) - 1]
+            batch, entity = call.entry(int(result[i]))
             out.append(Conflict(batch, entity, int(result[i + 1])))
     return out
 
@@ -542,9 +520,12 @@ class RedisWriter:
             return _positions(pipe.execute())
 
     def run(self, calls: Sequence[ApplyCall]) -> list[Any]:
-        """Runs apply calls in one pipeline; their raw results."""
+        """Runs apply calls in one pipeline (a single one directly: a pipeline would first ask whether
+        the script is loaded); their raw results."""
         if not calls:
             return []
+        if len(calls) == 1:
+            return [self._apply(keys=calls[0].keys, args=calls[0].args)]
         with self.client.pipeline(transaction=False) as pipe:
             for call in calls:
                 self._apply(keys=call.keys, args=call.args, client=pipe)

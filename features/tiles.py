@@ -76,7 +76,7 @@ def split_late(
     return on_time, late, watermark
 
 
-@dataclass
+@dataclass(slots=True)
 class EntityDelta:
     """What one batch adds to one entity: partials per tile, the newest event time and the positions of
     the first and last record folded in (the store's per-key exactly-once check compares them with the
@@ -142,38 +142,53 @@ def fold_partition(
     event_time = views[0].event_time
     if any(v.event_time != event_time for v in views):
         raise ValueError(f"views {[v.name for v in views]} do not share one event-time field")
-    plan = [
-        (v.ref, v.entity_key, v.allowed_lateness_ms, v.kind == "lifetime", v.tile_ms, aggregations.Folder(v))
-        for v in views
-    ]
     deltas: dict[str, dict[str, EntityDelta]] = {v.ref: {} for v in views}
     late: dict[str, list[tuple[int, Mapping[str, Any], int]]] = {v.ref: [] for v in views}
-    on_time = dict.fromkeys(deltas, 0)
-    newest = dict.fromkeys(deltas, NO_WATERMARK)
+    plan = [
+        (
+            deltas[v.ref],
+            late[v.ref],
+            v.entity_key,
+            v.allowed_lateness_ms,
+            v.kind == "lifetime",
+            v.tile_ms,
+            aggregations.Folder(v).fold,
+        )
+        for v in views
+    ]
+    shared = len({v.entity_key for v in views}) == 1  # one entity per event: read it once
+    folded = 0
     for position, event in records:
+        folded += 1
         ts = int(event[event_time])
-        for name, entity_field, lateness, lifetime, tile_ms, folder in plan:
+        entity = None
+        for by_entity, late_ones, entity_field, lateness, lifetime, tile_ms, fold in plan:
             if watermark != NO_WATERMARK and ts < watermark - lateness:
-                late[name].append((position, event, watermark - lateness - ts))
+                late_ones.append((position, event, watermark - lateness - ts))
                 continue
-            entity = str(event[entity_field])
-            by_entity = deltas[name]
+            if entity is None or not shared:
+                entity = str(event[entity_field])
+            tile = LIFETIME_TILE if lifetime else ts - ts % tile_ms
             delta = by_entity.get(entity)
             if delta is None:
-                delta = by_entity[entity] = EntityDelta({}, ts, position)
-            elif ts > delta.newest_ms:
+                partial: aggregations.Partial = {}
+                fold(partial, event, ts)
+                by_entity[entity] = EntityDelta({tile: partial}, ts, position, position)
+                continue
+            if ts > delta.newest_ms:
                 delta.newest_ms = ts
             delta.last = position
-            tile = LIFETIME_TILE if lifetime else ts - ts % tile_ms
-            partial = delta.tiles.get(tile)
+            partial = delta.tiles.get(tile)  # type: ignore[assignment]
             if partial is None:
                 partial = delta.tiles[tile] = {}
-            folder.fold(partial, event, ts)
-            on_time[name] += 1
-            if ts > newest[name]:
-                newest[name] = ts
+            fold(partial, event, ts)
         if ts > watermark:
             watermark = ts
+    on_time = {ref: folded - len(late[ref]) for ref in deltas}
+    newest = {
+        ref: max((d.newest_ms for d in by_entity.values()), default=NO_WATERMARK)
+        for ref, by_entity in deltas.items()
+    }
     return PartitionFold(deltas, late, on_time, watermark, newest)
 
 
