@@ -1,8 +1,10 @@
 """Backfill: view versions behind their partition's live position replay the source topic up to it.
 
 A new version of a view, or a new view over a source that is already consumed, starts at no position
-while the partition's live position is further on. The backfill reads those partitions with a second,
-group-less consumer (``assign``) from the version's position, in chunks the processor's loop
+while the partition's live position is further on: it replays the topic from its earliest retained
+offset, folding the events from the view's declared ``backfill_start`` on when it has one. The
+backfill reads those partitions with a second, group-less consumer (``assign``) from the version's
+position, in chunks the processor's loop
 interleaves with the live batches (one thread: no handover race), and folds them with the live code
 (:meth:`features.folder.FeatureFolder.plan`), for the lagging versions only. Once a version's position
 reaches the partition's live position, the next live batch simply includes it: the live fold takes
@@ -11,13 +13,14 @@ every version at the live position, and each folds only records after its own po
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from features.folder import FeatureFolder, SourcePlan, split_messages
+from features.folder import FeatureFolder, PartitionBatch, SourcePlan, split_messages
 from infra.deadletter import MemoryDeadLetters
 from infra.settings import CommonSettings
 from schemas.definitions import FeatureView
@@ -107,9 +110,11 @@ class Backfill:
         batches = split_messages(plans, msgs, MemoryDeadLetters(), int(time.time() * 1000))
         work = []
         for b in batches:
-            views = self.todo.get((b.topic, b.partition))
-            if views:
-                work += self.folder.plan(b, views, live=False)
+            by_start: dict[int | None, list[FeatureView]] = {}
+            for view in self.todo.get((b.topic, b.partition), ()):
+                by_start.setdefault(view.backfill_start_ms, []).append(view)
+            for start, views in by_start.items():
+                work += self.folder.plan(since(b, views[0].event_time, start), views, live=False)
         if work:
             self.folder.apply(work)
             self._folded += sum(len(p.records) for p in work)
@@ -156,3 +161,11 @@ class Backfill:
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+
+
+def since(b: PartitionBatch, event_time: str, start_ms: int | None) -> PartitionBatch:
+    """``b`` without the events before ``start_ms`` (a view's declared backfill start; None: all of it).
+    Their positions are taken all the same: they are never folded into that version."""
+    if start_ms is None:
+        return b
+    return dataclasses.replace(b, records=[r for r in b.records if int(r.event[event_time]) >= start_ms])

@@ -26,6 +26,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
 from infra.errors import DefinitionError, UnknownViewVersion
@@ -63,6 +64,23 @@ def duration_ms(value: str | int, where: str) -> int:
     if not match:
         raise DefinitionError(f"{where}: {value!r} is not a duration like 500ms, 30s, 5m, 1h or 7d")
     return int(match.group(1)) * _UNIT_MS[match.group(2)]
+
+
+def _instant_ms(value: str | int | None, where: str) -> int | None:
+    """Ms since the epoch of an ISO date or datetime (UTC unless it names a zone) or of an int (ms)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    try:
+        instant = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise DefinitionError(
+            f"{where}: {value!r} is not an ISO date or datetime, nor ms since the epoch"
+        ) from None
+    if instant.tzinfo is None:
+        instant = instant.replace(tzinfo=UTC)
+    return int(instant.timestamp() * 1000)
 
 
 def _name(value: Any, where: str) -> None:
@@ -327,6 +345,9 @@ class FeatureView:
     # of computation takes the new registry version, so a number is never reused, not even by a view
     # removed and declared again). Each version has its own keys in the online store and is backfilled.
     version: int = 1
+    # Where a new version's backfill starts: events from this event time on (an ISO date or datetime,
+    # UTC when no zone is given, or ms since the epoch); None: the source topic's earliest retained offset.
+    backfill_start: str | int | None = None
     # Derived from the fields above; what the engine reads.
     entity_key: str = field(init=False)
     source_name: str = field(init=False)
@@ -335,6 +356,7 @@ class FeatureView:
     tile_ms: int = field(init=False)
     allowed_lateness_ms: int = field(init=False)
     ttl_ms: int | None = field(init=False)
+    backfill_start_ms: int | None = field(init=False)
     aggregations: tuple[Aggregation, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -377,6 +399,7 @@ class FeatureView:
             "tile_ms": tile,
             "allowed_lateness_ms": duration_ms(self.allowed_lateness, f"{where}, field 'allowed_lateness'"),
             "ttl_ms": ttl,
+            "backfill_start_ms": _instant_ms(self.backfill_start, f"{where}, field 'backfill_start'"),
             "aggregations": tuple(self.features),
             "features": tuple(self.features),
         }
@@ -465,6 +488,7 @@ class FeatureView:
             "ttl_ms": self.ttl_ms,
             **_meta(self),
             "version": self.version,
+            **({"backfill_start_ms": self.backfill_start_ms} if self.backfill_start_ms is not None else {}),
             "features": [a.to_dict() for a in self.aggregations],
         }
 
@@ -484,6 +508,7 @@ class FeatureView:
             allowed_lateness=d["allowed_lateness_ms"],
             ttl=d["ttl_ms"],
             version=d.get("version", 1),
+            backfill_start=d.get("backfill_start_ms"),
             **_meta_args(d),
         )
 

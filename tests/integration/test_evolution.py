@@ -98,3 +98,42 @@ def test_a_new_field_is_usable_by_a_new_view_while_the_processor_runs(
         thread.join(20)
     letters = list(read_to_end(settings, topic(settings, "dead-letter"), 1))
     assert letters == []
+
+
+def test_a_view_with_a_declared_backfill_start_folds_history_from_it(
+    settings: CommonSettings, tmp_path: Path
+) -> None:
+    root = write_project(tmp_path / "plant", NAMED, LEARNER)
+    apply(settings, load_project(root))
+    registry.load(settings)
+    now = int(time.time() * 1000)
+    start = now - 30 * 60_000
+    older = [reading(2 * i, now - 50 * 60_000 + i) for i in range(3)]  # before the declared start
+    newer = [reading(2 * i, now - 20 * 60_000 + i) for i in range(3, 7)]
+    send(settings, older + newer)  # sensor s0 only (even ids)
+
+    follower = registry.Follower(settings)
+    processor = FeatureProcessor(FeatureSettings(**settings.model_dump()), follower.current.project, follower)
+    stop = threading.Event()
+    thread = threading.Thread(target=processor.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        recent = registry.load(settings).project.views["sensor_recent"]
+        assert wait_until(lambda: stored(settings, recent, ["s0"], now) == {"s0": 7}, 60)
+        declared = f"""
+since = FeatureView(
+    "sensor_since", readings, sensor, [Feature("n_since", "count")], window="1h", backfill_start={start}
+)
+"""
+        (root / "definitions.py").write_text((root / "definitions.py").read_text() + declared)
+        apply(settings, load_project(root))
+        view = registry.load(settings).project.views["sensor_since"]
+        assert view.backfill_start_ms == start
+        # the backfill folds the events from the declared start on; live events all count
+        assert wait_until(lambda: stored(settings, view, ["s0"], now) == {"s0": 4}, 60)
+        send(settings, [reading(100, now - 1_000)])
+        assert wait_until(lambda: stored(settings, view, ["s0"], now) == {"s0": 5}, 60)
+        assert stored(settings, recent, ["s0"], now) == {"s0": 8}
+    finally:
+        stop.set()
+        thread.join(20)

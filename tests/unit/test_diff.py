@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.errors import DefinitionError
 from schemas.definitions import Project
 from tests.unit.test_definitions import DEFINITIONS, write_project
 from tide.diff import diff, versioned
@@ -153,3 +154,17 @@ def test_a_model_reads_the_view_versions_its_lineage_names(tmp_path: Path) -> No
 
     with pytest.raises(UnknownViewVersion, match="keeps no version 7 of view 'sensor_recent'"):
         v2.model_views(model, {"sensor_recent": 7})
+
+
+def test_a_declared_backfill_start_is_part_of_what_a_view_computes(tmp_path: Path) -> None:
+    v1 = project_of(tmp_path, "v1")
+    text = DEFINITIONS.replace('window="1h"', 'window="1h", backfill_start="2026-11-01"')
+    v2 = versioned(v1, project_of(tmp_path, "v2", text), 2)
+    view = v2.views["sensor_recent"]
+    assert view.backfill_start_ms == 1_793_491_200_000  # 2026-11-01T00:00:00Z
+    assert (view.version, Project.from_dict(v2.to_dict()).views["sensor_recent"].backfill_start_ms) == (
+        2,
+        view.backfill_start_ms,
+    )
+    with pytest.raises(DefinitionError, match=r"feature view 'sensor_recent', field 'backfill_start'"):
+        project_of(tmp_path, "v3", DEFINITIONS.replace('window="1h"', 'window="1h", backfill_start="soon"'))
