@@ -65,7 +65,7 @@ def render_features(r: dict[str, Any]) -> str:
         f"goal p99 < 300 ms: {met['freshness_p99_ms']}).",
         "",
         "Semantics differ where the engines do: Tide merges per-tile partials at read time and applies "
-        "each batch with its offsets atomically in Redis (exactly-once effect, state readable by serving); "
+        "each batch in Redis exactly once per key (positions kept with the state, readable by serving); "
         "Quix computes each window per event in its own RocksDB store, at-least-once, without a sink. "
         "Details, the profile and how to read the figures: "
         "[`docs/2026-11-21-bench-features.md`](docs/2026-11-21-bench-features.md).",
