@@ -273,10 +273,10 @@ def test_a_project_changes_while_it_runs(settings: CommonSettings, tmp_path: Pat
         # ... and its view is no longer computed: a new reading moves sensor_recent, not site_recent.
         at = int(time.time() * 1000)
         before = stored(settings, site_recent, ["site1"], at)
+        s1 = stored(settings, new, ["s1"], at)["s1"]  # read before the reading is produced
         late = {**reading(len(history), at, rng), "sensor_id": "s1", "site_id": "site1"}
         producer.produce(settings.topic_prefix + "readings", key=b"s1", value=codec.encode("readings", late))
         assert producer.flush(10) == 0
-        s1 = stored(settings, new, ["s1"], at)["s1"]
         assert wait_until(lambda: stored(settings, new, ["s1"], int(time.time() * 1000))["s1"] == s1 + 1, 30)
         assert stored(settings, site_recent, ["site1"], at) == before
         assert "site_recent" not in {
