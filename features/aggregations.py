@@ -38,7 +38,7 @@ DISTINCT_K = 256  # hashes a distinct-count sketch keeps: exact below, ~6 % erro
 HASH_SPACE = float(2**52)  # hashes are below this: exact as doubles (the Lua merge compares them)
 
 
-_HASHES: dict[str, int] = {}  # value text -> hash: the values a stream repeats (merchants, countries)
+_HASHES: dict[str, int] = {}  # value text -> hash: the values a stream repeats (categories, places)
 _HASHES_MAX = 1 << 16
 
 
