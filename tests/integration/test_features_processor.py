@@ -121,24 +121,6 @@ def assert_exact(
             assert_same(view, actual[view.name][card], expected[view.name][card], card)
 
 
-@pytest.fixture
-def services(settings: CommonSettings, tmp_path: Path) -> Any:
-    """``tide features`` processes of this test's namespace (they read what the test applied)."""
-    svc = Services(
-        {
-            "TIDE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "TIDE_REDIS_URL": settings.redis_url,
-            "TIDE_TOPIC_PREFIX": settings.topic_prefix,
-            "TIDE_STATE_DIR": str(tmp_path),
-            "TIDE_FEATURES_GROUP": f"{settings.topic_prefix}features",
-            "TIDE_FEATURES_BATCH": "200",
-        },
-        tmp_path / "logs",
-    )
-    yield svc
-    svc.stop_all()
-
-
 def test_values_exact_and_malformed_and_poison_records_dead_lettered(
     fraud: CommonSettings, fraud_project: Project, services: Services
 ) -> None:

@@ -10,7 +10,6 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -118,24 +117,6 @@ def assert_rows_equal(a: Sequence[FeatureRow], b: Sequence[FeatureRow]) -> None:
                 assert math.isclose(value, other, rel_tol=1e-9, abs_tol=1e-9), (x.entity, name)
             else:
                 assert value == other, (x.entity, name)
-
-
-@pytest.fixture
-def services(settings: CommonSettings, tmp_path: Path) -> Any:
-    svc = Services(
-        {
-            "TIDE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "TIDE_REDIS_URL": settings.redis_url,
-            "TIDE_TOPIC_PREFIX": settings.topic_prefix,
-            "TIDE_STATE_DIR": str(tmp_path),
-            "TIDE_FEATURES_GROUP": f"{settings.topic_prefix}features",
-            "TIDE_FEATURES_BATCH": "200",
-            "TIDE_FEATURES_RETIRE_GRACE_MS": "500",
-        },
-        tmp_path / "logs",
-    )
-    yield svc
-    svc.stop_all()
 
 
 def publish_model_version(settings: CommonSettings, model: str, version: int, views: dict[str, int]) -> None:
