@@ -320,7 +320,10 @@ class ModelRegistry:
         state.refused[version] = reason
         state.drop(version)
         LINEAGE_REFUSED.labels(name).inc()
-        logger.error("%s; refused, not served (what served before keeps serving)", reason)
+        serving = state.serving_version()
+        # an older version than the one serving (say, after its view version was retired) is routine
+        level = logging.ERROR if serving is None or version >= serving else logging.INFO
+        logger.log(level, "%s; refused, not served (what served before keeps serving)", reason)
 
     def _advance(self, name: str, state: _ModelState, version: int) -> None:
         if state.newest is not None and version <= state.newest:
