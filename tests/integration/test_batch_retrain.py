@@ -202,15 +202,20 @@ CHICK_CODE = {
 }
 
 
-def test_a_regression_model_is_retrained_and_served_as_values(
-    settings: CommonSettings, tmp_path: Path
-) -> None:
-    root = tmp_path / "chick_batch"
+def write_chick_project(root: Path) -> Path:
+    """The regression project over the ChickWeights records: its schemas and code written to ``root``."""
     for name, schema in CHICK_FILES.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(json.dumps(schema))
     for name, code in CHICK_CODE.items():
         (root / name).write_text(textwrap.dedent(code))
+    return root
+
+
+def test_a_regression_model_is_retrained_and_served_as_values(
+    settings: CommonSettings, tmp_path: Path
+) -> None:
+    root = write_chick_project(tmp_path / "chick_batch")
     project = load_project(root)
     rs = RetrainSettings(
         **{**settings.model_dump(), "project": root},
@@ -249,12 +254,7 @@ def test_a_regression_model_is_retrained_and_served_as_values(
 
 
 def test_a_periodic_retrain_follows_the_registry(settings: CommonSettings, tmp_path: Path) -> None:
-    root = tmp_path / "chick_batch"
-    for name, schema in CHICK_FILES.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(json.dumps(schema))
-    for name, code in CHICK_CODE.items():
-        (root / name).write_text(textwrap.dedent(code))
+    root = write_chick_project(tmp_path / "chick_batch")
     project = load_project(root)
     rs = RetrainSettings(
         **{**settings.model_dump(), "project": root}, retrain_min_labels=100, retrain_epochs=5
