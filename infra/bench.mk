@@ -1,4 +1,5 @@
-# Benchmarks (commands, not tests): `make bench-features`, `make bench-serving`, `make bench-learn`. Included from the
+# Benchmarks (commands, not tests): `make bench-features`, `make bench-serving`, `make bench-learn`,
+# `make bench-drift`, `make bench-canary`. Included from the
 # Makefile; needs its install target, PY and PYTHON. The Quix Streams peer runs in its own venv
 # (.venv-bench): quixstreams pins confluent-kafka<2.13, pydantic<2.14 and pydantic-settings<2.16, below
 # Tide's lock. The Feast peer runs in .venv-feast: feast pins redis-py<8, below Tide's lock.
@@ -9,11 +10,12 @@ BENCH_EVENTS ?= 100000
 BENCH_REPS   ?= 3
 BENCH_ARGS   ?=
 BENCH_LEARN_EXAMPLES ?= 20000
+BENCH_SEEDS  ?= 10
 
 FEAST_VENV   := .venv-feast
 FEAST_STAMP  := $(FEAST_VENV)/.installed
 
-.PHONY: bench-venv bench-features bench-feast-venv bench-wrk bench-serving bench-learn
+.PHONY: bench-venv bench-features bench-feast-venv bench-wrk bench-serving bench-learn bench-drift bench-canary
 
 $(BENCH_STAMP): bench/requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -52,3 +54,14 @@ bench-serving: install bench-venv bench-feast-venv bench-wrk
 # writes out/bench/learn.json (tide_per_s, river_per_s, identical). Needs only Tide's own venv.
 bench-learn: install
 	$(PY) -m bench.learn --examples $(BENCH_LEARN_EXAMPLES) --reps $(BENCH_REPS) $(BENCH_ARGS)
+
+# Tide's drift monitors and concept-drift detectors on streams with known change points (river's synthetic
+# generators and the examples' generators, BENCH_SEEDS seeds each) beside river's ADWIN alone: detection
+# delay in records and false alarms per 100k records. Writes out/bench/drift.json.
+bench-drift: install
+	$(PY) -m bench.drift --seeds $(BENCH_SEEDS) $(BENCH_ARGS)
+
+# The canary judge on simulated canaries better, equal and worse by stated effects (many seeds) beside a
+# fixed-horizon test: false promotion / rollback rates, power, labels to decide. Writes out/bench/canary.json.
+bench-canary: install
+	$(PY) -m bench.canary --seeds $(BENCH_SEEDS) $(BENCH_ARGS)

@@ -31,6 +31,9 @@ TOPICS: dict[str, TopicSpec] = {
         # Applied project definitions: every service reads the newest at start.
         TopicSpec("registry", 1, "definitions", compacted=True),
         TopicSpec("drift-alerts", 1, "drift_alert"),
+        TopicSpec("canary-verdicts", 1, "canary_verdict"),
+        # Each stream processor's positions and state, keyed by processor (infra/processor.py).
+        TopicSpec("checkpoints", 1, "checkpoint", compacted=True),
         TopicSpec("dead-letter", 1, None),
     )
 }

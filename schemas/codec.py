@@ -31,7 +31,15 @@ logger = logging.getLogger(__name__)
 AVRO_DIR = Path(__file__).parent / "avro"
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
-RECORD_NAMES: tuple[str, ...] = ("prediction", "model_version", "deployment", "drift_alert", "definitions")
+RECORD_NAMES: tuple[str, ...] = (
+    "prediction",
+    "model_version",
+    "deployment",
+    "drift_alert",
+    "definitions",
+    "canary_verdict",
+    "checkpoint",
+)
 
 _VERSION_FILE = re.compile(r"v([1-9][0-9]*)\.avsc")
 _INT_RANGE = (-(1 << 31), (1 << 31) - 1)

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
 from infra.errors import DefinitionError, UnknownViewVersion
+from schemas.policy import Policy
 
 AggKind = Literal["count", "sum", "mean", "min", "max", "stddev", "last", "distinct", "quantile"]
 WindowKind = Literal["sliding", "hopping", "tumbling", "lifetime"]
@@ -42,7 +43,8 @@ LIFETIME_TILE = 0  # the one tile of a lifetime window
 # Names of Tide's own records and topics: a source may not take them.
 RESERVED = frozenset(
     {"prediction", "model_version", "deployment", "drift_alert", "definitions", "predictions", "models"}
-    | {"deployments", "drift-alerts", "dead-letter", "registry"}
+    | {"deployments", "drift-alerts", "dead-letter", "registry", "canary_verdict", "canary-verdicts"}
+    | {"checkpoint", "checkpoints"}
 )
 DEFAULT_METRIC: dict[str, str] = {"binary": "ROCAUC", "multiclass": "Accuracy", "regression": "MAE"}
 
@@ -622,12 +624,16 @@ class Model:
     metric: str | None = None
     publish_every: int = 500
     monitor: Sequence[str] = ()
+    policy: Policy = field(default_factory=Policy)
     description: str = ""
     owner: str = ""
     tags: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"model {self.name!r}"
+        if not isinstance(self.policy, Policy):
+            raise DefinitionError(f"{where}, field 'policy': must be a Policy, got {self.policy!r}")
+        self.policy.check(where)
         _name(self.name, where)
         _check_meta(self, where)
         if self.task not in TASKS:
@@ -713,6 +719,8 @@ class Model:
             "metric": self.metric_name,
             "publish_every": self.publish_every,
             "monitor": list(self.monitor),
+            # Only when declared, so that digests of projects without one stay what they were.
+            **({"policy": self.policy.to_dict()} if self.policy != Policy() else {}),
             **_meta(self),
         }
 
@@ -732,6 +740,7 @@ class Model:
             metric=d.get("metric"),
             publish_every=d["publish_every"],
             monitor=d.get("monitor", ()),
+            policy=Policy.from_dict(d.get("policy")),
             **_meta_args(d),
         )
 

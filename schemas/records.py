@@ -40,7 +40,7 @@ class Prediction(TypedDict):
 class Histogram(TypedDict):
     """A histogram: counts[i] values fell in [edges[i], edges[i + 1]).
 
-    Avro ``tide.Histogram``, version 4.
+    Avro ``tide.Histogram``, version 5.
     """
 
     # What was counted: a feature name, or prediction.
@@ -54,7 +54,7 @@ class Histogram(TypedDict):
 class ReferenceProfile(TypedDict):
     """Distributions seen in training, the baseline drift is measured against.
 
-    Avro ``tide.ReferenceProfile``, version 4.
+    Avro ``tide.ReferenceProfile``, version 5.
     """
 
     # Number of examples the profile was built from.
@@ -65,10 +65,47 @@ class ReferenceProfile(TypedDict):
     prediction: NotRequired[Histogram | None]
 
 
+class TrainingData(TypedDict):
+    """The data a version learnt from.
+
+    Avro ``tide.TrainingData``, version 5.
+    """
+
+    # Event time of the oldest example learnt from, ms since the Unix epoch; null when unknown.
+    first_ts: NotRequired[int | None]
+    # Event time of the newest example learnt from, ms since the Unix epoch; null when unknown.
+    last_ts: NotRequired[int | None]
+    # Next offset after the last record read, by "topic:partition"; empty when not read from topics.
+    offsets: NotRequired[dict[str, int]]
+
+
+class Blessing(TypedDict):
+    """The candidate evaluated against the champion on the same recent labelled window (value and change
+    thresholds).
+
+    Avro ``tide.Blessing``, version 5.
+    """
+
+    # Whether the version may serve as champion.
+    blessed: bool
+    # Why it was or was not blessed, naming the threshold that decided.
+    reason: str
+    # Metric evaluated (the model's metric).
+    metric: str
+    # The candidate's metric on the window; null when it could not be measured.
+    candidate_value: NotRequired[float | None]
+    # The champion's metric on the same window; null when there was no champion.
+    baseline_value: NotRequired[float | None]
+    # The champion version evaluated as baseline; null when there was none.
+    baseline_version: NotRequired[int | None]
+    # Number of labelled examples in the evaluation window.
+    window_labels: NotRequired[int]
+
+
 class ModelVersion(TypedDict):
     """A trained model snapshot published to the model registry.
 
-    Avro ``tide.ModelVersion``, version 4.
+    Avro ``tide.ModelVersion``, version 5.
     """
 
     # Model name.
@@ -109,17 +146,28 @@ class ModelVersion(TypedDict):
     # The version of each feature view the model was trained with (view name -> version): it is served
     # features of exactly these versions; empty when unknown (records older than view versions).
     view_versions: NotRequired[dict[str, int]]
+    # The version this one was trained from or replaces (the champion when training started); null for the
+    # first.
+    parent_version: NotRequired[int | None]
+    # Why it was trained: schedule, or the alert or policy that triggered it (e.g. 'concept drift alert
+    # <id>'); null when unknown.
+    trigger: NotRequired[str | None]
+    # The data it learnt from (event-time range and topic offsets); null when unknown.
+    data: NotRequired[TrainingData | None]
+    # Its evaluation against the champion; null when not evaluated (then it is treated as blessed, as versions
+    # older than blessing are).
+    blessing: NotRequired[Blessing | None]
 
 
 class Deployment(TypedDict):
     """A change to which model version serves traffic.
 
-    Avro ``tide.Deployment``, version 1.
+    Avro ``tide.Deployment``, version 2.
     """
 
     # Model name.
     model: str
-    # What happens: promote, canary, shadow or rollback.
+    # What happens: promote, canary, shadow, rollback or follow.
     action: str
     # Model version the action applies to; null for a rollback to the previous champion.
     version: NotRequired[int | None]
@@ -127,14 +175,18 @@ class Deployment(TypedDict):
     weight: NotRequired[float]
     # Why the action was taken, e.g. the drift alert or metric that triggered it.
     reason: NotRequired[str | None]
+    # Unique id of the deployment, by which its outcome is looked up; null in records older than ids.
+    id: NotRequired[str | None]
+    # Who published it: api, cli, judge or retrain; null when unknown.
+    source: NotRequired[str | None]
     # When the action was taken, ms since the Unix epoch (UTC).
     ts: int
 
 
 class DriftAlert(TypedDict):
-    """A feature's live distribution moved away from the model's reference profile.
+    """A model's inputs, output or error stream moved away from what its version was trained on.
 
-    Avro ``tide.DriftAlert``, version 1.
+    Avro ``tide.DriftAlert``, version 2.
     """
 
     # Unique id of the alert.
@@ -143,20 +195,39 @@ class DriftAlert(TypedDict):
     model: str
     # Model version whose reference profile was compared.
     version: int
-    # Feature that drifted, or prediction for the score itself.
+    # Input that drifted; prediction for the output; loss for concept drift.
     feature: str
-    # Drift statistic used, e.g. psi or ks.
+    # Statistic or detector that decided: psi, ks, wasserstein, chi2, jensen_shannon, proportion, adwin or
+    # page_hinkley.
     statistic: str
     # Value of the statistic on the live window.
     value: float
     # Threshold the value exceeded.
     threshold: float
-    # Number of live values in the window compared.
+    # Number of live values compared (data drift) or seen by the detector (concept drift).
     window_size: int
-    # Number of values in the reference profile.
+    # Number of values in the reference profile (data drift); records before the change (concept drift).
     reference_size: int
     # Id of the event that completed the window; null when not tied to one event.
     trigger_event_id: NotRequired[str | None]
+    # What drifted: input (a monitored input), output (the model's output) or concept (the per-event loss of
+    # labelled predictions).
+    kind: NotRequired[str]
+    # Type the test was chosen by: numeric, categorical, binary, or the output's task; null for concept drift.
+    feature_type: NotRequired[str | None]
+    # p-value of the test on the window when it has one; null otherwise.
+    p_value: NotRequired[float | None]
+    # False-alarm rate per check the threshold was calibrated for on the reference; null when the threshold is
+    # fixed.
+    false_alarm_rate: NotRequired[float | None]
+    # Concept drift: mean loss before the change; data drift: the reference's mean (numeric and binary).
+    estimate_before: NotRequired[float | None]
+    # Concept drift: mean loss after the change; data drift: the live window's mean (numeric and binary).
+    estimate_after: NotRequired[float | None]
+    # Records between the estimated change point and the alert; null when not estimated.
+    delay_records: NotRequired[int | None]
+    # Deployment arm whose predictions were compared (champion, canary, shadow); null when all.
+    arm: NotRequired[str | None]
     # When the alert was raised, ms since the Unix epoch (UTC).
     ts: int
 
@@ -181,10 +252,93 @@ class Definitions(TypedDict):
     ts: int
 
 
+class CanaryVerdict(TypedDict):
+    """A judgement of a canary or shadow version against the champion, from labelled predictions and
+    guardrails.
+
+    Avro ``tide.CanaryVerdict``, version 1.
+    """
+
+    # Unique id of the verdict.
+    verdict_id: str
+    # Model name.
+    model: str
+    # The candidate version judged (the canary or shadow).
+    version: int
+    # The champion version it was compared with.
+    champion_version: int
+    # canary (unpaired, on its sticky share) or shadow (paired, on the same requests).
+    arm: str
+    # pass, fail, inconclusive or no_data.
+    outcome: str
+    # The rule that decided, e.g. non_inferiority, inferiority, guardrail:error_rate, max_duration,
+    # min_labels.
+    rule: str
+    # Per-event loss compared (e.g. log_loss, squared_error).
+    metric: str
+    # Estimated difference in mean loss, candidate minus champion (negative: the candidate is better); null
+    # with no data.
+    estimate: NotRequired[float | None]
+    # Lower end of the always-valid confidence interval of the difference; null with no data.
+    lower: NotRequired[float | None]
+    # Upper end of the always-valid confidence interval of the difference; null with no data.
+    upper: NotRequired[float | None]
+    # Non-inferiority margin: the candidate passes when the upper end is below it.
+    margin: float
+    # Error rate the confidence sequence holds under continuous monitoring.
+    alpha: float
+    # Labelled pairs (shadow) or candidate labels (canary) the estimate is from.
+    n: int
+    # Labelled champion predictions in the comparison (canary); equal to n for shadow.
+    n_champion: NotRequired[int]
+    # Time since the candidate's first labelled prediction.
+    duration_ms: int
+    # Guardrail values observed, by name (e.g. error_rate, latency_p99_ms, score_shift), candidate's.
+    guardrails: NotRequired[dict[str, float]]
+    # Deployment the policy published for it: promote or rollback; null when it only reports.
+    action: NotRequired[str | None]
+    # Whether the judgement of this candidate is over (pass or fail, or ended); false for interim reports.
+    final: NotRequired[bool]
+    # When the verdict was given, ms since the Unix epoch (UTC).
+    ts: int
+
+
+class Position(TypedDict):
+    """Next offset to read of one partition.
+
+    Avro ``tide.Position``, version 1.
+    """
+
+    # Topic name.
+    topic: str
+    # Partition number.
+    partition: int
+    # Next offset to read.
+    offset: int
+
+
+class Checkpoint(TypedDict):
+    """A stream processor's positions and state, committed in the same transaction as its output.
+
+    Avro ``tide.Checkpoint``, version 1.
+    """
+
+    # The processor's id (its transactional id); the record's key.
+    processor: str
+    # Next offset to read of every partition the processor had consumed from.
+    positions: list[Position]
+    # The step's state (its own encoding, compressed); null for a step without state.
+    state: NotRequired[bytes | None]
+    # When the checkpoint was taken, ms since the Unix epoch (UTC).
+    ts: int
+
+
 RECORD_TYPES: dict[str, type] = {
     "prediction": Prediction,
     "model_version": ModelVersion,
     "deployment": Deployment,
     "drift_alert": DriftAlert,
     "definitions": Definitions,
+    "canary_verdict": CanaryVerdict,
+    "checkpoint": Checkpoint,
 }

@@ -3,7 +3,8 @@
 - ``metadata``: description, owner, tags. Touches nothing that runs.
 - ``additive``: something new (a source, entity, view, feature, labels or model), a compatible schema
   evolution, or a setting that changes behaviour from now on without invalidating anything stored or
-  trained (a model's metric, publish cadence or monitored inputs, a source's future skew, a label delay).
+  trained (a model's metric, publish cadence, monitored inputs or loop policy, a source's future skew,
+  a label delay).
 - ``breaking``: what invalidates stored features or trained models: a view's source, entity, window,
   tile, lateness, ttl or aggregations; a model's inputs, task, labels or learner; a source's topic, key,
   event time or partitions; a removal. ``tide apply`` refuses these without ``--allow-breaking``.
@@ -28,7 +29,7 @@ ADDITIVE_FIELDS: Mapping[str, frozenset[str]] = {
     "entities": frozenset(),
     "views": frozenset(),
     "labels": frozenset({"max_delay_ms"}),
-    "models": frozenset({"metric", "publish_every", "monitor"}),
+    "models": frozenset({"metric", "publish_every", "monitor", "policy"}),
 }
 KIND_WORD = {
     "sources": "source",

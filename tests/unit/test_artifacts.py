@@ -260,7 +260,8 @@ def test_publish_inline_under_the_threshold_into_the_given_producer(tmp_path: Pa
     assert (topic_name, key) == ("p.models", b"fraud-nn")
     decoded = codec.decode(value, expected="model_version")
     # what the record does not set decodes to the schema's defaults (a binary model, no classes)
-    assert decoded == {"task": "binary", "classes": [], "definitions_digest": None, **record}
+    lineage = {"parent_version": None, "trigger": None, "data": None, "blessing": None}
+    assert decoded == {"task": "binary", "classes": [], "definitions_digest": None, **lineage, **record}
     assert decoded["view_versions"] == {}  # no lineage given
     assert decoded["artifact"] == BLOB and decoded["artifact_uri"] is None
     assert decoded["sha256"] == hashlib.sha256(BLOB).hexdigest()

@@ -116,6 +116,18 @@ REALISTIC: dict[str, dict[str, Any]] = {
         "key_id": "0123456789abcdef",
         "definitions_digest": None,
         "view_versions": {"sensor_recent": 4},  # v4: the view versions it was trained with
+        "parent_version": 2,  # v5: lineage, data and blessing
+        "trigger": "concept drift alert alert-7",
+        "data": {"first_ts": 1_717_000_000_000, "last_ts": 1_718_000_000_000, "offsets": {"readings:0": 812}},
+        "blessing": {
+            "blessed": True,
+            "reason": "roc_auc 0.91 >= champion 0.88 - 0.01",
+            "metric": "roc_auc",
+            "candidate_value": 0.91,
+            "baseline_value": 0.88,
+            "baseline_version": 2,
+            "window_labels": 2000,
+        },
     },
     "deployment": {
         "model": "scorer",
@@ -123,6 +135,8 @@ REALISTIC: dict[str, dict[str, Any]] = {
         "version": 3,
         "weight": 0.1,
         "reason": "roc_auc 0.91 > champion 0.88",
+        "id": "dep-1",  # v2: id and source
+        "source": "judge",
         "ts": 1_718_000_000_500,
     },
     "definitions": {
@@ -144,7 +158,43 @@ REALISTIC: dict[str, dict[str, Any]] = {
         "window_size": 1000,
         "reference_size": 12_000,
         "trigger_event_id": "evt-000042",
+        "kind": "input",  # v2: kind, type, p-value, calibration, estimates, delay, arm
+        "feature_type": "numeric",
+        "p_value": 0.0001,
+        "false_alarm_rate": 0.00001,
+        "estimate_before": 12.5,
+        "estimate_after": 31.0,
+        "delay_records": 240,
+        "arm": "champion",
         "ts": 1_718_000_001_000,
+    },
+    "canary_verdict": {
+        "verdict_id": "verdict-1",
+        "model": "scorer",
+        "version": 4,
+        "champion_version": 3,
+        "arm": "canary",
+        "outcome": "pass",
+        "rule": "non_inferiority",
+        "metric": "log_loss",
+        "estimate": -0.01,
+        "lower": -0.03,
+        "upper": 0.004,
+        "margin": 0.01,
+        "alpha": 0.05,
+        "n": 1800,
+        "n_champion": 16_000,
+        "duration_ms": 120_000,
+        "guardrails": {"error_rate": 0.0, "latency_p99_ms": 4.2},
+        "action": "promote",
+        "final": True,
+        "ts": 1_718_000_002_000,
+    },
+    "checkpoint": {
+        "processor": "tide-judge",
+        "positions": [{"topic": "tide.predictions", "partition": 0, "offset": 4410}],
+        "state": b"state",
+        "ts": 1_718_000_003_000,
     },
 }
 
@@ -183,6 +233,8 @@ def test_defaults_are_filled_in_and_ints_come_back_as_ints() -> None:
         "version": None,
         "weight": 0.0,
         "reason": None,
+        "id": None,
+        "source": None,
         "ts": 5,
     }
     assert type(decoded["ts"]) is int
