@@ -51,6 +51,20 @@ class Histogram(TypedDict):
     counts: list[int]
 
 
+class CategoryCounts(TypedDict):
+    """How often each value of a categorical or binary input was seen.
+
+    Avro ``tide.CategoryCounts``, version 5.
+    """
+
+    # The input's name.
+    name: str
+    # The values seen, as strings (booleans as true/false), most frequent first.
+    values: list[str]
+    # How many times each value was seen; one per value.
+    counts: list[int]
+
+
 class ReferenceProfile(TypedDict):
     """Distributions seen in training, the baseline drift is measured against.
 
@@ -59,10 +73,12 @@ class ReferenceProfile(TypedDict):
 
     # Number of examples the profile was built from.
     size: int
-    # One histogram per numeric feature.
+    # One histogram per numeric input.
     features: list[Histogram]
     # Histogram of the model's scores; null when not recorded.
     prediction: NotRequired[Histogram | None]
+    # Value counts of each categorical or binary input; empty when none was recorded.
+    categories: NotRequired[list[CategoryCounts]]
 
 
 class TrainingData(TypedDict):

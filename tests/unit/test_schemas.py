@@ -110,6 +110,7 @@ REALISTIC: dict[str, dict[str, Any]] = {
                 {"name": "txn_count_1h", "edges": [0.0, 1.0, 5.0], "counts": [9000, 3000]},
             ],
             "prediction": {"name": "prediction", "edges": [0.0, 0.5, 1.0], "counts": [11_800, 200]},
+            "categories": [{"name": "site", "values": ["north", "south"], "counts": [7000, 5000]}],  # v5
         },
         "created_ts": 1_718_000_000_000,
         "signature": bytes(range(64)),  # v2: an Ed25519 signature is 64 bytes
