@@ -81,7 +81,8 @@ class Stateful(Protocol):
 
 
 class Restored(Protocol):
-    state: bytes | None
+    @property
+    def state(self) -> bytes | None: ...
 
 
 class Checkpointer(Protocol):
