@@ -1,7 +1,9 @@
 """The fraud model: a river pipeline over the inputs served (request fields and online features).
 
 The pipeline derives ratios itself, so the artifact carries its own preprocessing and serving needs no
-second copy of it.
+second copy of it. AdaGrad gives each weight a step that shrinks as its gradients accumulate: a learner
+that has seen a long stream settles and adapts slowly when the pattern changes, which is why the model's
+policy refreshes it (a fresh learner warmed on recent labels) on a concept-drift alert.
 """
 
 from __future__ import annotations
@@ -30,4 +32,4 @@ def derive(x: Mapping[str, Any]) -> dict[str, float]:
 def new_model() -> compose.Pipeline:
     numeric = compose.FuncTransformer(derive) | preprocessing.StandardScaler()
     categorical = compose.Select(*CATEGORICAL) | preprocessing.OneHotEncoder()
-    return (numeric + categorical) | linear_model.LogisticRegression(optimizer=optim.SGD(0.05))
+    return (numeric + categorical) | linear_model.LogisticRegression(optimizer=optim.AdaGrad(0.1))

@@ -10,6 +10,7 @@ from typing import Any
 from fastavro import parse_schema
 from fastavro.validation import validate
 
+from examples.fraud.driver.concept import CheckConfig, check
 from examples.fraud.driver.generator import GeneratorConfig, TransactionGenerator
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "examples" / "fraud" / "schemas"
@@ -58,8 +59,25 @@ def test_drift_changes_features_and_the_fraud_pattern() -> None:
     assert mean(e["amount"] for e in after) > 1.5 * mean(e["amount"] for e in before)
     assert mean(e["card_present"] for e in after) < mean(e["card_present"] for e in before) - 0.25
 
-    def risky_share(evs: list[dict]) -> float:
+    def share(evs: list[dict], categories: tuple[str, ...]) -> float:
         f = [e for e in evs if e["event_id"] in fraud]
-        return sum(e["category"] in ("electronics", "gift_cards", "jewelry") for e in f) / len(f)
+        return sum(e["category"] in categories for e in f) / len(f)
 
-    assert risky_share(before) > 0.6 and risky_share(after) == 0.0
+    risky, tested = ("electronics", "gift_cards", "jewelry"), ("pharmacy", "fuel")
+    assert share(before, risky) > 0.6 and share(after, risky) < 0.1
+    assert share(after, tested) > 0.7
+
+    def fraud_amount_ratio(evs: list[dict]) -> float:
+        f = [e["amount"] for e in evs if e["event_id"] in fraud]
+        ok = [e["amount"] for e in evs if e["event_id"] not in fraud]
+        return mean(f) / mean(ok)
+
+    # fraud was large for its card before the drift, and is small after it
+    assert fraud_amount_ratio(before) > 2.0 and fraud_amount_ratio(after) < 0.5
+
+
+def test_a_fresh_learner_learns_the_new_concept_faster_than_the_old_one_unlearns() -> None:
+    result = check(CheckConfig(events=5000, warmup=1000, drift_fraction=0.5, refresh_after=300, window=500))
+    assert result["pre_drift_auc"] > 0.9
+    old, fresh = result["after_refresh_auc"]["old"], result["after_refresh_auc"]["fresh"]
+    assert fresh > 0.9 and fresh > old + 0.15, result
