@@ -4,7 +4,9 @@ Routes::
 
     POST /v1/models/{name}/score        score one instance or a batch ({"instances": [...]})
     GET  /v1/models                     every model: loaded versions, aliases and traffic split
-    POST /v1/models/{name}/deployments  promote / canary / shadow / rollback / follow (202)
+    GET  /v1/models/{name}/versions     every version published: lineage, blessing, verdicts, status
+    POST /v1/models/{name}/deployments  promote / canary / shadow / rollback / follow (202, or 409: why)
+    GET  /v1/models/{name}/deployments[/{id}]  deployments and their outcomes (serving.admin)
     GET  /healthz                       the process is up
     GET  /readyz                        the models are loaded and Redis answers
     GET  /metrics                       Prometheus metrics (all workers' with several: serving.metrics)
@@ -45,17 +47,17 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from features.store import RedisOnlineStore
-from infra.errors import RequestError, StreamError, Unavailable
+from infra.errors import RequestError, Unavailable
 from infra.imports import add_code_path
 from infra.settings import load
 from schemas.definitions import Project
 from schemas.registry import Registered
 from schemas.registry import load as load_definitions
 from serving import scoring
+from serving.admin import RETRY_AFTER_S, AdminRoutes, Deployer
 from serving.auth import ApiKeyAuth, configured_keys, default_rules
 from serving.catalog import Catalog, DefinitionsWatch
 from serving.coalesce import CoalescingReader
-from serving.deployments import deployment_record, publish_deployment
 from serving.follower import ModelFollower
 from serving.limits import RequestDeadline
 from serving.lineage import Lineage, pinned_inputs
@@ -64,7 +66,7 @@ from serving.predlog import PredictionLog
 from serving.registry import ModelRegistry
 from serving.scoring import FeatureReader, PredictionSink
 from serving.settings import ServeSettings, load_policy
-from serving.validation import RequestSchema, parse_json_object
+from serving.validation import RequestSchema
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +92,6 @@ DEFINITIONS_VERSION = Gauge(
 DEFINITIONS_CHANGES = Counter("tide_serving_definitions_changes_total", "Definitions taken up while running")
 
 REQUEST_ID_HEADER = "x-request-id"
-DEPLOYMENT_FIELDS = frozenset({"action", "version", "weight", "reason"})
-RETRY_AFTER_S = 1  # what a 503 tells clients to wait
 
 
 class ORJSONResponse(Response):
@@ -111,8 +111,6 @@ def error_response(
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-# Publishes a validated deployment record (to the deployments topic, in production).
-Deployer = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def instrumented(route: str, handler: Handler) -> Handler:
@@ -139,6 +137,15 @@ def instrumented(route: str, handler: Handler) -> Handler:
         counter.inc()
         latency.observe(time.perf_counter() - started)
         return response
+
+    return endpoint
+
+
+def by_method(handlers: Mapping[str, Handler]) -> Handler:
+    """One endpoint for a path that several methods share (one route: its 405 lists them all)."""
+
+    async def endpoint(request: Request) -> Response:
+        return await handlers[request.method](request)
 
     return endpoint
 
@@ -193,12 +200,12 @@ class ScoringService:
         service runs (None: ``project`` was passed in and is served as it is)."""
         self.settings = settings
         self.catalog = Catalog.build(settings, project, version=version, auth_enabled=auth_enabled)
-        self.deployer = deployer or self._publish_deployment
         self._answered: set[tuple[str, int]] = set()
         self._id_prefix = os.urandom(8).hex()
         self._request_count = 0
         self.owns_registry = registry is None
-        self.registry = registry or ModelRegistry()
+        self.registry = registry or ModelRegistry(pending_s=settings.serve_deployment_pending_s)
+        self.admin = AdminRoutes(settings, self.registry, lambda: self.catalog.schemas, read_body, deployer)
         # Reads the trusted keys now: a bad key file fails at start-up.
         self.lineage = Lineage(project, load_policy(settings))
         pin = functools.partial(pinned_inputs, project)
@@ -352,34 +359,6 @@ class ScoringService:
                 self._answered.add(key)
                 FIRST_ANSWER_DELAY.observe(max(time.time() - s.model.published_ts / 1000, 0.0))
 
-    async def list_models(self, request: Request) -> Response:
-        return ORJSONResponse({"models": self.registry.describe()})
-
-    async def deploy(self, request: Request) -> Response:
-        """Publish a traffic change for a model; every node applies it when it reads it back (202)."""
-        name = request.path_params["name"]
-        self._schema(name)
-        body = parse_json_object(await read_body(request, self.settings.serve_max_body_bytes))
-        extra = sorted(body.keys() - DEPLOYMENT_FIELDS)
-        if extra:
-            raise RequestError(
-                f"unknown field; allowed: {', '.join(sorted(DEPLOYMENT_FIELDS))}", field=extra[0]
-            )
-        if "action" not in body:
-            raise RequestError("is required", field="action")
-        record = deployment_record(
-            name, body["action"], body.get("version"), body.get("weight", 0.0), body.get("reason")
-        )
-        self.registry.preview(record)  # refuse here (409) what this node could not apply
-        await self.deployer(record)
-        return ORJSONResponse({"deployment": record}, status_code=202)
-
-    async def _publish_deployment(self, record: dict[str, Any]) -> None:
-        try:
-            await asyncio.to_thread(publish_deployment, self.settings, record)
-        except StreamError as exc:
-            raise Unavailable(str(exc), retry_after=RETRY_AFTER_S) from exc
-
     async def healthz(self, request: Request) -> Response:
         return ORJSONResponse({"status": "ok"})
 
@@ -396,6 +375,7 @@ class ScoringService:
                 reasons.append(f"no version of model {name!r} loaded yet")
         if all(v is None for v in versions.values()) and not reasons:
             reasons.append(f"no version of any model loaded ({', '.join(models) or 'no models defined'})")
+        reasons.extend(self.registry.problems())  # a champion pinned to a version that cannot serve
         if self.store is None:
             reasons.append("online store not started")
         else:
@@ -448,10 +428,26 @@ def create_app(
     async def openapi(request: Request) -> Response:
         return Response(service.catalog.openapi, media_type="application/json")
 
+    admin = service.admin
     routes = [
         Route("/v1/models/{name}/score", instrumented("score", service.score), methods=["POST"]),
-        Route("/v1/models", instrumented("models", service.list_models), methods=["GET"]),
-        Route("/v1/models/{name}/deployments", instrumented("deploy", service.deploy), methods=["POST"]),
+        Route("/v1/models", instrumented("models", admin.list_models), methods=["GET"]),
+        Route("/v1/models/{name}/versions", instrumented("versions", admin.versions), methods=["GET"]),
+        Route(
+            "/v1/models/{name}/deployments",
+            by_method(
+                {
+                    "POST": instrumented("deploy", admin.deploy),
+                    "GET": instrumented("deployments", admin.deployments),
+                }
+            ),
+            methods=["GET", "POST"],
+        ),
+        Route(
+            "/v1/models/{name}/deployments/{id}",
+            instrumented("deployment", admin.deployment),
+            methods=["GET"],
+        ),
         Route("/healthz", instrumented("healthz", service.healthz), methods=["GET"]),
         Route("/readyz", instrumented("readyz", service.readyz), methods=["GET"]),
         Route("/metrics", instrumented("metrics", service.metrics), methods=["GET"]),

@@ -149,6 +149,8 @@ def default_rules(metrics_auth: str = "public") -> list[Rule]:
     return [
         Rule("/v1/models/{name}/score", "score"),
         Rule("/v1/models/{name}/deployments", "admin"),
+        Rule("/v1/models/{name}/deployments/{id}", "admin"),
+        Rule("/v1/models/{name}/versions", "admin"),
         Rule("/v1/models", "admin"),
         Rule("/healthz", PUBLIC),
         Rule("/readyz", PUBLIC),

@@ -31,7 +31,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--model {model!r} is not a model of the project (models: {', '.join(models) or 'none'})"
         )
-    record = deployment_record(model, args.action, args.version, args.weight, args.reason)
+    record = deployment_record(model, args.action, args.version, args.weight, args.reason, source="cli")
     publish_deployment(settings, record)
     emit(record)
     return 0

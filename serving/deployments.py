@@ -25,6 +25,7 @@ import hashlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -63,8 +64,10 @@ def deployment_record(
     version: int | None = None,
     weight: float = 0.0,
     reason: str | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
-    """A validated ``deployment`` record, ready to publish. Raises :class:`DeploymentError`."""
+    """A validated ``deployment`` record with a new id, ready to publish; ``source`` says who publishes
+    it (api, cli, judge, retrain). Raises :class:`DeploymentError`."""
     # JSON has one number type: 3.0 is the integer 3 (as JSON Schema's "integer" says), 1 the weight 1.0.
     if isinstance(version, float) and version.is_integer():
         version = int(version)
@@ -76,6 +79,8 @@ def deployment_record(
         "version": version,
         "weight": weight,
         "reason": reason,
+        "id": uuid.uuid4().hex,
+        "source": source,
         "ts": int(time.time() * 1000),
     }
     validate(record)

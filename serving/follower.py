@@ -1,7 +1,9 @@
 """The thread that keeps a :class:`~serving.registry.ModelRegistry` current from the topics.
 
-:class:`ModelFollower` replays the models and deployments topics from the beginning on a daemon
-thread: model versions are remembered, deployments update the traffic policy, and the versions the
+:class:`ModelFollower` replays the models, deployments and canary-verdicts topics from the beginning on a
+daemon thread: model versions are remembered, deployments update the traffic policy (or are held until
+the version they name is read, and refused after a bound: serving.ledger), verdicts are kept with the
+version they judged, and the versions the
 policy wants are loaded (newest first, each pinned to its lineage: :mod:`serving.lineage`) and swapped
 in. A version that fails to load is logged, counted and published to the dead-letter topic, and the
 routing that was serving keeps serving; one whose lineage does not fit the definitions is refused and
@@ -49,10 +51,11 @@ MODEL_SWAP_DELAY = Histogram(
 
 
 ConsumerFactory = Callable[[ServeSettings], Consumer]
+_PER_MODEL = ("model_version", "deployment", "canary_verdict")  # records skipped for models not followed
 
 
 def _state_reader(settings: ServeSettings) -> Consumer:
-    names = ("models", "deployments")
+    names = ("models", "deployments", "canary-verdicts")
     return replay_reader(settings, {topic(settings, n): TOPICS[n].partitions for n in names})
 
 
@@ -161,6 +164,7 @@ class ModelFollower:
                         (m.value() or b"", Source(m.topic() or "", m.partition() or 0, m.offset() or 0))
                         for m in batch
                     )
+                    self.registry.expire()  # deployments held too long for their version are refused
             except Exception:
                 # Replaying from the start is safe: records already applied are skipped.
                 logger.exception("model follower failed; restarting from the beginning")
@@ -210,7 +214,7 @@ class ModelFollower:
         if not self._first_time(name, source):
             return []
         models = self._models
-        if models is not None and kind in ("model_version", "deployment") and name not in models:
+        if models is not None and kind in _PER_MODEL and name not in models:
             if name not in self._skipped:
                 self._skipped.add(name)
                 logger.warning(
@@ -222,14 +226,19 @@ class ModelFollower:
             self.registry.remember(record, source)
         elif kind == "deployment":
             try:
-                self.registry.deploy(record)
+                self.registry.deploy(record, source)  # its outcome is logged and kept by the registry
             except DeploymentError as exc:
                 MODEL_RECORDS_INVALID.inc()
                 logger.error("refusing deployment at %s (%s): %s", source, record, exc)
                 return []
+        elif kind == "canary_verdict":
+            self.registry.verdict(record)
+            return []
         else:
             MODEL_RECORDS_INVALID.inc()
-            logger.warning("skipping a %s record at %s: not a model version or deployment", kind, source)
+            logger.warning(
+                "skipping a %s record at %s: not a model version, deployment or verdict", kind, source
+            )
             return []
         return [record["model"]]
 
@@ -259,7 +268,7 @@ class ModelFollower:
     def _failed(self, record: Mapping[str, Any], exc: Exception) -> None:
         name, version = record["model"], int(record["version"])
         source = self.registry.source(name, version)
-        self.registry.failed(name, version)
+        self.registry.failed(name, version, f"{type(exc).__name__}: {exc}")
         MODEL_LOAD_FAILURES.labels(name).inc()
         logger.error(
             "model %s version %d at %s failed to load, routing unchanged: %s", name, version, source, exc

@@ -23,8 +23,10 @@ from typing import Any
 
 from features.store import Status
 from schemas import codec
+from serving import openapi_admin
 from serving.auth import PUBLIC, ROLES, AccessRules, default_rules
-from serving.deployments import ACTION_RULES, ACTIONS, ARM_CANARY, ARM_CHAMPION, MAX_VERSION
+from serving.avro_json import AVRO_TO_JSON
+from serving.deployments import ACTIONS, ARM_CANARY, ARM_CHAMPION
 from serving.settings import ServeSettings
 from serving.validation import INTEGER_KEYS, RequestSchema
 
@@ -32,15 +34,6 @@ OPENAPI_VERSION = "3.1.0"
 ARMS_RETURNED = (ARM_CHAMPION, ARM_CANARY)  # a shadow's answer is logged, never returned
 SCORE_PATH = "/v1/models/{name}/score"  # the route; documented once per model with the name filled in
 
-# Avro primitive -> JSON Schema, as serving.validation converts JSON values (an integer is a number).
-_AVRO_TO_JSON: dict[str, dict[str, Any]] = {
-    "double": {"type": "number"},
-    "float": {"type": "number"},
-    "int": {"type": "integer", "format": "int32", "minimum": -(2**31), "maximum": 2**31 - 1},
-    "long": {"type": "integer", "format": "int64", "minimum": -(2**63), "maximum": 2**63 - 1},
-    "boolean": {"type": "boolean"},
-    "string": {"type": "string"},
-}
 _SCORE_DOC = {
     "binary": "The probability of the positive class.",
     "regression": "The predicted value.",
@@ -54,25 +47,6 @@ _SECURITY_SCHEMES = {
 _KEYED: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]  # either header
 
 
-def avro_field_schema(field: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON Schema of an Avro record field: a primitive, or a primitive or null (``["null", T]``)."""
-    kind = field["type"]
-    nullable = isinstance(kind, list)
-    if nullable:
-        others = [k for k in kind if k != "null"]
-        if len(others) != 1 or len(kind) != 2:
-            raise TypeError(f"field {field['name']!r}: only [null, primitive] unions are supported")
-        kind = others[0]
-    if not isinstance(kind, str) or kind not in _AVRO_TO_JSON:
-        raise TypeError(f"field {field['name']!r} has type {kind!r}; only primitives are supported")
-    out = copy.deepcopy(_AVRO_TO_JSON[kind])
-    if nullable:
-        out["type"] = [out["type"], "null"]
-    if "doc" in field:
-        out["description"] = field["doc"]
-    return out
-
-
 def _record_fields(record: str) -> dict[str, dict[str, Any]]:
     return {f["name"]: f for f in codec.schema(record)["fields"]}
 
@@ -81,7 +55,7 @@ def features_schema(schema: RequestSchema) -> dict[str, Any]:
     """The ``features`` object of an instance: every request field, typed as validation types it."""
     properties = {}
     for f in schema.fields:
-        prop = copy.deepcopy(_AVRO_TO_JSON[f.type])
+        prop = copy.deepcopy(AVRO_TO_JSON[f.type])
         if f.nullable:
             prop["type"] = [prop["type"], "null"]
         if f.doc:
@@ -210,74 +184,25 @@ def _model_components(name: str, schema: RequestSchema) -> dict[str, Any]:
     }
 
 
-def _deployment_body_schema(rules: Mapping[str, tuple[str, bool]]) -> dict[str, Any]:
-    """One shape per action (:data:`serving.deployments.ACTION_RULES`): which take a version, a weight."""
-    fields = _record_fields("deployment")
-    version = avro_field_schema(fields["version"])
-    weight = {**avro_field_schema(fields["weight"]), "minimum": 0.0, "maximum": 1.0, "default": 0.0}
-    reason = avro_field_schema(fields["reason"])
-    shapes = []
-    for action, (needs_version, takes_weight) in rules.items():
-        props: dict[str, Any] = {"action": {"const": action}, "reason": reason}
-        if needs_version != "absent":
-            props["version"] = {"type": "integer", "minimum": 1, "maximum": MAX_VERSION}
-            if needs_version == "optional":
-                props["version"] = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_VERSION}
-            props["version"]["description"] = version.get("description", "")
-        else:
-            props["version"] = {"type": "null"}
-        props["weight"] = weight if takes_weight else {"const": 0, "description": "Takes no weight."}
-        required = ["action", "version"] if needs_version == "required" else ["action"]
-        shapes.append(
-            {"type": "object", "properties": props, "required": required, "additionalProperties": False}
-        )
-    return {"oneOf": shapes}
-
-
 def _components(models: Mapping[str, RequestSchema], actions: Sequence[str]) -> dict[str, Any]:
-    deployment_record = {
-        "type": "object",
-        "description": codec.schema("deployment").get("doc", ""),
-        "properties": {n: avro_field_schema(f) for n, f in _record_fields("deployment").items()},
-        "required": list(_record_fields("deployment")),
-    }
     per_model: dict[str, Any] = {}
     for name in sorted(models):
         per_model.update(_model_components(name, models[name]))
+    error = {
+        "type": "object",
+        "properties": {
+            "error": {"type": "string", "description": "What is wrong."},
+            "field": {
+                "type": "string",
+                "description": "The offending field: features.x, entities.y, instances[3].features.x...",
+            },
+        },
+        "required": ["error"],
+    }
     return {
-        "Error": {
-            "type": "object",
-            "properties": {
-                "error": {"type": "string", "description": "What is wrong."},
-                "field": {
-                    "type": "string",
-                    "description": "The offending field: features.x, entities.y, instances[3].features.x...",
-                },
-            },
-            "required": ["error"],
-        },
+        "Error": error,
         **per_model,
-        "ModelList": {
-            "type": "object",
-            "properties": {
-                "models": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "description": "A model: its loaded versions, aliases and traffic split.",
-                        "properties": {"name": {"type": "string"}},
-                        "required": ["name"],
-                    },
-                }
-            },
-            "required": ["models"],
-        },
-        "DeploymentRequest": _deployment_body_schema({a: ACTION_RULES[a] for a in actions}),
-        "DeploymentAccepted": {
-            "type": "object",
-            "properties": {"deployment": deployment_record},
-            "required": ["deployment"],
-        },
+        **openapi_admin.components(actions, error),
         "Health": {
             "type": "object",
             "properties": {"status": {"const": "ok"}},
@@ -426,44 +351,11 @@ def openapi_document(
             },
         )
 
-    deploy = operation(
-        "post",
-        "/v1/models/{name}/deployments",
-        "deploy",
-        "Change which versions serve traffic (admin)",
-        {
-            "202": _json(
-                _ref("DeploymentAccepted"),
-                "Published to the deployments topic; every node applies it when it reads it back.",
-            ),
-            **body_errors(),
-            "409": _error(
-                "The action cannot apply to the current policy (a rollback with no earlier champion)."
-            ),
-            "503": _error("The deployments topic could not be written.", _RETRY_AFTER),
-            "504": timeout_504,
-        },
-        parameters=[name_param],
-        requestBody={
-            "required": True,
-            "content": {"application/json": {"schema": _ref("DeploymentRequest")}},
-        },
-    )
     paths: dict[str, Any] = {
         SCORE_PATH.replace("{name}", n): {"post": score(n, models[n])} for n in sorted(models)
     }
     paths.update(
         {
-            "/v1/models/{name}/deployments": {"post": deploy},
-            "/v1/models": {
-                "get": operation(
-                    "get",
-                    "/v1/models",
-                    "listModels",
-                    "Loaded versions, aliases and traffic split of each model (admin)",
-                    {"200": _json(_ref("ModelList"), "Every model served."), "504": timeout_504},
-                )
-            },
             "/healthz": {
                 "get": operation(
                     "get", "/healthz", "healthz", "The process is up", {"200": _json(_ref("Health"), "Up.")}
@@ -492,6 +384,9 @@ def openapi_document(
                 )
             },
         }
+    )
+    paths.update(
+        openapi_admin.paths(operation, _json, _error, name_param, body_errors(), {"504": timeout_504})
     )
     if settings.serve_metrics_auth != "off":
         paths["/metrics"] = {

@@ -21,16 +21,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from infra.errors import ServingError
+from infra.errors import DeploymentError, ServingError
 from models.inputs import ModelInputs
 from models.runtime import LoadedModel
-from serving.deployments import ARM_CANARY, ARM_CHAMPION, ARM_SHADOW, Routing, TrafficPolicy
+from serving import ledger as ledgers
+from serving.deployments import ARM_CANARY, ARM_CHAMPION, ARM_SHADOW, Routing, TrafficPolicy, validate
+from serving.ledger import (
+    APPLIED,
+    ASPECT,
+    PENDING,
+    REFUSED,
+    SERVES_TRAFFIC,
+    DeploymentRefused,
+    Ledger,
+    Outcome,
+)
 from serving.lineage import LINEAGE_REFUSED, LineageMismatch, lineage_of
 from serving.validation import RequestSchema
 
@@ -39,6 +51,9 @@ logger = logging.getLogger(__name__)
 MODEL_SWAPS = Counter("tide_model_swaps_total", "Changes of the version answering as champion", ["model"])
 DEPLOYMENTS_APPLIED = Counter(
     "tide_deployments_applied_total", "Deployment actions applied", ["model", "action"]
+)
+DEPLOYMENTS_REFUSED = Counter(
+    "tide_deployments_refused_total", "Deployment actions refused (not applied)", ["model", "action"]
 )
 ARM_VERSION = Gauge(
     "tide_model_version",
@@ -81,13 +96,35 @@ class _ModelState:
     pins: dict[int, ModelInputs] = field(default_factory=dict)  # loaded version -> its inputs
     schema: RequestSchema | None = None  # of the model's definition (None: a registry without one)
     pin: Pin | None = None
+    # Versions published unblessed (the reason): never champion under follow (serving.ledger).
+    unblessed: dict[int, str] = field(default_factory=dict)
+    ledger: Ledger = field(default_factory=Ledger)
 
     def serving_version(self) -> int | None:
         return self.policy.champion if self.policy.champion is not None else self.newest
 
     def usable_newest(self) -> int | None:
         usable = [v for v in self.records if v not in self.failed and v not in self.refused]
-        return max([*usable, *self.loaded], default=None)
+        return max([v for v in (*usable, *self.loaded) if v not in self.unblessed], default=None)
+
+    def status_of(self, version: int, champion: int | None) -> tuple[str, str | None]:
+        """What ``version`` is to this model now, and why when it does not serve."""
+        policy = self.policy
+        if version == champion:
+            return "champion", None
+        if version == policy.canary:
+            return "canary", None
+        if version == policy.shadow:
+            return "shadow", None
+        if version in self.unblessed:
+            return "unblessed", self.unblessed[version]
+        if version in self.failed:
+            return "refused", f"failed to load: {self.ledger.failures.get(version, '')}"
+        if version in self.refused:
+            return "refused", self.refused[version]
+        if version in policy.previous:
+            return "previous", None
+        return "published", None
 
     def drop(self, version: int) -> None:
         self.loaded.pop(version, None)
@@ -97,7 +134,10 @@ class _ModelState:
 class ModelRegistry:
     """The routing of each model name, built from the versions loaded and the traffic policy."""
 
-    def __init__(self, known: Iterable[str] = ()) -> None:
+    def __init__(self, known: Iterable[str] = (), *, pending_s: float = 60.0) -> None:
+        """``pending_s``: how long a deployment naming a version not read yet is held before it is
+        refused (``TIDE_SERVE_DEPLOYMENT_PENDING_S``)."""
+        self.pending_s = pending_s
         self._routing: dict[str, Routing] = {}
         self._states: dict[str, _ModelState] = {name: _ModelState() for name in known}
         self._removed: set[str] = set()  # models taken out of the definitions: their versions are ignored
@@ -138,10 +178,48 @@ class ModelRegistry:
                         "newest": state.newest,
                         "failed": sorted(state.failed),
                         "refused": {str(v): reason for v, reason in sorted(state.refused.items())},
+                        "unblessed": {str(v): reason for v, reason in sorted(state.unblessed.items())},
+                        "pending": [o.describe() for o in state.ledger.pending()],
                         "versions": [state.loaded[v].describe() for v in sorted(state.loaded)],
                     }
                 )
             return out
+
+    def versions(self, name: str) -> list[dict[str, Any]] | None:
+        """Every version of ``name`` published (lineage, blessing, canary verdicts) with its status here:
+        champion, canary, shadow, previous, unblessed, refused or published. None: an unknown model."""
+        with self._changed:
+            state = self._states.get(name)
+            if state is None:
+                return None
+            routing = self._routing.get(name)
+            champion = routing.champion.version if routing is not None else state.serving_version()
+            out = []
+            for version, summary in sorted(state.ledger.versions.items()):
+                status, why = state.status_of(version, champion)
+                verdicts = list(state.ledger.verdicts.get(version, ()))
+                out.append({**summary, "status": status, "status_reason": why, "verdicts": verdicts})
+            return out
+
+    def champion_version(self, name: str) -> int | None:
+        """The version that answers (or, with none loaded, that the policy wants to) as champion."""
+        with self._changed:
+            state, routing = self._states.get(name), self._routing.get(name)
+            if routing is not None:
+                return routing.champion.version
+            return state.serving_version() if state is not None else None
+
+    def deployments(self, name: str) -> list[dict[str, Any]] | None:
+        """The deployments of ``name`` read or published here, newest first, with their outcomes."""
+        with self._changed:
+            state = self._states.get(name)
+            return state.ledger.recent() if state is not None else None
+
+    def deployment(self, name: str, deployment_id: str) -> dict[str, Any] | None:
+        with self._changed:
+            state = self._states.get(name)
+            outcome = state.ledger.outcomes.get(deployment_id) if state is not None else None
+            return outcome.describe() if outcome is not None else None
 
     # --- writers -------------------------------------------------------------------------------------------
 
@@ -194,15 +272,25 @@ class ModelRegistry:
         with self._changed:
             if record["model"] in self._removed:
                 return
-            state = self._states.setdefault(record["model"], _ModelState())
+            name = record["model"]
+            state = self._states.setdefault(name, _ModelState())
             version = int(record["version"])
+            state.ledger.note_version(record)
             if version in state.failed:
                 return
             state.records[version] = (record, source)
-            if version in state.refused:
-                return
-            self._advance(record["model"], state, version)
+            if not ledgers.is_blessed(record):
+                state.unblessed[version] = ledgers.unblessed_reason(record)
+                logger.warning(
+                    "model %s version %d is not blessed (%s): it never serves as champion under follow",
+                    name,
+                    version,
+                    state.unblessed[version],
+                )
+            elif version not in state.refused:
+                self._advance(name, state, version)
             self._trim(state)
+            self._settle_held(name, state)  # deployments waiting for this version
 
     def swap(self, model: LoadedModel, inputs: ModelInputs | None = None) -> bool:
         """Add a loaded version (as published and loaded), scored with ``inputs`` (default: the model's
@@ -223,17 +311,24 @@ class ModelRegistry:
             state.loaded[model.version] = model
             if inputs is not None:
                 state.pins[model.version] = inputs
-            self._advance(model.name, state, model.version)
+            if not state.ledger.knows(model.version):  # loaded without its record (tests, tools)
+                state.ledger.note_version({**model.describe(), "created_ts": model.published_ts})
+                self._settle_held(model.name, state)
+            if model.version not in state.unblessed:
+                self._advance(model.name, state, model.version)
             return self._reroute(model.name, state)
 
-    def failed(self, name: str, version: int) -> None:
-        """A version did not load: never try it again, and stop wanting it."""
+    def failed(self, name: str, version: int, reason: str = "") -> None:
+        """A version did not load: never try it again, and stop wanting it. A deployment that made it
+        champion, canary or shadow is undone and marked refused (serving.ledger)."""
         with self._changed:
             state = self._states.setdefault(name, _ModelState())
             state.failed.add(version)
+            state.ledger.failures[version] = reason or "it failed to load"
             state.records.pop(version, None)
             if state.newest == version:
                 state.newest = state.usable_newest()
+            self._unpin(name, state, version, f"version {version} failed to load: {reason or 'unknown'}")
             self._reroute(name, state)
 
     def refuse(self, name: str, version: int, reason: str) -> None:
@@ -247,29 +342,96 @@ class ModelRegistry:
             state.newest = state.usable_newest()
             self._reroute(name, state)
 
-    def deploy(self, record: Mapping[str, Any]) -> None:
-        """Apply one deployment record. Raises :class:`DeploymentError` when it cannot apply."""
+    def deploy(self, record: Mapping[str, Any], source: Source | None = None) -> dict[str, Any]:
+        """Apply one deployment record, or hold it until its version is read, or refuse it; returns its
+        outcome (serving.ledger). Raises :class:`DeploymentError` for a record that is not valid."""
+        if not record.get("id"):  # older records: named by where they were read
+            record = {**record, "id": str(source) if source is not None else uuid.uuid4().hex}
         name = record["model"]
         with self._changed:
             state = self._states.setdefault(name, _ModelState())
-            state.policy = state.policy.apply(record, state.serving_version())
-            self._reroute(name, state)
-        DEPLOYMENTS_APPLIED.labels(name, record["action"]).inc()
-        logger.info(
-            "model %s: %s version %s weight %s (%s) -> %s",
-            name,
-            record["action"],
-            record.get("version"),
-            record.get("weight"),
-            record.get("reason") or "no reason given",
-            state.policy.describe(),
-        )
+            outcome = state.ledger.outcome(record)
+            if outcome.status == PENDING:
+                try:
+                    validate(record)
+                except DeploymentError as exc:
+                    self._decide(name, state, outcome, REFUSED, f"{exc.field}: {exc}")
+                    raise
+                self._settle(name, state, outcome)
+            return outcome.describe()
+
+    def expect(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Note a deployment published from here, pending until it is read back from the topic."""
+        with self._changed:
+            state = self._states.setdefault(record["model"], _ModelState())
+            outcome = state.ledger.outcome(record)
+            if outcome.status == PENDING and not outcome.held:
+                outcome.reason = "published; not read back from the deployments topic yet"
+            return outcome.describe()
+
+    def abandon(self, record: Mapping[str, Any], reason: str) -> None:
+        """A deployment noted by :meth:`expect` could not be published."""
+        with self._changed:
+            state = self._states.setdefault(record["model"], _ModelState())
+            outcome = state.ledger.outcome(record)
+            if outcome.status == PENDING:
+                self._decide(record["model"], state, outcome, REFUSED, f"not published: {reason}")
 
     def preview(self, record: Mapping[str, Any]) -> TrafficPolicy:
-        """The policy ``record`` would lead to here, without applying it (DeploymentError if it cannot)."""
+        """The policy ``record`` would lead to here, without applying it. Raises
+        :class:`~serving.ledger.DeploymentRefused` (409) for what this node would not apply: a version
+        never published, unblessed, failed or refused; a rollback with nothing to roll back to."""
+        name, action, version = record["model"], record["action"], record.get("version")
         with self._changed:
-            state = self._states.get(record["model"]) or _ModelState()
-            return state.policy.apply(record, state.serving_version())
+            state = self._states.get(name) or _ModelState()
+            problem = self._problem(name, state, record)
+            if problem is not None:
+                status, reason = problem
+                if status == PENDING:
+                    reason = f"version {version} was never published for model {name!r}"
+                raise DeploymentRefused(name, action, version, reason)
+            try:
+                return state.policy.apply(record, state.serving_version())
+            except DeploymentError as exc:
+                if exc.status != 409:
+                    raise
+                raise DeploymentRefused(name, action, version, str(exc)) from exc
+
+    def expire(self, now: float | None = None) -> None:
+        """Refuse deployments pending longer than ``pending_s``."""
+        now = time.monotonic() if now is None else now
+        with self._changed:
+            for name, state in self._states.items():
+                for outcome in state.ledger.pending():
+                    if now - outcome.received < self.pending_s:
+                        continue
+                    version = outcome.record.get("version")
+                    why = (
+                        f"version {version} was not published within {self.pending_s:g} s"
+                        if outcome.held
+                        else f"not read back from the deployments topic within {self.pending_s:g} s"
+                    )
+                    self._decide(name, state, outcome, REFUSED, why)
+
+    def verdict(self, record: Mapping[str, Any]) -> None:
+        """Keep a canary verdict with the version it judged (the newest few per version)."""
+        with self._changed:
+            if record["model"] not in self._removed:
+                self._states.setdefault(record["model"], _ModelState()).ledger.note_verdict(record)
+
+    def problems(self) -> list[str]:
+        """Why a model cannot serve what its policy pins (for /readyz): a champion pinned to a version
+        unknown, unblessed, failed or refused."""
+        with self._changed:
+            out = []
+            for name, state in sorted(self._states.items()):
+                pinned = state.policy.champion
+                if pinned is None or pinned in state.loaded:
+                    continue
+                problem = self._problem(name, state, {"action": "promote", "version": pinned})
+                if problem is not None:
+                    out.append(f"model {name!r}: champion pinned to version {pinned}: {problem[1]}")
+            return out
 
     def wanted(self, name: str) -> list[Mapping[str, Any]]:
         """Records of the versions the policy wants that are not loaded yet, most important first."""
@@ -316,6 +478,100 @@ class ModelRegistry:
 
     # --- internals (lock held) -----------------------------------------------------------------------------
 
+    def _problem(self, name: str, state: _ModelState, record: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Why ``record`` cannot apply now: (PENDING, why) while its version is unknown, (REFUSED, why)
+        for good; None when it can."""
+        action, version = record["action"], record.get("version")
+        if version is None or (action == "canary" and not record.get("weight")):
+            return None
+        if version in state.failed:
+            return REFUSED, f"version {version} failed to load: {state.ledger.failures.get(version, '')}"
+        if version in state.refused:
+            return (
+                REFUSED,
+                f"version {version} cannot serve under these definitions: {state.refused[version]}",
+            )
+        if not state.ledger.knows(version) and version not in state.loaded:
+            return PENDING, f"version {version} of model {name!r} has not been published (not read here yet)"
+        if action in SERVES_TRAFFIC and version in state.unblessed:
+            return REFUSED, f"version {version} is not blessed: {state.unblessed[version]}"
+        if version in state.ledger.evicted and version not in state.loaded:
+            return REFUSED, f"version {version} is older than the versions this node keeps loadable"
+        return None
+
+    def _settle(self, name: str, state: _ModelState, outcome: Outcome) -> None:
+        """Apply, hold or refuse a pending deployment."""
+        record, action = outcome.record, outcome.record["action"]
+        problem = self._problem(name, state, record)
+        if problem is not None:
+            status, reason = problem
+            if status == REFUSED:
+                self._decide(name, state, outcome, REFUSED, reason)
+            elif not outcome.held:
+                outcome.held, outcome.reason = True, f"{reason}: held until it is"
+                logger.warning("model %s: deployment %s held: %s", name, outcome.id, reason)
+            return
+        try:
+            policy = state.policy.apply(record, state.serving_version())
+        except DeploymentError as exc:
+            self._decide(name, state, outcome, REFUSED, str(exc))
+            return
+        outcome.prior, state.policy = state.policy, policy
+        self._decide(name, state, outcome, APPLIED)
+        aspect = ASPECT.get(action, action)
+        for held in state.ledger.held():
+            if held.seq < outcome.seq and ASPECT.get(held.record["action"], held.record["action"]) == aspect:
+                self._decide(name, state, held, REFUSED, f"superseded by deployment {outcome.id} ({action})")
+        self._reroute(name, state)
+
+    def _settle_held(self, name: str, state: _ModelState) -> None:
+        for outcome in state.ledger.held():
+            if outcome.status == PENDING:  # an earlier one may have superseded it
+                self._settle(name, state, outcome)
+
+    def _decide(self, name: str, state: _ModelState, outcome: Outcome, status: str, why: str = "") -> None:
+        outcome.decide(status, why or None)
+        record = outcome.record
+        what = (name, outcome.id, record["action"], record.get("version"), record.get("source") or "unknown")
+        if status == APPLIED:
+            DEPLOYMENTS_APPLIED.labels(name, record["action"]).inc()
+            logger.info(
+                "model %s: deployment %s (%s version %s, from %s) applied (%s) -> %s",
+                *what,
+                record.get("reason") or "no reason given",
+                state.policy.describe(),
+            )
+        else:
+            DEPLOYMENTS_REFUSED.labels(name, record["action"]).inc()
+            logger.error("model %s: deployment %s (%s version %s, from %s) refused: %s", *what, why)
+
+    def _unpin(self, name: str, state: _ModelState, version: int, why: str) -> None:
+        """Take ``version``, which cannot serve, out of the policy: the deployment that put it there is
+        undone (the champion goes back to what it was before) and its outcome becomes refused."""
+        policy = state.policy
+        if version not in (policy.champion, policy.canary, policy.shadow):
+            return
+        applied = [
+            o
+            for o in state.ledger.outcomes.values()
+            if o.status == APPLIED and o.record.get("version") == version
+        ]
+        for outcome in applied:
+            outcome.decide(REFUSED, f"applied, then undone: {why}")
+        if policy.champion == version:
+            prior = next((o.prior for o in reversed(applied) if o.prior is not None), None)
+            policy = replace(
+                policy,
+                champion=prior.champion if prior is not None else None,
+                previous=prior.previous if prior is not None else policy.previous,
+            )
+        if policy.canary == version:
+            policy = replace(policy, canary=None, canary_weight=0.0)
+        if policy.shadow == version:
+            policy = replace(policy, shadow=None)
+        state.policy = policy
+        logger.error("model %s: %s; policy now %s", name, why, policy.describe())
+
     def _refuse(self, name: str, state: _ModelState, version: int, reason: str) -> None:
         state.refused[version] = reason
         state.drop(version)
@@ -338,6 +594,7 @@ class ModelRegistry:
         keep.update(sorted(state.records)[-MAX_RECORDS:])
         for version in [v for v in state.records if v not in keep]:
             del state.records[version]
+            state.ledger.evicted.add(version)
 
     def _reroute(self, name: str, state: _ModelState) -> bool:
         """Build and swap in the routing the policy and the loaded versions allow. True when it changed."""
@@ -348,8 +605,9 @@ class ModelRegistry:
             champion = current.champion if current else None
             if champion is not None and state.loaded.get(champion.version) is not champion:
                 champion = None  # dropped (refused under new definitions): it may not serve any more
-            if champion is None and state.policy.champion is None and state.loaded:
-                champion = state.loaded[max(state.loaded)]
+            servable = [v for v in state.loaded if v not in state.unblessed]
+            if champion is None and state.policy.champion is None and servable:
+                champion = state.loaded[max(servable)]
         if champion is None:
             if current is None:
                 return False

@@ -36,6 +36,8 @@ class ServeSettings(CommonSettings):
     # Bounds on fetching an artifact by URI (artifact_uri), per model version.
     serve_artifact_timeout_s: float = Field(default=10.0, gt=0)
     serve_artifact_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    # A deployment naming a version this node has not read is held this long (shown pending), then refused.
+    serve_deployment_pending_s: float = Field(default=60.0, gt=0)
 
 
 def load_policy(settings: ServeSettings) -> LoadPolicy:

@@ -18,7 +18,8 @@ from schemas import codec
 from schemas.definitions import Project
 from serving.app import create_app
 from serving.deployments import ACTION_RULES, ACTIONS
-from serving.openapi import SCORE_PATH, avro_field_schema, openapi_document
+from serving.avro_json import avro_field_schema
+from serving.openapi import SCORE_PATH, openapi_document
 from serving.registry import ModelRegistry
 from serving.settings import ServeSettings
 from serving.validation import MAX_BATCH, RequestSchema
@@ -146,7 +147,7 @@ def test_model_names_and_deployment_body(document: Any, schemas: dict[str, Reque
     deployment = {f["name"] for f in codec.schema("deployment")["fields"]}
     for action, (needs_version, takes_weight) in ACTION_RULES.items():
         shape = shapes[action]
-        assert set(shape["properties"]) == deployment - {"model", "ts"}  # the path names the model; ts is set
+        assert set(shape["properties"]) == deployment - {"model", "ts", "id", "source"}  # set by the service
         assert ("version" in shape["required"]) == (needs_version == "required")
         assert (shape["properties"]["weight"].get("maximum") == 1.0) == takes_weight
     assert set(
