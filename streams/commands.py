@@ -1,4 +1,5 @@
-"""``tide produce``, ``tide tail`` and ``tide drift``: data in and out, and the drift scorer.
+"""``tide produce``, ``tide tail``, ``tide drift`` and ``tide judge``: data in and out, the drift scorer
+and the canary judge.
 
 Each loads the project's definitions from the registry (``schemas.registry.load``) and passes them down;
 ``tide drift`` also follows the registry while it runs (a model applied later is watched without a
@@ -62,6 +63,14 @@ def cmd_drift(args: argparse.Namespace) -> int:
     return run_service(DriftSettings, lambda settings: run(settings, registry.load(settings).project, stop))
 
 
+def cmd_judge(args: argparse.Namespace) -> int:
+    from schemas import registry
+    from streams.judge import JudgeSettings, run
+
+    stop = stop_event()
+    return run_service(JudgeSettings, lambda settings: run(settings, registry.load(settings).project, stop))
+
+
 def add_commands(add: AddCommand) -> None:
     pr = add(
         "produce",
@@ -108,4 +117,13 @@ def add_commands(add: AddCommand) -> None:
         "Run the drift scorer: every model's monitored inputs and output compared with the reference "
         "profile of its version (PSI over a sliding window); alerts go to the drift-alerts topic. Follows "
         "the registry: models applied while it runs are watched, removed ones dropped.",
+    )
+    add(
+        "judge",
+        cmd_judge,
+        "Run the canary and shadow judge: labels joined with predictions per model, version and arm; "
+        "shadows compared paired, canaries unpaired, with an always-valid confidence sequence, a "
+        "non-inferiority margin and guardrails. Verdicts go to the canary-verdicts topic; the model's "
+        "policy may promote a pass or end a failed candidate (deployments). Concept-drift alerts from the "
+        "champion's losses go to drift-alerts. Exactly once across restarts; follows the registry.",
     )

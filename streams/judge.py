@@ -1,0 +1,406 @@
+"""The canary and shadow judge (``tide judge``): labels joined with predictions, candidates decided.
+
+The judge reads the predictions topic, every judged model's labels source, the models topic (the
+versions that exist) and the deployments topic (which version is canary or shadow, and when that ends;
+the semantics of :mod:`serving.deployments`, read from the records). For each model of the project that
+has labels:
+
+- labels are joined with predictions by event id (:mod:`streams.outcomes`), and each labelled prediction
+  gets its per-event loss;
+- a **shadow** version is compared *paired*: its loss minus the champion's on the same event; a
+  **canary** *unpaired*: its losses against the champion's over the same period (its sticky share of the
+  entities against the rest) — both with an always-valid confidence sequence (:mod:`streams.sequential`)
+  and the rules of :mod:`streams.verdict`, guardrails from the prediction log included
+  (:mod:`streams.guardrails`);
+- verdicts go to ``canary-verdicts``: interim ones (``final`` false) at most every
+  ``judge_verdict_every_s`` of stream time while something changed, and exactly one final one per
+  candidate (pass, fail, inconclusive at ``max_duration_s``, or ``ended`` when its deployment ended
+  first). With the model's policy ``promote``, a pass publishes a ``promote`` deployment; with
+  ``rollback``, a fail ends the canary (``canary`` at weight 0) or the shadow (``shadow`` with no
+  version); ``source`` ``judge`` and the verdict's id and rule as the reason. The verdict's ``action``
+  says what was published (``promote`` / ``rollback``; null when the policy only reports);
+- with ``policy.drift.concept``, the champion's losses feed one :class:`streams.concept.ConceptMonitor`
+  per (model, version); a change it finds is a ``drift_alert`` of kind ``concept`` on ``drift-alerts``.
+
+Everything is produced in the processor's Kafka transaction, with a checkpoint of the step's whole
+state (joins, statistics, guardrails, monitors; :meth:`JudgeStep.snapshot`) and its positions
+(:class:`schemas.checkpoints.KafkaCheckpoints`): killed at any moment, a restarted judge repeats and
+loses nothing. Time is stream time (the newest record timestamp read), so a replay decides alike.
+
+Bad input is counted (``tide_judge_bad_records_total`` by reason) and dead-lettered with the reason,
+never stopping the judge or touching a verdict: a label of the wrong type, a duplicate label, a label
+without key (at once, by the processor), a prediction of a version never seen on the models topic, and a
+label whose event had no prediction within the labels' ``max_delay`` (when it expires, produced in the
+transaction by the step).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+from prometheus_client import Counter
+from pydantic import Field
+
+from infra import processor
+from infra.deadletter import DeadLetterSink, KafkaDeadLetters
+from infra.errors import StreamError
+from infra.kafka import make_consumer, make_transactional_producer, read_to_end
+from infra.letters import DeadLetter
+from infra.metrics import serve_metrics
+from infra.settings import CommonSettings
+from infra.topics import TOPICS, prefixed, topic
+from schemas import codec, registry
+from schemas.checkpoints import KafkaCheckpoints
+from schemas.definitions import Model, Project
+from streams.judging import CANDIDATE_ARMS, Emitter, ModelState, judged_models
+from streams.outcomes import LabelSeen, Scored, target
+
+log = logging.getLogger(__name__)
+
+STEP_NAME = "judge"
+FOLLOW_INTERVAL_S = 0.5
+LARGE_STATE = 8 << 20  # uncompressed snapshot size worth a warning
+
+BAD_RECORDS = Counter("tide_judge_bad_records_total", "Records the judge dead-lettered", ["model", "reason"])
+JOINED = Counter("tide_judge_labels_joined_total", "Labelled predictions joined", ["model", "arm"])
+
+
+class JudgeSettings(CommonSettings):
+    """Settings of the canary judge (``TIDE_JUDGE_*``)."""
+
+    judge_group: str = Field(default="tide-judge", pattern=r"^[A-Za-z0-9._-]+$")
+    judge_verdict_every_s: float = Field(default=10.0, gt=0)  # interim verdicts, stream time
+    # Events held in one model's join (for the labels' max_delay); it bounds the checkpoint, about 50
+    # bytes per held prediction once compressed: keep it well under the broker's message size.
+    judge_max_pending: int = Field(default=5_000, ge=10)
+    judge_checkpoint_interval_s: float = Field(default=1.0, ge=0)
+    judge_batch: int = Field(default=500, ge=1)
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc).split(":", 1)[0]
+
+
+class JudgeStep:
+    """Stream step ``judge`` (module docstring). ``emitter`` produces verdicts, deployments, alerts and
+    late dead letters into the processor's open transaction."""
+
+    name = STEP_NAME
+
+    def __init__(self, settings: JudgeSettings, project: Project, emitter: Emitter) -> None:
+        self._settings = settings
+        self._emitter = emitter
+        self._project = project
+        self._follower: registry.Follower | None = None
+        self._consumer: Consumer | None = None
+        self._checkpoints: KafkaCheckpoints | None = None
+        self._next_follow = 0.0
+        self._expected: dict[str, str | None] = {}
+        self._since_checkpoint = False
+        self._subscribed: list[str] = []
+        # The state checkpointed (snapshot/restore): all of it is in these four.
+        self.clock_ms = 0
+        self.models: dict[str, ModelState] = {}
+        self.versions: dict[str, set[int]] = {}  # every model's versions seen on the models topic
+        self.deployed: dict[str, dict[str, int | None]] = {}  # model -> {"canary": v, "shadow": v}
+        self._take(project)
+
+    # -- definitions ---------------------------------------------------------------------------------
+
+    def _take(self, project: Project) -> None:
+        self._project = project
+        wanted = judged_models(project)
+        for name in set(self.models) - set(wanted):
+            del self.models[name]
+            log.info("model %s is not judged any more (removed, or without labels)", name)
+        for name, model in wanted.items():
+            if name in self.models:
+                self.models[name].redefine(model, self._settings.judge_max_pending)
+            else:
+                self.models[name] = ModelState.of(model, self._settings.judge_max_pending)
+                log.info("judging model %s (labels %s)", name, model.labels.name if model.labels else "-")
+        self.topics()
+
+    def topics(self) -> dict[str, str | None]:
+        """Topic -> record: predictions, models, deployments and every judged model's labels source.
+        The same dict, updated in place when the definitions change (the processor decodes with it)."""
+        wanted: dict[str, str | None] = {
+            topic(self._settings, "predictions"): "prediction",
+            topic(self._settings, "models"): "model_version",
+            topic(self._settings, "deployments"): "deployment",
+        }
+        for state in self.models.values():
+            source = state.labels_source
+            wanted[prefixed(self._settings, source.topic_name)] = source.name
+        if wanted != self._expected:
+            self._expected.clear()
+            self._expected.update(wanted)
+        return self._expected
+
+    def follow(
+        self,
+        follower: registry.Follower | None,
+        consumer: Consumer | None = None,
+        checkpoints: KafkaCheckpoints | None = None,
+    ) -> None:
+        """Take newer definitions from ``follower`` between batches; subscribe ``consumer`` to new labels
+        topics (right after a checkpoint, so what is re-read on the rebalance was never counted)."""
+        self._follower, self._consumer, self._checkpoints = follower, consumer, checkpoints
+        self._subscribed = sorted(self._expected)  # what the processor subscribes to at start
+
+    def update(self, project: Project) -> None:
+        """Judge the models of ``project`` from now on (tests call this; the follower does it live)."""
+        self._take(project)
+
+    def _poll_registry(self) -> None:
+        now = time.monotonic()
+        if self._follower is not None and now >= self._next_follow:
+            self._next_follow = now + FOLLOW_INTERVAL_S
+            found = self._follower.poll()
+            if found is not None:
+                log.info("definitions version %d (%s)", found.version, found.digest[:12])
+                self._take(found.project)
+        wanted = sorted(self._expected)
+        if self._consumer is not None and not self._since_checkpoint and wanted != self._subscribed:
+            if self._checkpoints is not None:
+                self._consumer.subscribe(wanted, on_assign=self._checkpoints.on_assign)
+            else:
+                self._consumer.subscribe(wanted)
+            self._subscribed = wanted
+            log.info("judge consumes %s", ", ".join(wanted))
+
+    # -- the Step protocol -----------------------------------------------------------------------------
+
+    def handle(self, item: processor.Incoming) -> None:
+        self._since_checkpoint = True
+        self.clock_ms = max(self.clock_ms, item.timestamp_ms)
+        v = item.value
+        if item.record == "prediction":
+            self._on_prediction(v)
+        elif item.record == "model_version":
+            self.versions.setdefault(str(v["model"]), set()).add(int(v["version"]))
+        elif item.record == "deployment":
+            self._on_deployment(v)
+        else:
+            self._on_label(item)
+
+    def flush(self) -> bool:
+        for state in self.models.values():
+            for event_id, event in state.joins.expire(self.clock_ms):
+                label = event.label
+                assert label is not None
+                reason = f"unknown_event: no prediction of event {event_id!r} within {state.joins.ttl_ms} ms"
+                BAD_RECORDS.labels(state.name, "unknown_event").inc()
+                self._emitter.dead_letter(
+                    DeadLetter(
+                        stage=STEP_NAME,
+                        error=reason,
+                        error_type="StreamError",
+                        key=label.key,
+                        value=codec.encode(state.labels_source.name, label.raw, validate=False),
+                        source_topic=label.topic,
+                        partition=label.partition,
+                        offset=label.offset,
+                    )
+                )
+            state.decide(self.clock_ms, self._settings.judge_verdict_every_s * 1000, self._emitter)
+        self._poll_registry()
+        return True
+
+    def idle(self) -> bool:
+        self._poll_registry()
+        return False
+
+    # -- state ---------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        self._since_checkpoint = False
+        state = (self.clock_ms, self.models, self.versions, self.deployed)
+        blob = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        if len(blob) > LARGE_STATE:
+            log.warning("judge state is %d bytes: lower TIDE_JUDGE_MAX_PENDING", len(blob))
+        return blob
+
+    def restore(self, state: bytes) -> None:
+        replayed = self.versions
+        self.clock_ms, self.models, self.versions, self.deployed = pickle.loads(state)
+        for name, found in replayed.items():
+            self.versions.setdefault(name, set()).update(found)
+        self._take(self._project)  # the definitions now in force, over the state's
+        log.info(
+            "restored: clock %d, %d models, %d candidates being judged",
+            self.clock_ms,
+            len(self.models),
+            sum(len(s.judgements) for s in self.models.values()),
+        )
+
+    # -- records -------------------------------------------------------------------------------------------
+
+    def _on_prediction(self, v: Mapping[str, Any]) -> None:
+        name = str(v["model"])
+        state = self.models.get(name)
+        if state is None:
+            return  # not a judged model
+        version = int(v["version"])
+        if version not in self.versions.get(name, ()):
+            BAD_RECORDS.labels(name, "unknown_version").inc()
+            raise StreamError(
+                f"unknown_version: model {name} v{version} was never published on the models topic"
+            )
+        event_id = v.get("event_id")
+        arm = str(v["arm"])
+        scored = Scored.of(state.task, v)
+        judged = state.observe(arm, scored, float(v.get("latency_ms") or 0.0), self.clock_ms)
+        if event_id and (arm not in CANDIDATE_ARMS or judged is not None):
+            for joined in state.joins.prediction(str(event_id), scored, self.clock_ms):
+                JOINED.labels(name, joined.arm).inc()
+                state.joined(joined, self.clock_ms, self._emitter)
+
+    def _on_label(self, item: processor.Incoming) -> None:
+        v = item.value
+        errors: list[str] = []
+        for state in self.models.values():
+            if state.labels_source.name != item.record:
+                continue
+            labels = state.labels
+            raw_key, raw = v.get(labels.key), v.get(labels.target)
+            try:
+                if raw_key is None:
+                    raise StreamError(f"missing_key: labels {labels.name!r} without {labels.key!r}")
+                y = target(state.task, raw)
+                seen = LabelSeen(y, dict(v), item.key, item.topic, item.partition, item.offset)
+                for joined in state.joins.label(str(raw_key), seen, self.clock_ms):
+                    JOINED.labels(state.name, joined.arm).inc()
+                    state.joined(joined, self.clock_ms, self._emitter)
+            except StreamError as exc:
+                BAD_RECORDS.labels(state.name, _reason(exc)).inc()
+                errors.append(f"model {state.name}: {exc}")
+        if errors:
+            raise StreamError("; ".join(errors))
+
+    def _on_deployment(self, v: Mapping[str, Any]) -> None:
+        name, action, version = str(v["model"]), str(v["action"]), v.get("version")
+        deployed = self.deployed.setdefault(name, {"canary": None, "shadow": None})
+        ended: list[tuple[str, int]] = []
+        started: list[tuple[str, int]] = []
+        canary, shadow = deployed["canary"], deployed["shadow"]
+        if action == "canary":
+            weight = float(v.get("weight") or 0.0)
+            new = int(version) if weight > 0 and version is not None else None
+            if canary is not None and canary != new:
+                ended.append(("canary", canary))
+            if new is not None and new != canary:
+                started.append(("canary", new))
+            deployed["canary"] = new
+        elif action in ("promote", "rollback"):
+            if canary is not None and (action == "rollback" or canary == version):
+                ended.append(("canary", canary))
+                deployed["canary"] = None
+        elif action == "shadow":
+            new = int(version) if version is not None else None
+            if shadow is not None and shadow != new:
+                ended.append(("shadow", shadow))
+            if new is not None and new != shadow:
+                started.append(("shadow", new))
+            deployed["shadow"] = new
+        state = self.models.get(name)
+        if state is None:
+            return
+        for arm, ver in ended:
+            state.end(arm, ver, self.clock_ms, self._emitter)
+        for arm, ver in started:
+            state.restart(arm, ver, self.clock_ms)
+
+
+class TransactionEmitter(Emitter):
+    """Produces into the judge's transactional producer (committed with the checkpoint)."""
+
+    def __init__(self, settings: CommonSettings, producer: Producer, dlq: DeadLetterSink) -> None:
+        super().__init__(
+            verdicts=topic(settings, "canary-verdicts"),
+            deployments=topic(settings, "deployments"),
+            alerts=topic(settings, "drift-alerts"),
+        )
+        self._producer = producer
+        self._dlq = dlq
+
+    def produce(self, topic_name: str, value: bytes, key: bytes) -> None:
+        self._producer.produce(topic_name, value=value, key=key)
+
+    def dead_letter(self, letter: DeadLetter) -> None:
+        self._dlq.send(letter)
+
+
+# -- the service -------------------------------------------------------------------------------------------
+
+
+def transactional_id(settings: JudgeSettings) -> str:
+    """Stable across restarts: a restarted judge fences its zombie and takes its checkpoints."""
+    return f"{settings.topic_prefix}{settings.judge_group}"
+
+
+def replay_versions(settings: JudgeSettings, step: JudgeStep, *, timeout_s: float = 30.0) -> int:
+    """Note every version on the models topic, from its beginning: a prediction read before its
+    version's record (another partition, another topic) is then not taken for one of an unknown version."""
+    name = topic(settings, "models")
+    read = 0
+    try:
+        for msg in read_to_end(settings, name, TOPICS["models"].partitions, timeout_s=timeout_s):
+            try:
+                v = codec.decode(msg.value() or b"", "model_version")
+            except Exception as exc:
+                log.warning("replay %s offset %s skipped: %s", name, msg.offset(), exc)
+                continue
+            step.versions.setdefault(str(v["model"]), set()).add(int(v["version"]))
+            read += 1
+    except StreamError as exc:
+        log.warning("replay of %s incomplete (%d read): %s", name, read, exc)
+    return read
+
+
+def run(
+    settings: JudgeSettings,
+    project: Project,
+    stop: threading.Event | None = None,
+    *,
+    follow: bool = True,
+) -> None:
+    """Judge every model of ``project`` that has labels until ``stop`` is set (module docstring)."""
+    stop = stop if stop is not None else threading.Event()
+    serve_metrics(settings)
+    follower = registry.Follower(settings) if follow else None
+    if follower is not None and follower.current.digest != project.digest():
+        project = follower.current.project
+    models: Mapping[str, Model] = judged_models(project)
+    log.info("judging models %s of project %s", ", ".join(sorted(models)) or "(none)", project.name)
+    try:
+        tid = transactional_id(settings)
+        producer = make_transactional_producer(settings, tid)
+        dlq = KafkaDeadLetters(producer, topic(settings, "dead-letter"))
+        step = JudgeStep(settings, project, TransactionEmitter(settings, producer, dlq))
+        checkpoints = KafkaCheckpoints(settings, tid)
+        consumer = make_consumer(settings, settings.judge_group)
+        step.follow(follower, consumer, checkpoints)
+        expected = step.topics()
+        replay_versions(settings, step)
+        processor.run(
+            step,
+            consumer,
+            producer,
+            dlq,
+            expected,
+            stop,
+            codec.decode_named,
+            batch=settings.judge_batch,
+            checkpoints=checkpoints,
+            min_interval_s=settings.judge_checkpoint_interval_s,
+        )
+    finally:
+        if follower is not None:
+            follower.close()

@@ -1,0 +1,219 @@
+"""Labels joined with predictions, and the loss of each labelled prediction.
+
+**The join.** A label joins the predictions of its event: the labels source's ``key`` field, as a string
+(``str(value)``, as the trainer joins them), equals the prediction's ``event_id``. Either may come
+first. One :class:`Joins` per model keeps, by event id, the event's predictions (one per arm: the champion
+or canary that answered, the shadow that scored beside it) and its label, for ``ttl_ms`` (the labels'
+``max_delay``) of stream time after the event was first seen, at most ``max_pending`` events (the oldest
+go first). While an event is held, each prediction is joined once, whichever of prediction and label
+comes last; a second label for it is a duplicate. An event whose label never found a prediction is
+returned by :meth:`Joins.expire` so the judge can dead-letter it (a label of an unknown event).
+
+**The loss** (:func:`loss`), per task: binary log loss of the ``score`` (the probability of ``True``,
+clipped to ``[EPS, 1 - EPS]``); regression squared error of the ``score``; multiclass log loss of the
+probability given to the true class (clipped alike) when the prediction carries ``probabilities``, else
+0-1 loss of its ``label``. A prediction whose output cannot be scored (non-finite, a probability outside
+``[0, 1]``, a multiclass one without a label) is an *error*: it counts against the error-rate guardrail
+and has no loss (:func:`output_error`).
+
+**Targets** (:func:`target`) are checked against the task before anything is joined: binary takes a
+boolean or 0/1, regression a finite number, multiclass a string, integer or boolean (as a string);
+anything else is a label of the wrong type.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from infra.errors import StreamError
+
+EPS = 1e-6  # probability clip: one confident mistake costs at most -log(EPS) ~ 13.8 nats
+LOG_LOSS, SQUARED_ERROR, ZERO_ONE = "log_loss", "squared_error", "zero_one"
+
+
+def target(task: str, raw: Any) -> bool | float | str:
+    """The label's target as ``task`` scores it; raises :class:`StreamError` for a value of the wrong
+    type (the message starts with ``wrong_type``)."""
+    if task == "binary":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, int | float) and raw in (0, 1):
+            return bool(raw)
+    elif task == "regression":
+        if isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw):
+            return float(raw)
+    elif task == "multiclass":
+        if isinstance(raw, bool):
+            return "true" if raw else "false"  # as JSON and the learners' class keys write it
+        if isinstance(raw, str | int):
+            return str(raw)
+    raise StreamError(f"wrong_type: a {task} label cannot be {raw!r} ({type(raw).__name__})")
+
+
+def output_error(task: str, prediction: Mapping[str, Any]) -> str | None:
+    """Why the prediction's output cannot be scored, or None when it can."""
+    score = prediction.get("score")
+    if not isinstance(score, int | float) or not math.isfinite(score):
+        return f"score {score!r} is not a finite number"
+    if task == "binary" and not 0.0 <= score <= 1.0:
+        return f"binary score {score!r} is not a probability"
+    if task == "multiclass":
+        probs = prediction.get("probabilities")
+        if probs:
+            bad = [k for k, p in probs.items() if not (math.isfinite(p) and 0.0 <= p <= 1.0)]
+            if bad or abs(sum(probs.values()) - 1.0) > 1e-3:
+                return "class probabilities are not a distribution"
+        elif prediction.get("label") is None:
+            return "a multiclass prediction without a label or probabilities"
+    return None
+
+
+def metric_of(task: str, prediction: Mapping[str, Any]) -> str:
+    if task == "regression":
+        return SQUARED_ERROR
+    if task == "multiclass" and not prediction.get("probabilities"):
+        return ZERO_ONE
+    return LOG_LOSS
+
+
+def loss(task: str, prediction: Mapping[str, Any], y: bool | float | str) -> float:
+    """The per-event loss of a scorable prediction (:func:`output_error` is None) given target ``y``."""
+    if task == "binary":
+        p = min(max(float(prediction["score"]), EPS), 1.0 - EPS)
+        return -math.log(p if y else 1.0 - p)
+    if task == "regression":
+        return (float(prediction["score"]) - float(y)) ** 2
+    probs = prediction.get("probabilities")
+    if probs:
+        return -math.log(min(max(float(probs.get(str(y), 0.0)), EPS), 1.0 - EPS))
+    return 0.0 if str(prediction.get("label")) == str(y) else 1.0
+
+
+@dataclass(slots=True)
+class Scored:
+    """What the judge keeps of one prediction: enough to compute its loss when the label comes."""
+
+    arm: str
+    version: int
+    score: float
+    label: str | None
+    probabilities: dict[str, float] | None
+    error: bool
+
+    @classmethod
+    def of(cls, task: str, prediction: Mapping[str, Any]) -> Scored:
+        return cls(
+            str(prediction["arm"]),
+            int(prediction["version"]),
+            float(prediction["score"]),
+            prediction.get("label"),
+            prediction.get("probabilities"),
+            output_error(task, prediction) is not None,
+        )
+
+    def view(self) -> dict[str, Any]:
+        return {"score": self.score, "label": self.label, "probabilities": self.probabilities}
+
+
+@dataclass(slots=True)
+class LabelSeen:
+    """A label waiting in the join, with where it came from (a late dead letter needs it)."""
+
+    y: bool | float | str
+    raw: dict[str, Any]
+    key: bytes | None
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(slots=True)
+class Event:
+    """One event in the join: its predictions by arm, its label, which arms were joined."""
+
+    first_ms: int
+    predictions: dict[str, Scored] = field(default_factory=dict)
+    label: LabelSeen | None = None
+    joined: set[str] = field(default_factory=set)
+    losses: dict[str, float] = field(default_factory=dict)
+    paired: bool = False  # a shadow's loss and the champion's were compared
+
+
+@dataclass(frozen=True)
+class Joined:
+    """A labelled prediction: its event, arm, version and loss (None for an erroneous output)."""
+
+    event_id: str
+    arm: str
+    version: int
+    loss: float | None
+    metric: str
+    event: Event
+
+
+class Joins:
+    """The label x prediction join of one model (module docstring)."""
+
+    def __init__(self, task: str, ttl_ms: int, max_pending: int) -> None:
+        self.task = task
+        self.ttl_ms = ttl_ms
+        self.max_pending = max_pending
+        self.events: OrderedDict[str, Event] = OrderedDict()  # by first sight, oldest first
+        self.evicted = 0
+
+    def _event(self, event_id: str, now_ms: int) -> Event:
+        event = self.events.get(event_id)
+        if event is None:
+            event = self.events[event_id] = Event(now_ms)
+        return event
+
+    def prediction(self, event_id: str, scored: Scored, now_ms: int) -> list[Joined]:
+        """Hold a prediction; return it joined when its label is already there."""
+        event = self._event(event_id, now_ms)
+        event.predictions[scored.arm] = scored
+        return self._join(event_id, event)
+
+    def label(self, event_id: str, label: LabelSeen, now_ms: int) -> list[Joined]:
+        """Hold a label; return its event's predictions joined. Raises :class:`StreamError`
+        (``duplicate_label``) when the event already has one."""
+        event = self._event(event_id, now_ms)
+        if event.label is not None:
+            raise StreamError(f"duplicate_label: event {event_id!r} already has a label")
+        event.label = label
+        return self._join(event_id, event)
+
+    def _join(self, event_id: str, event: Event) -> list[Joined]:
+        if event.label is None:
+            return []
+        out = []
+        for arm, scored in event.predictions.items():
+            if arm in event.joined:
+                continue
+            event.joined.add(arm)
+            value = None if scored.error else loss(self.task, scored.view(), event.label.y)
+            if value is not None:
+                event.losses[arm] = value
+            out.append(
+                Joined(event_id, arm, scored.version, value, metric_of(self.task, scored.view()), event)
+            )
+        return out
+
+    def expire(self, now_ms: int) -> list[tuple[str, Event]]:
+        """Drop events older than the TTL, and the oldest beyond ``max_pending``; return those dropped
+        whose label found no prediction (labels of unknown events)."""
+        unjoined: list[tuple[str, Event]] = []
+        while self.events:
+            event_id, event = next(iter(self.events.items()))
+            over = len(self.events) > self.max_pending
+            if not over and now_ms - event.first_ms <= self.ttl_ms:
+                break
+            del self.events[event_id]
+            if over:
+                self.evicted += 1
+            if event.label is not None and not event.predictions:
+                unjoined.append((event_id, event))
+        return unjoined
