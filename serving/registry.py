@@ -23,7 +23,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import Counter, Gauge
@@ -33,28 +32,14 @@ from models.inputs import ModelInputs
 from models.runtime import LoadedModel
 from serving import ledger as ledgers
 from serving.deployments import ARM_CANARY, ARM_CHAMPION, ARM_SHADOW, Routing, TrafficPolicy, validate
-from serving.ledger import (
-    APPLIED,
-    ASPECT,
-    PENDING,
-    REFUSED,
-    SERVES_TRAFFIC,
-    DeploymentRefused,
-    Ledger,
-    Outcome,
-)
+from serving.ledger import PENDING, REFUSED, DeploymentRefused
 from serving.lineage import LINEAGE_REFUSED, LineageMismatch, lineage_of
+from serving.modelstate import ModelState, Pin, Source
 from serving.validation import RequestSchema
 
 logger = logging.getLogger(__name__)
 
 MODEL_SWAPS = Counter("tide_model_swaps_total", "Changes of the version answering as champion", ["model"])
-DEPLOYMENTS_APPLIED = Counter(
-    "tide_deployments_applied_total", "Deployment actions applied", ["model", "action"]
-)
-DEPLOYMENTS_REFUSED = Counter(
-    "tide_deployments_refused_total", "Deployment actions refused (not applied)", ["model", "action"]
-)
 ARM_VERSION = Gauge(
     "tide_model_version",
     "Version answering in each arm (0: none)",
@@ -63,72 +48,6 @@ ARM_VERSION = Gauge(
 )
 
 MAX_RECORDS = 32  # newest version records kept (besides those the policy names) for later loads
-
-# The inputs a version is scored with under the definitions served (serving.lineage.pinned_inputs bound
-# to them); raises LineageMismatch.
-Pin = Callable[[Mapping[str, Any]], ModelInputs]
-
-
-@dataclass
-class Source:
-    """Where a record came from, for logs and dead letters."""
-
-    topic: str
-    partition: int
-    offset: int
-    payload: bytes = b""
-
-    def __str__(self) -> str:
-        return f"{self.topic}[{self.partition}]@{self.offset}"
-
-
-@dataclass
-class _ModelState:
-    """Everything the registry knows of one model name. Guarded by the registry's lock."""
-
-    policy: TrafficPolicy = field(default_factory=TrafficPolicy)
-    records: dict[int, tuple[Mapping[str, Any], Source | None]] = field(default_factory=dict)
-    loaded: dict[int, LoadedModel] = field(default_factory=dict)
-    failed: set[int] = field(default_factory=set)
-    # Versions whose lineage does not fit the definitions (the reason): reconsidered when they change.
-    refused: dict[int, str] = field(default_factory=dict)
-    newest: int | None = None  # newest version published that has not failed to load nor been refused
-    pins: dict[int, ModelInputs] = field(default_factory=dict)  # loaded version -> its inputs
-    schema: RequestSchema | None = None  # of the model's definition (None: a registry without one)
-    pin: Pin | None = None
-    # Versions published unblessed (the reason): never champion under follow (serving.ledger).
-    unblessed: dict[int, str] = field(default_factory=dict)
-    ledger: Ledger = field(default_factory=Ledger)
-
-    def serving_version(self) -> int | None:
-        return self.policy.champion if self.policy.champion is not None else self.newest
-
-    def usable_newest(self) -> int | None:
-        usable = [v for v in self.records if v not in self.failed and v not in self.refused]
-        return max([v for v in (*usable, *self.loaded) if v not in self.unblessed], default=None)
-
-    def status_of(self, version: int, champion: int | None) -> tuple[str, str | None]:
-        """What ``version`` is to this model now, and why when it does not serve."""
-        policy = self.policy
-        if version == champion:
-            return "champion", None
-        if version == policy.canary:
-            return "canary", None
-        if version == policy.shadow:
-            return "shadow", None
-        if version in self.unblessed:
-            return "unblessed", self.unblessed[version]
-        if version in self.failed:
-            return "refused", f"failed to load: {self.ledger.failures.get(version, '')}"
-        if version in self.refused:
-            return "refused", self.refused[version]
-        if version in policy.previous:
-            return "previous", None
-        return "published", None
-
-    def drop(self, version: int) -> None:
-        self.loaded.pop(version, None)
-        self.pins.pop(version, None)
 
 
 class ModelRegistry:
@@ -139,7 +58,7 @@ class ModelRegistry:
         refused (``TIDE_SERVE_DEPLOYMENT_PENDING_S``)."""
         self.pending_s = pending_s
         self._routing: dict[str, Routing] = {}
-        self._states: dict[str, _ModelState] = {name: _ModelState() for name in known}
+        self._states: dict[str, ModelState] = {name: ModelState() for name in known}
         self._removed: set[str] = set()  # models taken out of the definitions: their versions are ignored
         self._changed = threading.Condition()
 
@@ -227,7 +146,7 @@ class ModelRegistry:
         """Mark ``name`` as served, before any version of it has loaded."""
         with self._changed:
             self._removed.discard(name)
-            self._states.setdefault(name, _ModelState())
+            self._states.setdefault(name, ModelState())
 
     def define(self, name: str, schema: RequestSchema | None, pin: Pin | None) -> list[int]:
         """Serve ``name`` under (new) definitions: its request schema, and ``pin``, which gives the
@@ -237,7 +156,7 @@ class ModelRegistry:
         follower's :meth:`ModelFollower.reconsider`)."""
         with self._changed:
             self._removed.discard(name)
-            state = self._states.setdefault(name, _ModelState())
+            state = self._states.setdefault(name, ModelState())
             state.schema, state.pin = schema, pin
             retry = sorted(state.refused)
             state.refused.clear()
@@ -273,7 +192,7 @@ class ModelRegistry:
             if record["model"] in self._removed:
                 return
             name = record["model"]
-            state = self._states.setdefault(name, _ModelState())
+            state = self._states.setdefault(name, ModelState())
             version = int(record["version"])
             state.ledger.note_version(record)
             if version in state.failed:
@@ -290,7 +209,8 @@ class ModelRegistry:
             elif version not in state.refused:
                 self._advance(name, state, version)
             self._trim(state)
-            self._settle_held(name, state)  # deployments waiting for this version
+            if state.settle_held(name):  # deployments waiting for this version
+                self._reroute(name, state)
 
     def swap(self, model: LoadedModel, inputs: ModelInputs | None = None) -> bool:
         """Add a loaded version (as published and loaded), scored with ``inputs`` (default: the model's
@@ -299,7 +219,7 @@ class ModelRegistry:
         with self._changed:
             if model.name in self._removed:
                 return False
-            state = self._states.setdefault(model.name, _ModelState())
+            state = self._states.setdefault(model.name, ModelState())
             if state.pin is not None:
                 try:  # pinned again: the definitions may have changed while it loaded
                     inputs = state.pin(lineage_of(model))
@@ -313,7 +233,7 @@ class ModelRegistry:
                 state.pins[model.version] = inputs
             if not state.ledger.knows(model.version):  # loaded without its record (tests, tools)
                 state.ledger.note_version({**model.describe(), "created_ts": model.published_ts})
-                self._settle_held(model.name, state)
+                state.settle_held(model.name)  # rerouted below
             if model.version not in state.unblessed:
                 self._advance(model.name, state, model.version)
             return self._reroute(model.name, state)
@@ -322,13 +242,13 @@ class ModelRegistry:
         """A version did not load: never try it again, and stop wanting it. A deployment that made it
         champion, canary or shadow is undone and marked refused (serving.ledger)."""
         with self._changed:
-            state = self._states.setdefault(name, _ModelState())
+            state = self._states.setdefault(name, ModelState())
             state.failed.add(version)
             state.ledger.failures[version] = reason or "it failed to load"
             state.records.pop(version, None)
             if state.newest == version:
                 state.newest = state.usable_newest()
-            self._unpin(name, state, version, f"version {version} failed to load: {reason or 'unknown'}")
+            state.unpin(name, version, f"version {version} failed to load: {reason or 'unknown'}")
             self._reroute(name, state)
 
     def refuse(self, name: str, version: int, reason: str) -> None:
@@ -349,21 +269,22 @@ class ModelRegistry:
             record = {**record, "id": str(source) if source is not None else uuid.uuid4().hex}
         name = record["model"]
         with self._changed:
-            state = self._states.setdefault(name, _ModelState())
+            state = self._states.setdefault(name, ModelState())
             outcome = state.ledger.outcome(record)
             if outcome.status == PENDING:
                 try:
                     validate(record)
                 except DeploymentError as exc:
-                    self._decide(name, state, outcome, REFUSED, f"{exc.field}: {exc}")
+                    state.decide(name, outcome, REFUSED, f"{exc.field}: {exc}")
                     raise
-                self._settle(name, state, outcome)
+                if state.settle(name, outcome):
+                    self._reroute(name, state)
             return outcome.describe()
 
     def expect(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Note a deployment published from here, pending until it is read back from the topic."""
         with self._changed:
-            state = self._states.setdefault(record["model"], _ModelState())
+            state = self._states.setdefault(record["model"], ModelState())
             outcome = state.ledger.outcome(record)
             if outcome.status == PENDING and not outcome.held:
                 outcome.reason = "published; not read back from the deployments topic yet"
@@ -372,10 +293,10 @@ class ModelRegistry:
     def abandon(self, record: Mapping[str, Any], reason: str) -> None:
         """A deployment noted by :meth:`expect` could not be published."""
         with self._changed:
-            state = self._states.setdefault(record["model"], _ModelState())
+            state = self._states.setdefault(record["model"], ModelState())
             outcome = state.ledger.outcome(record)
             if outcome.status == PENDING:
-                self._decide(record["model"], state, outcome, REFUSED, f"not published: {reason}")
+                state.decide(record["model"], outcome, REFUSED, f"not published: {reason}")
 
     def preview(self, record: Mapping[str, Any]) -> TrafficPolicy:
         """The policy ``record`` would lead to here, without applying it. Raises
@@ -383,8 +304,8 @@ class ModelRegistry:
         never published, unblessed, failed or refused; a rollback with nothing to roll back to."""
         name, action, version = record["model"], record["action"], record.get("version")
         with self._changed:
-            state = self._states.get(name) or _ModelState()
-            problem = self._problem(name, state, record)
+            state = self._states.get(name) or ModelState()
+            problem = state.problem(name, record)
             if problem is not None:
                 status, reason = problem
                 if status == PENDING:
@@ -411,13 +332,13 @@ class ModelRegistry:
                         if outcome.held
                         else f"not read back from the deployments topic within {self.pending_s:g} s"
                     )
-                    self._decide(name, state, outcome, REFUSED, why)
+                    state.decide(name, outcome, REFUSED, why)
 
     def verdict(self, record: Mapping[str, Any]) -> None:
         """Keep a canary verdict with the version it judged (the newest few per version)."""
         with self._changed:
             if record["model"] not in self._removed:
-                self._states.setdefault(record["model"], _ModelState()).ledger.note_verdict(record)
+                self._states.setdefault(record["model"], ModelState()).ledger.note_verdict(record)
 
     def problems(self) -> list[str]:
         """Why a model cannot serve what its policy pins (for /readyz): a champion pinned to a version
@@ -428,7 +349,7 @@ class ModelRegistry:
                 pinned = state.policy.champion
                 if pinned is None or pinned in state.loaded:
                     continue
-                problem = self._problem(name, state, {"action": "promote", "version": pinned})
+                problem = state.problem(name, {"action": "promote", "version": pinned})
                 if problem is not None:
                     out.append(f"model {name!r}: champion pinned to version {pinned}: {problem[1]}")
             return out
@@ -478,101 +399,7 @@ class ModelRegistry:
 
     # --- internals (lock held) -----------------------------------------------------------------------------
 
-    def _problem(self, name: str, state: _ModelState, record: Mapping[str, Any]) -> tuple[str, str] | None:
-        """Why ``record`` cannot apply now: (PENDING, why) while its version is unknown, (REFUSED, why)
-        for good; None when it can."""
-        action, version = record["action"], record.get("version")
-        if version is None or (action == "canary" and not record.get("weight")):
-            return None
-        if version in state.failed:
-            return REFUSED, f"version {version} failed to load: {state.ledger.failures.get(version, '')}"
-        if version in state.refused:
-            return (
-                REFUSED,
-                f"version {version} cannot serve under these definitions: {state.refused[version]}",
-            )
-        if not state.ledger.knows(version) and version not in state.loaded:
-            return PENDING, f"version {version} of model {name!r} has not been published (not read here yet)"
-        if action in SERVES_TRAFFIC and version in state.unblessed:
-            return REFUSED, f"version {version} is not blessed: {state.unblessed[version]}"
-        if version in state.ledger.evicted and version not in state.loaded:
-            return REFUSED, f"version {version} is older than the versions this node keeps loadable"
-        return None
-
-    def _settle(self, name: str, state: _ModelState, outcome: Outcome) -> None:
-        """Apply, hold or refuse a pending deployment."""
-        record, action = outcome.record, outcome.record["action"]
-        problem = self._problem(name, state, record)
-        if problem is not None:
-            status, reason = problem
-            if status == REFUSED:
-                self._decide(name, state, outcome, REFUSED, reason)
-            elif not outcome.held:
-                outcome.held, outcome.reason = True, f"{reason}: held until it is"
-                logger.warning("model %s: deployment %s held: %s", name, outcome.id, reason)
-            return
-        try:
-            policy = state.policy.apply(record, state.serving_version())
-        except DeploymentError as exc:
-            self._decide(name, state, outcome, REFUSED, str(exc))
-            return
-        outcome.prior, state.policy = state.policy, policy
-        self._decide(name, state, outcome, APPLIED)
-        aspect = ASPECT.get(action, action)
-        for held in state.ledger.held():
-            if held.seq < outcome.seq and ASPECT.get(held.record["action"], held.record["action"]) == aspect:
-                self._decide(name, state, held, REFUSED, f"superseded by deployment {outcome.id} ({action})")
-        self._reroute(name, state)
-
-    def _settle_held(self, name: str, state: _ModelState) -> None:
-        for outcome in state.ledger.held():
-            if outcome.status == PENDING:  # an earlier one may have superseded it
-                self._settle(name, state, outcome)
-
-    def _decide(self, name: str, state: _ModelState, outcome: Outcome, status: str, why: str = "") -> None:
-        outcome.decide(status, why or None)
-        record = outcome.record
-        what = (name, outcome.id, record["action"], record.get("version"), record.get("source") or "unknown")
-        if status == APPLIED:
-            DEPLOYMENTS_APPLIED.labels(name, record["action"]).inc()
-            logger.info(
-                "model %s: deployment %s (%s version %s, from %s) applied (%s) -> %s",
-                *what,
-                record.get("reason") or "no reason given",
-                state.policy.describe(),
-            )
-        else:
-            DEPLOYMENTS_REFUSED.labels(name, record["action"]).inc()
-            logger.error("model %s: deployment %s (%s version %s, from %s) refused: %s", *what, why)
-
-    def _unpin(self, name: str, state: _ModelState, version: int, why: str) -> None:
-        """Take ``version``, which cannot serve, out of the policy: the deployment that put it there is
-        undone (the champion goes back to what it was before) and its outcome becomes refused."""
-        policy = state.policy
-        if version not in (policy.champion, policy.canary, policy.shadow):
-            return
-        applied = [
-            o
-            for o in state.ledger.outcomes.values()
-            if o.status == APPLIED and o.record.get("version") == version
-        ]
-        for outcome in applied:
-            outcome.decide(REFUSED, f"applied, then undone: {why}")
-        if policy.champion == version:
-            prior = next((o.prior for o in reversed(applied) if o.prior is not None), None)
-            policy = replace(
-                policy,
-                champion=prior.champion if prior is not None else None,
-                previous=prior.previous if prior is not None else policy.previous,
-            )
-        if policy.canary == version:
-            policy = replace(policy, canary=None, canary_weight=0.0)
-        if policy.shadow == version:
-            policy = replace(policy, shadow=None)
-        state.policy = policy
-        logger.error("model %s: %s; policy now %s", name, why, policy.describe())
-
-    def _refuse(self, name: str, state: _ModelState, version: int, reason: str) -> None:
+    def _refuse(self, name: str, state: ModelState, version: int, reason: str) -> None:
         state.refused[version] = reason
         state.drop(version)
         LINEAGE_REFUSED.labels(name).inc()
@@ -581,7 +408,7 @@ class ModelRegistry:
         level = logging.ERROR if serving is None or version >= serving else logging.INFO
         logger.log(level, "%s; refused, not served (what served before keeps serving)", reason)
 
-    def _advance(self, name: str, state: _ModelState, version: int) -> None:
+    def _advance(self, name: str, state: ModelState, version: int) -> None:
         if state.newest is not None and version <= state.newest:
             return
         if state.policy.champion is None and state.newest is not None:
@@ -589,14 +416,14 @@ class ModelRegistry:
             state.policy = state.policy.replacing(state.newest, version)
         state.newest = version
 
-    def _trim(self, state: _ModelState) -> None:
+    def _trim(self, state: ModelState) -> None:
         keep = set(state.policy.wanted(state.newest)) | set(state.policy.previous)
         keep.update(sorted(state.records)[-MAX_RECORDS:])
         for version in [v for v in state.records if v not in keep]:
             del state.records[version]
             state.ledger.evicted.add(version)
 
-    def _reroute(self, name: str, state: _ModelState) -> bool:
+    def _reroute(self, name: str, state: ModelState) -> bool:
         """Build and swap in the routing the policy and the loaded versions allow. True when it changed."""
         current = self._routing.get(name)
         serving = state.serving_version()

@@ -17,8 +17,8 @@ from models.inputs import model_inputs
 from schemas import codec
 from schemas.definitions import Project
 from serving.app import create_app
-from serving.deployments import ACTION_RULES, ACTIONS
 from serving.avro_json import avro_field_schema
+from serving.deployments import ACTION_RULES, ACTIONS
 from serving.openapi import SCORE_PATH, openapi_document
 from serving.registry import ModelRegistry
 from serving.settings import ServeSettings
