@@ -17,9 +17,17 @@ from online_training import commands as training_commands
 from serving import commands as serving_commands
 from streams import commands as streams_commands
 from tide import commands as tide_commands
+from tide import models as models_commands
 
 # In the order `tide --help` lists them.
-PACKAGES = (tide_commands, streams_commands, features_commands, training_commands, serving_commands)
+PACKAGES = (
+    tide_commands,
+    streams_commands,
+    features_commands,
+    training_commands,
+    serving_commands,
+    models_commands,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
