@@ -1,33 +1,37 @@
-"""The drift scorer: each model's live inputs and output compared with its reference profile.
+"""The drift scorer: each model's live inputs and output compared with its version's reference profile.
 
 The scorer watches every model of the project (its definitions from the registry, passed down from the
-entry point). Each model version may carry a reference profile (one histogram per profiled input and
-one of the output, see :mod:`models.profile`). What is watched per model:
+entry point). Each model version may carry a reference profile (:mod:`models.profile`): a histogram per
+numeric input, value counts per categorical or binary input, a histogram of its scores and, for a
+multiclass model, counts of its predicted labels. What is watched per model (:func:`watched`):
 
-- the inputs its definition names in ``monitor`` (each one the reference has a histogram of; an input
-  the profile could not histogram, e.g. a string, is logged once and left out);
-- its output, under :data:`models.profile.SCORE`: the prediction's ``score`` for every task. For binary
-  models that is the probability of ``True``, for regression the predicted value, and for multiclass
-  models the probability of the predicted class (top-class confidence). The multiclass choice: the
-  ``score`` is what every task's prediction and reference profile share, so no second profile convention
-  is needed, and falling confidence is how a multiclass model meets inputs unlike its training data.
+- the inputs its definition names in ``monitor``, each with the test its type calls for
+  (:mod:`streams.drift_tests`: PSI and KS for numeric, chi-square for categorical, Fisher's exact test of
+  two proportions for binary), the type read from the reference (histogram or counts);
+- its output, under :data:`models.profile.SCORE`: the ``score`` for binary and regression models (a
+  numeric test), the predicted ``label`` for multiclass models (a categorical test; a reference without
+  label counts falls back to the score, the top-class confidence).
 
-For every champion prediction of a watched model the scorer pushes each watched value into a sliding
-window per histogram and, every ``drift_check_every`` predictions of that model, computes the
-population stability index (PSI) of each full window against its reference. A PSI above the threshold
-raises one :class:`~schemas.records.DriftAlert` naming the model, the version whose reference was
-compared and the input (rising edge only, re-armed once the PSI has fallen back below
-``threshold * rearm_ratio``); every check also appends a compact stats point to the Redis stream
-``{topic_prefix}tide:drift:{model}`` for dashboards. A prediction is compared with its own version's
-reference when that version has one, else with the model's newest reference.
+Every threshold is calibrated on the reference for the model's ``policy.drift.false_alarm_rate`` per
+check. Each champion prediction pushes its inputs into the model's input windows and its output into its
+version's output window; every ``drift_check_every`` predictions compared, each full window is tested
+against the reference *of the version that served the prediction*. A version without a reference is not
+compared with any other version's (its predictions are counted and its inputs still fill the windows).
+A test that fires raises one :class:`~schemas.records.DriftAlert` (v2: kind, feature type, statistic,
+p-value, rate, estimates) and disarms that (version, name) until ``policy.drift.cooldown_checks`` checks
+in a row are calm (below the critical value at the rate ``rate ** drift_rearm_ratio``). Every check also
+appends a compact stats point to the Redis stream ``{topic_prefix}tide:drift:{model}`` for dashboards.
 
-Alerts are produced in the processor's Kafka transaction, so they are committed exactly once with the
-consumed offsets. Stats points are best-effort and may repeat after a crash.
+Exactly once: alerts are produced in the processor's Kafka transaction, and the step's whole state
+(:mod:`streams.drift_state`: windows, alarms, counters) is checkpointed in the same transaction
+(:mod:`schemas.checkpoints`), so a scorer killed and restarted resumes where its last committed output
+left it: no alert is repeated or lost. Alert ids are derived from (model, version, name, check number),
+so a consumer can also deduplicate. Stats points are best-effort and may repeat after a crash.
 
 The scorer follows the registry while it runs (:class:`schemas.registry.Follower`, polled between
 batches): a model added is watched from its next version on (a version seen before its model was
 known is kept aside and taken up when it is), a removed model is dropped, and a model whose monitored
-inputs change is watched on the new ones from its next reference.
+inputs or drift policy change is tested afresh.
 """
 
 from __future__ import annotations
@@ -51,30 +55,39 @@ from infra.kafka import make_consumer, make_transactional_producer, read_to_end
 from infra.metrics import serve_metrics
 from infra.settings import CommonSettings
 from infra.topics import TOPICS, topic
-from models.profile import SCORE, as_number
+from models.profile import LABEL, SCORE
 from schemas import codec, registry
+from schemas.checkpoints import KafkaCheckpoints
 from schemas.definitions import Model, Project
-from schemas.records import DriftAlert, Histogram
-from streams.psi import PsiDriftDetector
+from schemas.records import CategoryCounts, DriftAlert, Histogram
+from streams import drift_tests
+from streams.drift_state import DriftState, ModelWindows
+from streams.drift_tests import DriftTest, Outcome
 
 log = logging.getLogger(__name__)
 
 STEP_NAME = "drift"
-STATISTIC = "psi"
 STATS_KEY_PREFIX = "tide:drift:"
 STATS_MAXLEN = 10_000
-# Bounds on per-model state: references of old versions and windows of versions no longer scored.
+# Bounds on per-model state: references of old versions (their alarms go with them) and built tests.
 REFERENCES_PER_MODEL = 256
-MONITORS_PER_MODEL = 4
+TESTS_PER_MODEL = 8
 UNKNOWN_KEPT = 4  # versions kept per model not (yet) in the definitions, newest first
 FOLLOW_INTERVAL_S = 0.5  # how often the registry is looked at
+ARM = "champion"  # the arm whose predictions are compared
+ALERT_NAMESPACE = uuid.UUID("6f1d2c52-5b8e-4f2a-9d0c-2a7f4e1b9c10")
 
 DRIFT_STATISTIC = Gauge(
     "tide_drift_statistic",
-    "PSI of the live window against the reference, at the last check",
+    "Deciding drift statistic of the live window against the reference, at the last check",
     ["model", "feature"],
 )
 DRIFT_ALERTS = Counter("tide_drift_alerts_total", "Drift alerts raised", ["model", "feature"])
+UNREFERENCED = Counter(
+    "tide_drift_unreferenced_total",
+    "Champion predictions of a version without a reference profile (not compared)",
+    ["model"],
+)
 
 StatsFields = dict[str, str | int | float]
 StatsPoint = tuple[str, StatsFields]  # (model, fields)
@@ -82,14 +95,17 @@ StatsSink = Callable[[Sequence[StatsPoint]], None]
 
 
 class DriftSettings(CommonSettings):
-    """Settings of the drift scorer (``TIDE_DRIFT_*``)."""
+    """Settings of the drift scorer (``TIDE_DRIFT_*``). Thresholds come from each model's
+    ``policy.drift`` (false-alarm rate, cool-down); ``drift_psi_threshold``, when set, is a floor under
+    the calibrated PSI threshold (an effect size below which PSI never alerts)."""
 
     drift_window: int = Field(default=500, ge=10)  # live values compared with the reference
     drift_check_every: int = Field(default=50, ge=1)  # predictions between two checks
-    drift_psi_threshold: float = Field(default=0.25, gt=0)
+    drift_psi_threshold: float | None = Field(default=None, gt=0)
     drift_rearm_ratio: float = Field(default=0.5, ge=0, le=1)
     drift_group: str = Field(default="tide-drift", pattern=r"^[A-Za-z0-9._-]+$")
     drift_min_reference: int = Field(default=1000, ge=1)  # smaller reference profiles are ignored
+    drift_checkpoint_interval_s: float = Field(default=1.0, ge=0)  # at most one checkpoint per interval
 
 
 class AlertProducer(Protocol):
@@ -100,12 +116,14 @@ class AlertProducer(Protocol):
 
 @dataclass(frozen=True)
 class Reference:
-    """A model version's reference profile: its histograms by name (the score's under ``SCORE``)."""
+    """A model version's reference profile: histograms and value counts by name (the output's score
+    histogram under ``SCORE``, a multiclass model's label counts under ``LABEL``)."""
 
     model: str
     version: int
     size: int
     histograms: dict[str, Histogram]
+    categories: dict[str, CategoryCounts] = field(default_factory=dict)
 
     @classmethod
     def from_model_version(cls, record: Mapping[str, Any]) -> Reference | None:
@@ -116,41 +134,23 @@ class Reference:
         if profile.get("prediction") is not None:
             score = profile["prediction"]
             hists.append(Histogram(name=SCORE, edges=score["edges"], counts=score["counts"]))
-        by_name = {h["name"]: h for h in hists}
-        if len(by_name) != len(hists):
-            raise StreamError(f"reference of {record['model']} v{record['version']} repeats a histogram name")
-        return cls(record["model"], int(record["version"]), int(profile["size"]), by_name)
-
-
-@dataclass
-class _Monitor:
-    """The detectors of one reference, fed by the predictions compared with it."""
-
-    reference: Reference
-    detectors: dict[str, PsiDriftDetector]
-    seen: int = 0
-    last_used: int = 0
-
-
-def _seed(monitor: _Monitor, source: _Monitor) -> None:
-    """Fill ``monitor``'s windows with ``source``'s. The live windows are the model's recent inputs whichever
-    reference they are compared with, so a new reference need not wait for its windows to refill. Scores
-    given by another version are not carried over: they say nothing about this version's scores."""
-    same_version = monitor.reference.version == source.reference.version
-    for name, detector in monitor.detectors.items():
-        if name in source.detectors and (name != SCORE or same_version):
-            for value in source.detectors[name].live_values():
-                detector.update(value)
+        cats: list[CategoryCounts] = list(profile.get("categories") or [])
+        names = [h["name"] for h in hists] + [c["name"] for c in cats]
+        if len(set(names)) != len(names):
+            raise StreamError(f"reference of {record['model']} v{record['version']} repeats a name")
+        return cls(
+            record["model"],
+            int(record["version"]),
+            int(profile["size"]),
+            {h["name"]: h for h in hists},
+            {c["name"]: c for c in cats},
+        )
 
 
 @dataclass
 class _ModelState:
     references: dict[int, Reference] = field(default_factory=dict)
-    monitors: dict[int, _Monitor] = field(default_factory=dict)  # by reference version
-
-    @property
-    def latest(self) -> Reference | None:
-        return self.references[max(self.references)] if self.references else None
+    tests: dict[int, dict[str, DriftTest]] = field(default_factory=dict)  # by version, built on first use
 
 
 def stats_key(model: str, namespace: str = "") -> str:
@@ -184,18 +184,18 @@ def watched(model: Model) -> tuple[str, ...]:
     return (*model.monitor, SCORE)
 
 
-def output_value(record: Mapping[str, Any]) -> Any:
-    """The output of a prediction that is compared with the reference's output histogram: ``score`` for
-    every task (multiclass: the probability of the predicted class; see the module docstring)."""
-    return record["score"]
+def output_value(record: Mapping[str, Any], test: DriftTest) -> Any:
+    """The output of a prediction as its test takes it: the predicted ``label`` for a categorical test (a
+    multiclass model with label counts), else the ``score``."""
+    return record.get("label") if test.feature_type == drift_tests.CATEGORICAL else record["score"]
 
 
 class DriftStep:
-    """Stream step ``drift``: model versions set references, champion predictions feed the detectors.
+    """Stream step ``drift``: model versions set references, champion predictions feed the windows.
 
-    Only the models of ``project`` are watched, each on :func:`watched` (its monitored inputs and its
-    output). A prediction is compared with its own version's reference when known, else its model's
-    latest (highest version). Rising edges are produced as ``drift_alert`` records to ``alerts_topic``.
+    Only the models of ``project`` are watched, each on :func:`watched`. A prediction is compared with
+    its own version's reference only. Alerts are produced as ``drift_alert`` records to ``alerts_topic``.
+    Implements :class:`infra.processor.Stateful` (its windows and alarms are checkpointed).
     """
 
     name = STEP_NAME
@@ -215,25 +215,28 @@ class DriftStep:
         self._unknown: dict[str, dict[int, Mapping[str, Any]]] = {}  # model -> version -> record
         self._follower: registry.Follower | None = None
         self._next_follow = 0.0
-        self._unwatched: set[tuple[str, int]] = set()  # (model, version) whose missing histograms were logged
+        self._logged: set[tuple[str, int, str]] = set()  # (model, version, what) logged once
         self._producer = producer
         self._alerts_topic = alerts_topic
         self._stats_sink = stats_sink
         self._clock = clock
         self._models: dict[str, _ModelState] = {}
+        self._state = DriftState(settings.drift_window)
         self._points: list[StatsPoint] = []
-        self._uses = 0
 
     # -- inspection (tests, logs) --------------------------------------------------------------------
 
     def reference(self, model: str, version: int | None = None) -> Reference | None:
         """The stored reference of ``model`` at ``version``, or its latest when ``version`` is None."""
         state = self._models.get(model)
-        if state is None:
+        if state is None or not state.references:
             return None
-        return state.latest if version is None else state.references.get(version)
+        return state.references[max(state.references)] if version is None else state.references.get(version)
 
-    # -- Step protocol -------------------------------------------------------------------------------
+    def windows(self, model: str) -> ModelWindows | None:
+        return self._state.models.get(model)
+
+    # -- Step and Stateful protocols -----------------------------------------------------------------
 
     def handle(self, item: processor.Incoming) -> None:
         if item.record == "prediction":
@@ -249,11 +252,18 @@ class DriftStep:
                 self._stats_sink(self._points)
             self._points = []
         self._poll_registry()
-        return True  # checkpoint every batch: alerts go out with the offsets that raised them
+        return True  # checkpoint every batch (at most once per drift_checkpoint_interval_s)
 
     def idle(self) -> bool:
         self._poll_registry()
         return False  # nothing is produced without input
+
+    def snapshot(self) -> bytes:
+        return self._state.snapshot()
+
+    def restore(self, state: bytes) -> None:
+        self._state.restore(state)
+        log.info("restored drift windows and alarms of %d models", len(self._state.models))
 
     # -- definitions -----------------------------------------------------------------------------------
 
@@ -273,19 +283,23 @@ class DriftStep:
 
     def update(self, project: Project) -> None:
         """Watch the models of ``project`` from now on: new ones (with the versions of them seen while
-        they were unknown), not removed ones; a model whose watched inputs changed rebuilds its
-        monitors from its references."""
+        they were unknown), not removed ones; a model whose watched inputs or drift policy changed has its
+        tests built afresh."""
         before, self._definitions = self._definitions, project.models
         for name in set(before) - set(project.models):
             self._models.pop(name, None)
+            self._state.models.pop(name, None)
             log.info("model %s is no longer a model of the project: not watched any more", name)
         for name, model in project.models.items():
             if name not in before:
                 log.info("watching model %s", name)
                 for _, record in sorted(self._unknown.pop(name, {}).items()):
                     self._on_model_version(record)
-            elif watched(before[name]) != watched(model) and name in self._models:
-                self._models[name].monitors.clear()  # rebuilt on the next prediction, on what it watches now
+            elif (watched(before[name]), before[name].policy.drift) != (watched(model), model.policy.drift):
+                if name in self._models:
+                    self._models[name].tests.clear()  # rebuilt on the next prediction
+                if name in self._state.models:
+                    self._state.models[name].keep_inputs(set(model.monitor))
                 log.info("model %s: watching %s", name, ", ".join(watched(model)))
 
     # -- records ---------------------------------------------------------------------------------------
@@ -315,135 +329,184 @@ class DriftStep:
         state = self._models.setdefault(ref.model, _ModelState())
         if state.references.get(ref.version) == ref:
             return  # a replay of what we hold
-        monitor = self._build(ref)  # validates every histogram before anything is stored
+        tests = self._build(ref)  # validates every histogram and count before anything is stored
         state.references[ref.version] = ref
-        replaced = state.monitors.pop(ref.version, None)
-        if replaced is not None:
-            _seed(monitor, replaced)
-            state.monitors[ref.version] = monitor
-        while len(state.references) > REFERENCES_PER_MODEL:
-            oldest = min(state.references)
-            del state.references[oldest]
-            state.monitors.pop(oldest, None)
+        state.tests.pop(ref.version, None)
+        state.tests[ref.version] = tests
+        self._bound(ref.model, state)
         log.info(
-            "reference of model %s v%d: %d examples, histograms %s",
+            "reference of model %s v%d: %d examples, histograms %s, counts %s",
             ref.model,
             ref.version,
             ref.size,
             sorted(ref.histograms),
+            sorted(ref.categories),
         )
 
-    def _build(self, ref: Reference) -> _Monitor:
-        """Detectors of what the model watches that ``ref`` has a histogram of."""
+    def _bound(self, model: str, state: _ModelState) -> None:
+        while len(state.references) > REFERENCES_PER_MODEL:
+            oldest = min(state.references)
+            del state.references[oldest]
+            state.tests.pop(oldest, None)
+            if model in self._state.models:
+                self._state.models[model].forget(oldest)
+        while len(state.tests) > TESTS_PER_MODEL:
+            del state.tests[next(iter(state.tests))]
+
+    def _build(self, ref: Reference) -> dict[str, DriftTest]:
+        """The tests of what the model watches, by the type its reference gives each."""
         s = self._settings
-        names = watched(self._definitions[ref.model])
-        missing = [n for n in names if n not in ref.histograms]
-        if missing and (ref.model, ref.version) not in self._unwatched:
-            self._unwatched.add((ref.model, ref.version))
-            log.warning(
-                "model %s v%d: the reference profile has no histogram of %s; not watched",
+        model = self._definitions[ref.model]
+        rate, window, ratio = model.policy.drift.false_alarm_rate, s.drift_window, s.drift_rearm_ratio
+        tests: dict[str, DriftTest] = {}
+        missing = []
+        for name in watched(model):
+            counts = ref.categories.get(LABEL if name == SCORE else name)
+            if counts is not None and (name != SCORE or model.task == "multiclass"):
+                tests[name] = drift_tests.for_counts(counts, window, rate, ratio)
+            elif name in ref.histograms:
+                tests[name] = drift_tests.for_histogram(
+                    ref.histograms[name], window, rate, ratio, s.drift_psi_threshold
+                )
+            else:
+                missing.append(name)
+        if missing:
+            self._log_once(
                 ref.model,
                 ref.version,
+                "missing",
+                "model %s v%d: the reference profile has nothing of %s; not watched",
                 ", ".join(missing),
             )
-        detectors = {
-            name: PsiDriftDetector(
-                ref.histograms[name], s.drift_window, s.drift_psi_threshold, s.drift_rearm_ratio
-            )
-            for name in names
-            if name in ref.histograms
-        }
-        return _Monitor(ref, detectors)
+        return tests
 
-    def _monitor_for(self, model: str, version: int) -> _Monitor | None:
+    def _log_once(self, model: str, version: int, what: str, msg: str, *args: object) -> None:
+        if (model, version, what) not in self._logged:
+            self._logged.add((model, version, what))
+            log.warning(msg, model, version, *args)
+
+    def _tests_for(self, model: str, version: int) -> dict[str, DriftTest] | None:
         state = self._models.get(model)
-        if state is None:
+        ref = state.references.get(version) if state is not None else None
+        if state is None or ref is None:
             return None
-        ref = state.references.get(version) or state.latest
-        if ref is None:
-            return None
-        monitor = state.monitors.get(ref.version)
-        if monitor is None:
-            monitor = self._build(ref)
-            if state.monitors:
-                _seed(monitor, max(state.monitors.values(), key=lambda m: m.last_used))
-                if len(state.monitors) >= MONITORS_PER_MODEL:
-                    idle = min(state.monitors.values(), key=lambda m: m.last_used)
-                    del state.monitors[idle.reference.version]
-            state.monitors[ref.version] = monitor
-            log.info(
-                "model %s: comparing v%d predictions with the v%d reference", model, version, ref.version
-            )
-        self._uses += 1
-        monitor.last_used = self._uses
-        return monitor
+        tests = state.tests.pop(version, None)
+        if tests is None:
+            tests = self._build(ref)
+        state.tests[version] = tests  # the most recently used last
+        self._bound(model, state)
+        return tests
 
     def _on_prediction(self, record: Mapping[str, Any]) -> None:
-        if record["arm"] != "champion":
+        if record["arm"] != ARM or record["model"] not in self._definitions:
             return
-        monitor = self._monitor_for(record["model"], int(record["version"]))
-        if monitor is None:
-            return
+        model, version = str(record["model"]), int(record["version"])
+        definition = self._definitions[model]
+        tests = self._tests_for(model, version)
         inputs = record["features"]
-        values: dict[str, float] = {}
-        for name in monitor.detectors:  # convert all first: a bad value must not update half the windows
-            raw = output_value(record) if name == SCORE else inputs.get(name)
-            try:
-                values[name] = as_number(raw)
-            except (TypeError, ValueError):
-                raise StreamError(
-                    f"model {record['model']} v{record['version']}: input {name!r} is not numeric: {raw!r}"
-                ) from None
-        for name, value in values.items():
-            monitor.detectors[name].update(value)
-        monitor.seen += 1
-        if monitor.seen % self._settings.drift_check_every == 0:
-            self._check(monitor, record)
+        if tests is not None:
+            # Check every value's type first: a bad value must not update half the windows.
+            for name, test in tests.items():
+                raw = output_value(record, test) if name == SCORE else inputs.get(name)
+                try:
+                    test.convert(raw)
+                except (TypeError, ValueError):
+                    raise StreamError(
+                        f"model {model} v{version}: {name!r} is not {test.feature_type}: {raw!r}"
+                    ) from None
+        windows = self._state.of(model)
+        windows.push_inputs({name: inputs.get(name) for name in definition.monitor})
+        if tests is None:
+            UNREFERENCED.labels(model).inc()
+            self._log_once(
+                model,
+                version,
+                "unreferenced",
+                "model %s v%d has no reference profile: its predictions are %s",
+                "not compared with any other version's",
+            )
+            return
+        if SCORE in tests:
+            windows.push_output(version, output_value(record, tests[SCORE]))
+        windows.seen += 1
+        if windows.seen % self._settings.drift_check_every == 0:
+            self._check(model, version, tests, windows, record)
 
-    def _check(self, monitor: _Monitor, record: Mapping[str, Any]) -> None:
-        ref = monitor.reference
+    def _check(
+        self,
+        model: str,
+        version: int,
+        tests: Mapping[str, DriftTest],
+        windows: ModelWindows,
+        record: Mapping[str, Any],
+    ) -> None:
+        ref = self._models[model].references[version]
+        policy = self._definitions[model].policy.drift
+        windows.checks += 1
         now_ms = int(self._clock() * 1000)
         event_id: str | None = record.get("event_id")
-        point: StatsFields = {"ts": now_ms, "version": ref.version, "trigger_event_id": event_id or ""}
-        for name, detector in monitor.detectors.items():
-            if not detector.window_full:  # a part-filled window's PSI is mostly sampling noise
-                continue
-            value = detector.statistic
-            DRIFT_STATISTIC.labels(ref.model, name).set(value)
-            point[name] = value
-            if detector.check():
-                self._alert(ref, detector, value, event_id, now_ms)
-        self._points.append((ref.model, point))
+        point: StatsFields = {"ts": now_ms, "version": version, "trigger_event_id": event_id or ""}
+        for name, test in tests.items():
+            window = windows.outputs.get(version) if name == SCORE else windows.inputs.get(name)
+            if window is None or len(window) < self._settings.drift_window:
+                continue  # a part-filled window's statistic is mostly sampling noise
+            outcome = test.evaluate([test.convert(v) for v in window])
+            DRIFT_STATISTIC.labels(model, name).set(outcome.value)
+            point[name] = outcome.value
+            if windows.alarm(version, name).step(outcome.fired, outcome.calm, policy.cooldown_checks):
+                self._alert(ref, name, test, outcome, windows.checks, event_id, now_ms)
+        self._points.append((model, point))
 
     def _alert(
-        self, ref: Reference, detector: PsiDriftDetector, value: float, event_id: str | None, now_ms: int
+        self,
+        ref: Reference,
+        name: str,
+        test: DriftTest,
+        outcome: Outcome,
+        check: int,
+        event_id: str | None,
+        now_ms: int,
     ) -> None:
+        model = self._definitions[ref.model]
+        output = name == SCORE
         alert: DriftAlert = {
-            "alert_id": uuid.uuid4().hex,
+            "alert_id": uuid.uuid5(ALERT_NAMESPACE, f"{ref.model}/{ref.version}/{name}/{check}").hex,
             "model": ref.model,
             "version": ref.version,
-            "feature": detector.name,
-            "statistic": STATISTIC,
-            "value": value,
-            "threshold": detector.threshold,
-            "window_size": detector.window,
+            "feature": name,
+            "statistic": outcome.statistic,
+            "value": outcome.value,
+            "threshold": outcome.threshold,
+            "window_size": self._settings.drift_window,
             "reference_size": ref.size,
             "trigger_event_id": event_id,
+            "kind": "output" if output else "input",
+            "feature_type": model.task if output else test.feature_type,
+            "p_value": outcome.p_value,
+            "false_alarm_rate": model.policy.drift.false_alarm_rate,
+            "estimate_before": outcome.estimate_before,
+            "estimate_after": outcome.estimate_after,
+            "delay_records": None,
+            "arm": ARM,
             "ts": now_ms,
         }
         self._producer.produce(
             self._alerts_topic, value=codec.encode("drift_alert", alert), key=ref.model.encode()
         )
-        DRIFT_ALERTS.labels(ref.model, detector.name).inc()
+        DRIFT_ALERTS.labels(ref.model, name).inc()
         log.warning(
-            "drift alert %s: model %s v%d input %s psi %.3f > %.3f (window %d, trigger event %s)",
+            "drift alert %s: model %s v%d %s %s (%s) %s %.4g > %.4g (p %s, window %d, trigger event %s)",
             alert["alert_id"],
             ref.model,
             ref.version,
-            detector.name,
-            value,
-            detector.threshold,
-            detector.window,
+            alert["kind"],
+            name,
+            alert["feature_type"],
+            outcome.statistic,
+            outcome.value,
+            outcome.threshold,
+            "n/a" if outcome.p_value is None else f"{outcome.p_value:.3g}",
+            self._settings.drift_window,
             event_id,
         )
 
@@ -517,7 +580,17 @@ def run(
             topic(settings, "predictions"): "prediction",
             topic(settings, "models"): "model_version",
         }
-        processor.run(step, consumer, producer, dlq, expected, stop, codec.decode_named)
+        processor.run(
+            step,
+            consumer,
+            producer,
+            dlq,
+            expected,
+            stop,
+            codec.decode_named,
+            checkpoints=KafkaCheckpoints(settings, transactional_id(settings)),
+            min_interval_s=settings.drift_checkpoint_interval_s,
+        )
     finally:
         if follower is not None:
             follower.close()

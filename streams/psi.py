@@ -1,117 +1,87 @@
-"""The population stability index of a sliding window of live values against a reference histogram:
-the detector the drift scorer (:mod:`streams.drift`) keeps per watched input and model output."""
+"""The population stability index (PSI) of a live window against a reference histogram, and its threshold
+calibrated on the reference for a stated false-alarm rate.
+
+PSI has no closed-form null distribution, so the threshold is found by simulation: windows of the live
+size and references of the reference size are drawn (multinomial) from the reference's bin shares, which
+is the null hypothesis that live traffic comes from the population the reference sampled (the
+reference's own sampling noise included). Twenty thousand draws cannot reach a 1e-5 tail directly; the
+simulated PSI is matched on its mean and variance to a scaled chi-square ``a * chi2(nu)`` (Satterthwaite;
+PSI is to second order a chi-square distance between the two histograms) and the threshold is that
+distribution's ``1 - rate`` quantile. Bins whose expected live count is under :data:`MIN_EXPECTED` are
+merged with their neighbours first: a sparsely filled bin gives PSI a heavier tail than the chi-square
+shape can follow. Seeded per reference, so a restarted scorer computes the same thresholds.
+"""
 
 from __future__ import annotations
 
-import bisect
-import math
-from collections import deque
-from collections.abc import Mapping
-from itertools import pairwise
-from typing import Any
+import functools
+import zlib
+from collections.abc import Sequence
 
-from infra.errors import StreamError
+import numpy as np
+from scipy import stats
+
 from models.profile import psi
 
+__all__ = ["MIN_EXPECTED", "merge_bins", "psi", "psi_many", "psi_threshold"]
 
-class PsiDriftDetector:
-    """PSI of a sliding window of live values against a reference histogram, with hysteresis.
+MIN_EXPECTED = 20.0  # expected live values per (merged) bin
+DRAWS = 20_000
+_EPS = 1e-4  # as models.profile.psi
 
-    ``histogram_ref`` is a :class:`~schemas.records.Histogram` as built by
-    :func:`models.profile.histogram`: ``len(edges) + 1`` bins, bin ``i`` holding the values in
-    ``(edges[i-1], edges[i]]``. The window keeps the raw values, so a detector built on another reference
-    can be seeded with them. ``update`` is O(log bins); ``statistic`` is O(bins).
 
-    ``drift_detected`` is the alarm level: it turns on when the window is full and the PSI exceeds
-    ``threshold``, and off again only once the PSI has fallen below ``threshold * rearm_ratio``.
-    ``check`` evaluates the same and returns True only on a rising edge, once per alarm.
-    """
+def merge_bins(reference_counts: Sequence[int], window: int) -> list[int]:
+    """Group of each bin after merging adjacent bins until each group expects ``MIN_EXPECTED`` live
+    values out of ``window`` (a too-small last group joins the one before it)."""
+    counts = np.asarray(reference_counts, dtype=float)
+    expected = counts / counts.sum() * window
+    groups: list[int] = []
+    group, acc = 0, 0.0
+    for e in expected:
+        groups.append(group)
+        acc += e
+        if acc >= MIN_EXPECTED:
+            group, acc = group + 1, 0.0
+    if acc and group > 0:  # the trailing bins expect too few: join the previous group
+        groups = [min(g, group - 1) for g in groups]
+    return groups
 
-    def __init__(
-        self, histogram_ref: Mapping[str, Any], window: int, threshold: float, rearm_ratio: float = 0.5
-    ) -> None:
-        if window < 1:
-            raise ValueError(f"window must be at least 1, got {window}")
-        if threshold <= 0:
-            raise ValueError(f"threshold must be positive, got {threshold}")
-        if not 0 <= rearm_ratio <= 1:
-            raise ValueError(f"rearm_ratio must be in [0, 1], got {rearm_ratio}")
-        name = histogram_ref.get("name", "?")
-        edges = [float(e) for e in histogram_ref["edges"]]
-        counts = [int(c) for c in histogram_ref["counts"]]
-        if len(counts) != len(edges) + 1:
-            raise StreamError(
-                f"reference histogram {name!r} has {len(edges)} edges and {len(counts)} counts; "
-                "expected one count more than edges"
-            )
-        if any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in pairwise(edges)):
-            raise StreamError(f"reference histogram {name!r}: edges must be finite and strictly ascending")
-        if any(c < 0 for c in counts) or sum(counts) == 0:
-            raise StreamError(f"reference histogram {name!r}: counts must be non-negative, not all zero")
-        self.name: str = str(name)
-        self.window = window
-        self.threshold = threshold
-        self.rearm_ratio = rearm_ratio
-        self._edges = edges
-        self._reference = counts
-        self._live = [0] * len(counts)
-        self._values: deque[float] = deque()
-        self._alarm = False
-        self._reported = False
 
-    @property
-    def reference_size(self) -> int:
-        return sum(self._reference)
+def grouped(counts: Sequence[int] | np.ndarray, groups: Sequence[int]) -> np.ndarray:
+    """``counts`` summed per group (the last axis)."""
+    arr = np.asarray(counts)
+    n = max(groups) + 1
+    out = np.zeros((*arr.shape[:-1], n), dtype=arr.dtype)
+    for i, g in enumerate(groups):
+        out[..., g] += arr[..., i]
+    return out
 
-    @property
-    def n(self) -> int:
-        """How many live values the window holds (at most ``window``)."""
-        return len(self._values)
 
-    @property
-    def window_full(self) -> bool:
-        return len(self._values) == self.window
+def psi_many(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """PSI of each row of ``live`` against the matching row of ``reference`` (counts, same bins)."""
+    p = np.maximum(reference / reference.sum(axis=-1, keepdims=True), _EPS)
+    q = np.maximum(live / live.sum(axis=-1, keepdims=True), _EPS)
+    return np.asarray(((q - p) * np.log(q / p)).sum(axis=-1))
 
-    def live_values(self) -> list[float]:
-        """The values in the window, oldest first (to seed a detector built on another reference)."""
-        return list(self._values)
 
-    def update(self, value: float) -> None:
-        """Push one live value; the oldest leaves once the window is full. NaN is ignored."""
-        if math.isnan(value):
-            return
-        if len(self._values) == self.window:
-            self._live[bisect.bisect_left(self._edges, self._values.popleft())] -= 1
-        self._values.append(value)
-        self._live[bisect.bisect_left(self._edges, value)] += 1
+@functools.lru_cache(maxsize=1024)
+def _threshold(counts: tuple[int, ...], window: int, rate: float) -> float:
+    total = sum(counts)
+    shares = np.asarray(counts, dtype=float) / total
+    if np.count_nonzero(shares) < 2:
+        return float("inf")  # one bin: PSI is always 0, nothing can drift
+    rng = np.random.default_rng(zlib.crc32(repr((counts, window)).encode()))
+    refs = rng.multinomial(total, shares, size=DRAWS)
+    lives = rng.multinomial(window, shares, size=DRAWS)
+    sim = psi_many(refs, lives)
+    mean, var = float(sim.mean()), float(sim.var())
+    if var <= 0 or mean <= 0:
+        return float(sim.max()) or float("inf")
+    nu = 2 * mean * mean / var
+    return float(var / (2 * mean) * stats.chi2.isf(rate, nu))
 
-    @property
-    def statistic(self) -> float:
-        """PSI of the live window against the reference (0.0 while the window is empty)."""
-        if not self._values:
-            return 0.0
-        return psi(self._reference, self._live)
 
-    def _evaluate(self) -> float:
-        value = self.statistic
-        if self._alarm:
-            if value < self.threshold * self.rearm_ratio:
-                self._alarm = False
-                self._reported = False
-        elif self.window_full and value > self.threshold:
-            self._alarm = True
-        return value
-
-    @property
-    def drift_detected(self) -> bool:
-        """True while in drift: from a PSI above the threshold until it falls below the re-arm level."""
-        self._evaluate()
-        return self._alarm
-
-    def check(self) -> bool:
-        """Evaluate now; True only the first time an alarm is seen (the rising edge)."""
-        self._evaluate()
-        if self._alarm and not self._reported:
-            self._reported = True
-            return True
-        return False
+def psi_threshold(reference_counts: Sequence[int], window: int, rate: float) -> float:
+    """The PSI a ``window`` of live values exceeds with probability ``rate`` when it comes from the
+    reference's population (counts already merged with :func:`merge_bins`); cached per reference."""
+    return _threshold(tuple(int(c) for c in reference_counts), int(window), float(rate))

@@ -211,7 +211,7 @@ def test_alert_after_shift_and_dead_letter(settings: DriftSettings, project: Pro
         SCORE,
     }
     assert last[b"version"] == b"1" and last[b"trigger_event_id"] == f"e{TOTAL - 1:05d}".encode()
-    assert float(last[b"amount"]) > settings.drift_psi_threshold > float(last[b"card_present"])
+    assert float(last[b"amount"]) > 0.5 > float(last[b"card_present"])  # PSI of amount; |share change|
 
     # Everything is consumed; the last batch's transaction commits right after its stats were written.
     alerts = [
@@ -221,8 +221,9 @@ def test_alert_after_shift_and_dead_letter(settings: DriftSettings, project: Pro
     assert alerts, "no drift alert committed"
     assert {a["feature"] for a in alerts} == {"amount"}
     alert = alerts[0]
-    assert alert["model"] == model and alert["version"] == 1 and alert["statistic"] == "psi"
-    assert alert["value"] > alert["threshold"] == settings.drift_psi_threshold
+    assert alert["model"] == model and alert["version"] == 1 and alert["statistic"] in ("psi", "ks")
+    assert alert["value"] > alert["threshold"] and alert["kind"] == "input"
+    assert alert["feature_type"] == "numeric" and alert["false_alarm_rate"] == 1e-5
     assert alert["window_size"] == settings.drift_window and alert["reference_size"] == 2000
     trigger = int((alert["trigger_event_id"] or "e-1").removeprefix("e"))
     assert SHIFT_AT <= trigger < SHIFT_AT + settings.drift_window, trigger
@@ -236,10 +237,8 @@ def test_alert_after_shift_and_dead_letter(settings: DriftSettings, project: Pro
     assert b"Avro" in headers["tide.error"]
     assert headers["tide.source.topic"] == predictions.encode()
 
-    # After a restart the windows start empty; the drift, still there, is raised once more when the window
-    # has filled again. (On Apache Kafka the scorer resumes at the last checkpoint; tansu 0.6.0 drops the
-    # offsets of transactions that produced no records, so here it resumes further back. Either way the
-    # second alert's trigger is past the shift.)
+    # After a restart the scorer resumes from its checkpoint: its windows and its disarmed alarm are as
+    # they were, so the drift, still there, is not raised again.
     runner.stop()
     runner.start()
     more = zip(_rows(rng, 1000, amount_scale=3.0), rng.beta(1, 20, 1000), strict=True)
@@ -247,15 +246,7 @@ def test_alert_after_shift_and_dead_letter(settings: DriftSettings, project: Pro
         producer.produce(predictions, key=b"card-1", value=_card(model, i, row, float(score)), partition=0)
     assert producer.flush(30) == 0
     _wait_for_points(settings, model, (TOTAL + 1000) // settings.drift_check_every)
-    alerts = [
-        codec.decode(m.value() or b"", "drift_alert")
-        for m in _read_all(settings, "drift-alerts", lambda got: len(got) > 2, 5)
-    ]
-    assert len(alerts) == 2, alerts
-    assert alerts[1]["feature"] == "amount"
-    assert (
-        SHIFT_AT + settings.drift_window <= int((alerts[1]["trigger_event_id"] or "e-1")[1:]) < TOTAL + 1000
-    )
+    assert len(_read_all(settings, "drift-alerts", lambda got: len(got) > 1, 5)) == 1
 
 
 def test_replay_references_reads_models_topic_to_its_end(settings: DriftSettings, project: Project) -> None:

@@ -1,8 +1,10 @@
-"""The PSI drift detector and the drift step over a project's models, with in-memory doubles for the producer
-and the stats sink."""
+"""Drift tests by feature type, the alarm's hysteresis and cool-down, reference profiles, and the drift
+step over a project's models (with in-memory doubles for the producer and the stats sink), including its
+snapshot and restore."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -13,123 +15,80 @@ import pytest
 
 from infra.errors import StreamError
 from infra.processor import Incoming
-from models.profile import SCORE, build_profile, histogram
+from models.profile import LABEL, SCORE, build_profile, category_counts, histogram, profile_from_columns
 from schemas import codec
 from schemas.definitions import Labels, Model, Project, Source
+from schemas.policy import Drift, Policy
+from streams import drift_tests
 from streams.drift import DriftSettings, DriftStep, watched
-from streams.psi import PsiDriftDetector
+from streams.drift_state import Alarm
 
-PROFILED = ("value", "flag", "level")  # what the reference profiles hold a histogram of
-
-
-def _detector(ref: Sequence[float], window: int = 1000, threshold: float = 0.25) -> PsiDriftDetector:
-    return PsiDriftDetector(histogram("x", list(ref)), window=window, threshold=threshold, rearm_ratio=0.5)
+PROFILED = ("value", "flag", "level", "kind")  # what the reference profiles hold
 
 
-def _first_alert(detector: PsiDriftDetector, values: Sequence[float], check_every: int = 1) -> int | None:
-    """Index of the value after which ``check`` first returned True, or None."""
-    for i, v in enumerate(values):
-        detector.update(float(v))
-        if (i + 1) % check_every == 0 and detector.check():
-            return i
-    return None
+# -- tests by type ------------------------------------------------------------------------------------
 
 
-# -- detector ------------------------------------------------------------------------------------------
+def _null_windows(test: drift_tests.DriftTest, draw: Any, n: int) -> int:
+    """How many of ``n`` independent windows drawn by ``draw`` fire."""
+    return sum(test.evaluate(draw()).fired for _ in range(n))
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
-def test_no_alert_on_same_distribution_normal(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    det = _detector(rng.normal(50, 10, 5000))
-    assert _first_alert(det, rng.normal(50, 10, 6000)) is None
-    assert det.window_full and det.statistic < 0.1
-    assert not det.drift_detected
+def test_numeric_holds_its_false_alarm_rate_on_the_reference_population() -> None:
+    rng = np.random.default_rng(1)
+    ref = histogram("x", list(rng.normal(50, 10, 2000)))
+    test = drift_tests.for_histogram(ref, 500, 0.02, 0.5)
+    fired = _null_windows(test, lambda: rng.normal(50, 10, 500), 1500)
+    assert fired / 1500 < 0.04  # nominal 0.02; PSI's part is within 2x of its share (streams.psi)
+    # the threshold is calibrated, not fixed: a lower rate asks for a larger statistic
+    strict = drift_tests.for_histogram(ref, 500, 1e-5, 0.5)
+    assert strict.psi_threshold > test.psi_threshold and strict.ks_threshold > test.ks_threshold
+    assert _null_windows(strict, lambda: rng.normal(50, 10, 500), 300) == 0
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
-def test_no_alert_on_same_distribution_bernoulli(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    det = _detector((rng.random(5000) < 0.75).astype(float))
-    assert _first_alert(det, (rng.random(6000) < 0.75).astype(float)) is None
+def test_numeric_fires_on_a_shift_with_estimates() -> None:
+    rng = np.random.default_rng(2)
+    test = drift_tests.for_histogram(histogram("x", list(rng.normal(0, 1, 2000))), 500, 1e-5, 0.5)
+    out = test.evaluate(list(rng.normal(0.5, 1, 500)))
+    assert out.fired and out.statistic in ("psi", "ks") and out.value > out.threshold
+    assert out.estimate_before is not None and abs(out.estimate_before) < 0.2
+    assert out.estimate_after is not None and 0.3 < out.estimate_after < 0.7
+    calm = test.evaluate(list(rng.normal(0, 1, 500)))
+    assert not calm.fired and calm.calm and calm.statistic == "psi"
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_alert_soon_after_mean_shift(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    det = _detector(rng.normal(0, 1, 5000))
-    before = rng.normal(0, 1, 2000)
-    after = rng.normal(1.0, 1, 2000)
-    i = _first_alert(det, np.concatenate([before, after]))
-    assert i is not None and 2000 <= i < 2000 + 700, i
-    assert det.drift_detected and det.statistic > 0.25
+def test_categorical_chi_square_pools_rare_and_unseen_values() -> None:
+    rng = np.random.default_rng(3)
+    values = ["a", "b", "c", "d", "rare"]
+    shares = [0.4, 0.3, 0.2, 0.098, 0.002]
+    test = drift_tests.for_counts(category_counts("k", rng.choice(values, 3000, p=shares)), 500, 0.01, 0.5)
+    assert test.feature_type == "categorical"
+    fired = _null_windows(test, lambda: list(rng.choice(values, 500, p=shares)), 1000)
+    assert fired / 1000 < 0.025
+    out = test.evaluate(list(rng.choice(values, 500, p=[0.25, 0.25, 0.25, 0.248, 0.002])))
+    assert out.fired and out.statistic == "chi2" and out.p_value is not None and out.p_value < 0.01
+    # a value the reference never saw, in a tenth of the window, is drift
+    assert test.evaluate(list(rng.choice(values, 450, p=shares)) + ["new"] * 50).fired
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_alert_soon_after_bernoulli_rate_drop(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    det = _detector((rng.random(5000) < 0.75).astype(float))
-    before = (rng.random(2000) < 0.75).astype(float)
-    after = (rng.random(2000) < 0.35).astype(float)
-    i = _first_alert(det, np.concatenate([before, after]), check_every=100)
-    assert i is not None and 2000 <= i < 2000 + 700, i
+def test_binary_fisher_test_with_proportions() -> None:
+    rng = np.random.default_rng(4)
+    test = drift_tests.for_counts(category_counts("f", list(rng.random(2000) < 0.75)), 500, 1e-5, 0.5)
+    assert test.feature_type == "binary"
+    same = test.evaluate(["true" if v else "false" for v in rng.random(500) < 0.75])
+    assert not same.fired and same.statistic == "proportion"
+    out = test.evaluate(["true" if v else "false" for v in rng.random(500) < 0.55])
+    assert out.fired and out.p_value is not None and out.p_value < 1e-5
+    assert out.estimate_before == pytest.approx(0.75, abs=0.03)
+    assert out.estimate_after == pytest.approx(0.55, abs=0.06)
+    assert 0 < out.threshold <= out.value
+    with pytest.raises(ValueError):
+        test.convert("maybe")
 
 
-def test_no_alert_until_window_full() -> None:
-    rng = np.random.default_rng(7)
-    det = _detector(rng.normal(0, 1, 2000), window=500)
-    for v in rng.normal(5, 1, 499):
-        det.update(float(v))
-    assert det.statistic > 0.25 and not det.window_full
-    assert not det.check() and not det.drift_detected
-    det.update(5.0)
-    assert det.window_full and det.check()
-
-
-def test_rising_edge_only_and_rearm() -> None:
-    rng = np.random.default_rng(11)
-    det = _detector(rng.normal(0, 1, 5000), window=500)
-    shifted, normal = rng.normal(2, 1, 3000), rng.normal(0, 1, 3000)
-    edges = []
-    for v in shifted:
-        det.update(float(v))
-        edges.append(det.check())
-    assert sum(edges) == 1  # fired once while the shift lasted
-    assert det.drift_detected
-    # Back to the reference distribution: the level drops once PSI < threshold * rearm_ratio ...
-    for v in normal:
-        det.update(float(v))
-        assert not det.check()
-    assert not det.drift_detected and det.statistic < 0.125
-    # ... and a new shift fires again.
-    assert _first_alert(det, rng.normal(2, 1, 1000)) is not None
-
-
-def test_hysteresis_holds_between_rearm_level_and_threshold() -> None:
-    ref = {"name": "x", "edges": [0.5], "counts": [500, 500]}
-    det = PsiDriftDetector(ref, window=100, threshold=0.25, rearm_ratio=0.5)
-    for _ in range(100):
-        det.update(1.0)  # every live value in bin 1
-    assert det.check()
-    for _ in range(30):
-        det.update(0.0)  # 30/70: PSI ~0.17, below the threshold, above the re-arm level 0.125
-    assert 0.125 < det.statistic < 0.25
-    assert det.drift_detected and not det.check()
-    for _ in range(5):
-        det.update(0.0)  # 35/65: PSI ~0.09, re-armed
-    assert det.statistic < 0.125
-    assert not det.drift_detected and not det.check()
-    for _ in range(100):
-        det.update(1.0)  # the window all in bin 1 again
-    assert det.check()
-
-
-def test_detector_sliding_counts_and_nan() -> None:
-    det = PsiDriftDetector({"name": "x", "edges": [0.0, 1.0], "counts": [1, 1, 1]}, 3, 0.25)
-    for v in (-1.0, 0.5, 2.0, float("nan"), 2.0):
-        det.update(v)
-    assert det.n == 3 and det._live == [0, 1, 2]
-    assert det.reference_size == 3
+def test_a_one_bin_reference_never_fires() -> None:
+    test = drift_tests.for_histogram({"name": "x", "edges": [], "counts": [1000]}, 100, 1e-5, 0.5)
+    assert not test.evaluate([5.0] * 100).fired
 
 
 @pytest.mark.parametrize(
@@ -138,14 +97,53 @@ def test_detector_sliding_counts_and_nan() -> None:
         {"name": "x", "edges": [0.0, 1.0], "counts": [1, 1]},
         {"name": "x", "edges": [1.0, 0.0], "counts": [1, 1, 1]},
         {"name": "x", "edges": [0.0], "counts": [0, 0]},
+        {"name": "x", "edges": [float("nan")], "counts": [1, 1]},
     ],
 )
-def test_detector_rejects_bad_reference(ref: dict[str, Any]) -> None:
+def test_numeric_rejects_bad_reference(ref: dict[str, Any]) -> None:
     with pytest.raises(StreamError):
-        PsiDriftDetector(ref, 10, 0.25)
+        drift_tests.for_histogram(ref, 100, 1e-5, 0.5)
 
 
-# -- step ----------------------------------------------------------------------------------------------
+def test_alarm_hysteresis_and_cooldown() -> None:
+    alarm = Alarm()
+    assert alarm.step(fired=True, calm=False, cooldown=3)  # the rising edge
+    assert not alarm.step(fired=True, calm=False, cooldown=3)  # still in drift: once only
+    assert not alarm.step(fired=False, calm=False, cooldown=3)  # below the threshold, not calm: held
+    for _ in range(2):
+        assert not alarm.step(fired=False, calm=True, cooldown=3)
+    assert not alarm.step(fired=False, calm=False, cooldown=3)  # a restless check restarts the count
+    assert not alarm.armed
+    for _ in range(3):
+        assert not alarm.step(fired=False, calm=True, cooldown=3)
+    assert alarm.armed and alarm.step(fired=True, calm=False, cooldown=3)
+    zero = Alarm(armed=False)
+    assert not zero.step(fired=True, calm=False, cooldown=0)  # cool-down 0 still needs one calm check
+    assert not zero.step(fired=False, calm=True, cooldown=0) and zero.armed
+
+
+# -- reference profiles -------------------------------------------------------------------------------
+
+
+def test_profile_counts_strings_and_booleans_and_histograms_numbers() -> None:
+    rows = [{"x": float(i), "flag": i % 4 != 0, "kind": "ab"[i % 2], "n": None} for i in range(100)]
+    profile = build_profile(rows, [0.5] * 100, ("x", "flag", "kind"), labels=["p", "q", "p", "p"] * 25)
+    assert [h["name"] for h in profile["features"]] == ["x"]
+    cats = {c["name"]: c for c in profile["categories"]}
+    assert cats["flag"] == {"name": "flag", "values": ["true", "false"], "counts": [75, 25]}
+    assert cats["kind"]["values"] == ["a", "b"] and cats["kind"]["counts"] == [50, 50]
+    assert cats[LABEL] == {"name": LABEL, "values": ["p", "q"], "counts": [75, 25]}
+    assert profile["size"] == 100 and profile["prediction"]["name"] == SCORE
+    # integer-coded categories on request; a missing value is counted as null
+    forced = profile_from_columns({"code": [1, 2, 2, None]}, [], categorical={"code"})
+    assert (
+        forced["categories"] == [{"name": "code", "values": ["2", "1", "null"], "counts": [2, 1, 1]}]
+        and forced["prediction"] is None
+    )
+    assert codec.decode(
+        codec.encode("model_version", _model_version("detector", 1, rows, [0.5] * 100)), "model_version"
+    )
+
 
 READINGS: dict[str, Any] = {
     "type": "record",
@@ -188,7 +186,7 @@ def plant() -> Project:
         fields,
         labels=Labels("faulty", outcomes, "reading_id", "faulty", "binary"),
         learner="river.linear_model:LogisticRegression",
-        monitor=["value", "flag", "kind"],  # kind is a string: no reference histogram of it
+        monitor=["value", "flag", "kind"],  # numeric, binary, categorical
     )
     estimator = Model(
         "estimator",
@@ -259,9 +257,16 @@ def _model_version(model: str, version: int, rows: list[dict], scores: list[floa
         "feature_names": list(PROFILED),
         "metric_name": "logloss",
         "trained_on": len(rows),
-        "reference": build_profile(rows, scores, PROFILED),
+        "reference": build_profile(rows, scores, PROFILED, labels=_labels(model, len(rows))),
         "created_ts": 1_700_000_000_000,
     }
+
+
+def _labels(model: str, n: int) -> list[str] | None:
+    """A multiclass model's predicted labels on its reference: "a" nine times in ten, else "b"."""
+    if model not in PROJECT.models or PROJECT.models[model].task != "multiclass":
+        return None
+    return ["b" if i % 10 == 0 else "a" for i in range(n)]
 
 
 def _prediction(
@@ -328,23 +333,19 @@ def test_what_is_watched_per_model() -> None:
     assert watched(PROJECT.models["sorter"]) == ("value", SCORE)
 
 
-def test_step_alerts_after_shift_with_the_right_input(
-    settings: DriftSettings, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_step_alerts_after_shift_with_the_right_input(settings: DriftSettings) -> None:
     rng = np.random.default_rng(42)
     producer, points = FakeProducer(), []
     step = _step(settings, producer, points)
-    with caplog.at_level(logging.WARNING, "streams.drift"):
-        _publish(step, rng, "detector", 1, 3000)
-        _feed(step, "detector", 1, _rows(rng, 1500), rng.random(1500), 0)
-    assert "model detector v1: the reference profile has no histogram of kind; not watched" in caplog.text
+    _publish(step, rng, "detector", 1, 3000)
+    _feed(step, "detector", 1, _rows(rng, 1500), rng.random(1500), 0)
     step.flush()
     assert producer.produced == []
     assert len(points) == 1500 // 50
     model, point = points[-1]
     assert model == "detector" and point["version"] == 1 and point["trigger_event_id"] == "e01499"
-    # Only the monitored inputs the reference has, and the output: level is profiled but not monitored.
-    assert set(point) == {"ts", "version", "trigger_event_id", "value", "flag", SCORE}
+    # The monitored inputs, each by its type, and the output: level is profiled but not monitored.
+    assert set(point) == {"ts", "version", "trigger_event_id", "value", "flag", "kind", SCORE}
     assert point["ts"] == 1_700_000_123_000
 
     _feed(step, "detector", 1, _rows(rng, 1500, value_mean=80.0, level_mean=90.0), rng.random(1500), 1500)
@@ -353,46 +354,71 @@ def test_step_alerts_after_shift_with_the_right_input(
     alert = alerts[0]
     topic, _, key = producer.produced[0]
     assert topic == "drift-alerts" and key == b"detector"
-    assert alert["model"] == "detector" and alert["version"] == 1 and alert["statistic"] == "psi"
-    assert alert["value"] > alert["threshold"] == 0.25
+    assert alert["model"] == "detector" and alert["version"] == 1 and alert["statistic"] in ("psi", "ks")
+    assert alert["kind"] == "input" and alert["feature_type"] == "numeric" and alert["arm"] == "champion"
+    assert alert["value"] > alert["threshold"] and alert["false_alarm_rate"] == 1e-5
+    assert alert["estimate_before"] == pytest.approx(50, abs=2) and alert["estimate_after"] > 52
     assert alert["window_size"] == 500 and alert["reference_size"] == 3000
     trigger = int(alert["trigger_event_id"].removeprefix("e"))
     assert 1500 <= trigger < 1500 + 500 and (trigger + 1) % 50 == 0
     assert alert["ts"] == 1_700_000_123_000 and len(alert["alert_id"]) == 32
 
 
+def test_binary_and_categorical_inputs_alert_by_their_type(settings: DriftSettings) -> None:
+    rng = np.random.default_rng(12)
+    producer = FakeProducer()
+    step = _step(settings, producer)
+    _publish(step, rng, "detector", 1, 3000)
+    _feed(step, "detector", 1, _rows(rng, 1000), rng.random(1000), 0)
+    rows = _rows(rng, 1000)
+    for i, row in enumerate(rows):
+        row["flag"] = bool(rng.random() < 0.4)
+        row["kind"] = "b" if i % 3 == 0 else "a"  # a value the reference never saw
+    _feed(step, "detector", 1, rows, rng.random(1000), 1000)
+    alerts = {a["feature"]: a for a in producer.alerts()}
+    assert set(alerts) == {"flag", "kind"}
+    flag, kind = alerts["flag"], alerts["kind"]
+    assert (flag["feature_type"], flag["statistic"]) == ("binary", "proportion")
+    assert flag["estimate_before"] == pytest.approx(0.75, abs=0.03) and flag["estimate_after"] < 0.7
+    assert flag["p_value"] < 1e-5
+    assert (kind["feature_type"], kind["statistic"]) == ("categorical", "chi2")
+
+
 def test_each_model_alerts_on_its_own_inputs_and_output(settings: DriftSettings) -> None:
     rng = np.random.default_rng(17)
     producer, points = FakeProducer(), []
     step = _step(settings, producer, points)
-    # Reference outputs: the estimator predicts around 10 minutes, the sorter is confident (top class ~0.9).
+    # Reference outputs: the estimator predicts around 10 minutes; the sorter predicts mostly "a".
     _publish(step, rng, "detector", 1, 2000)
     _publish(step, rng, "estimator", 4, 2000, scores=rng.normal(10, 2, 2000))
     _publish(step, rng, "sorter", 2, 2000, scores=rng.uniform(0.8, 1.0, 2000))
+    assert step.reference("sorter").categories[LABEL]["values"] == ["a", "b"]  # type: ignore[union-attr]
 
     def feed_all(n: int, start: int, *, shifted: bool) -> None:
         # One stream of readings, scored by all three models; after the shift, value and level move,
-        # the estimator predicts longer and the sorter grows unsure.
+        # the estimator predicts longer and the sorter predicts "b" as often as "a".
         rows = _rows(rng, n, value_mean=85.0 if shifted else 50.0, level_mean=80.0 if shifted else 50.0)
         minutes = rng.normal(25 if shifted else 10, 2, n)
-        confidence = rng.uniform(0.4, 0.6, n) if shifted else rng.uniform(0.8, 1.0, n)
+        labels = rng.random(n) < (0.5 if shifted else 0.9)
         detector = rng.random(n)
         for i, row in enumerate(rows):
             for model, version, score in (
                 ("detector", 1, detector[i]),
                 ("estimator", 4, minutes[i]),
-                ("sorter", 2, confidence[i]),
+                ("sorter", 2, 0.9),
             ):
-                step.handle(
-                    _incoming("prediction", _prediction(model, version, row, float(score), start + i))
-                )
+                rec = _prediction(model, version, row, float(score), start + i)
+                if model == "sorter":
+                    rec["label"] = "a" if labels[i] else "b"
+                step.handle(_incoming("prediction", rec))
         step.flush()
 
     feed_all(1000, 0, shifted=False)
     assert producer.produced == []
     assert {m for m, _ in points} == {"detector", "estimator", "sorter"}
     feed_all(1000, 1000, shifted=True)
-    raised = sorted((a["model"], a["version"], a["feature"]) for a in producer.alerts())
+    alerts = producer.alerts()
+    raised = sorted((a["model"], a["version"], a["feature"]) for a in alerts)
     assert raised == [
         ("detector", 1, "value"),
         ("estimator", 4, SCORE),
@@ -400,6 +426,9 @@ def test_each_model_alerts_on_its_own_inputs_and_output(settings: DriftSettings)
         ("sorter", 2, SCORE),
         ("sorter", 2, "value"),
     ]
+    outputs = {a["model"]: a for a in alerts if a["feature"] == SCORE}
+    assert outputs["estimator"]["kind"] == "output" and outputs["estimator"]["feature_type"] == "regression"
+    assert outputs["sorter"]["feature_type"] == "multiclass" and outputs["sorter"]["statistic"] == "chi2"
     keys = {(key, codec.decode(v or b"", "drift_alert")["model"]) for _, v, key in producer.produced}
     assert keys == {(b"detector", "detector"), (b"estimator", "estimator"), (b"sorter", "sorter")}
     latest = {m: p for m, p in points}
@@ -429,58 +458,97 @@ def test_step_ignores_other_arms_unknown_models_and_small_references(settings: D
     assert producer.produced == [] and points == []
 
 
-def test_reference_for_version_2_replaces_version_1(settings: DriftSettings) -> None:
+def test_a_version_without_reference_is_compared_with_none(
+    settings: DriftSettings, caplog: pytest.LogCaptureFixture
+) -> None:
     rng = np.random.default_rng(5)
     producer, points = FakeProducer(), []
     step = _step(settings, producer, points)
     _publish(step, rng, "detector", 1, 1000)
-    # Version 2 was trained on much larger values.
-    _publish(step, rng, "detector", 2, 1000, 150.0)
+    _publish(step, rng, "detector", 2, 1000, 150.0)  # version 2 was trained on much larger values
     assert step.reference("detector").version == 2  # type: ignore[union-attr]
-    assert step.reference("detector", 1).version == 1  # type: ignore[union-attr]
-    # A replay of version 1 does not make it current again.
-    _publish(step, rng, "detector", 1, 1000)
+    _publish(step, rng, "detector", 1, 1000)  # a replay of version 1 does not make it current again
     assert step.reference("detector").version == 2  # type: ignore[union-attr]
 
-    # Predictions of a version without its own reference are compared with the latest one (v2):
-    # values like v2's raise nothing, values like v1's drift.
-    _feed(step, "detector", 3, _rows(rng, 1000, 150.0), rng.random(1000), 0)
-    assert producer.produced == []
-    assert {p["version"] for _, p in points} == {2}
-    _feed(step, "detector", 3, _rows(rng, 1000, 50.0), rng.random(1000), 1000)
-    alerts = producer.alerts()
-    assert [(a["feature"], a["version"]) for a in alerts] == [("value", 2)]
-
-    # Predictions of version 1 are still compared with v1's own reference.
+    # Version 3 has no reference: its predictions (values like v1's, scores of its own) are compared with
+    # neither v1's nor v2's reference.
+    with caplog.at_level(logging.WARNING, "streams.drift"):
+        _feed(step, "detector", 3, _rows(rng, 1000, 50.0), rng.random(1000) * 9, 0)
+    assert producer.produced == [] and points == []
+    assert "model detector v3 has no reference profile" in caplog.text
+    # Its inputs still filled the model's windows: version 2's first check compares them with v2's.
+    _feed(step, "detector", 2, _rows(rng, 50, 50.0), rng.random(50), 1000)
+    assert [(a["feature"], a["version"]) for a in producer.alerts()] == [("value", 2)]
+    # Version 1's predictions are compared with v1's own reference.
     producer.produced.clear()
     _feed(step, "detector", 1, _rows(rng, 1000, 50.0), rng.random(1000), 2000)
     assert producer.produced == []
 
 
-def test_new_reference_is_compared_with_the_live_window_at_once(settings: DriftSettings) -> None:
-    rng = np.random.default_rng(8)
+def test_armed_state_outlives_many_versions(settings: DriftSettings) -> None:
+    rng = np.random.default_rng(6)
     producer = FakeProducer()
     step = _step(settings, producer)
     _publish(step, rng, "detector", 1, 1000)
-    _feed(step, "detector", 1, _rows(rng, 1000), rng.random(1000), 0)
-    assert producer.produced == []
-    # Version 2 was trained on other values; its predictions see the same live inputs. The windows carry
-    # over, so the first check of version 2 already compares a full window and alerts.
-    _publish(step, rng, "detector", 2, 1000, 150.0)
-    _feed(step, "detector", 2, _rows(rng, 50), rng.random(50), 1000)
-    alerts = producer.alerts()
-    assert [(a["feature"], a["version"], a["trigger_event_id"]) for a in alerts] == [("value", 2, "e01049")]
+    _feed(step, "detector", 1, _rows(rng, 600, 90.0), rng.random(600), 0)
+    assert [a["feature"] for a in producer.alerts()] == ["value"]
+    # Ten other versions serve in turn, then version 1 again, its drift unchanged: not raised again.
+    for v in range(2, 12):
+        _publish(step, rng, "detector", v, 1000, 90.0)
+        _feed(step, "detector", v, _rows(rng, 100, 90.0), rng.random(100), 600 + 100 * v)
+    _feed(step, "detector", 1, _rows(rng, 600, 90.0), rng.random(600), 5000)
+    assert [a["feature"] for a in producer.alerts()] == ["value"]
 
 
-def test_changed_reference_for_a_version_keeps_the_live_windows(settings: DriftSettings) -> None:
-    rng = np.random.default_rng(4)
-    step = _step(settings)
-    _publish(step, rng, "detector", 1, 1000)
-    _feed(step, "detector", 1, _rows(rng, 300), rng.random(300), 0)
-    _publish(step, rng, "detector", 1, 1000)  # other rows: another reference under the same version
-    monitor = step._models["detector"].monitors[1]
-    assert monitor.reference == step.reference("detector", 1)
-    assert {d.n for d in monitor.detectors.values()} == {300}
+def test_policy_sets_rate_and_cooldown(settings: DriftSettings) -> None:
+    rng = np.random.default_rng(7)
+    producer = FakeProducer()
+    policy = Policy(drift=Drift(false_alarm_rate=1e-3, cooldown_checks=2))
+    project = replace(PROJECT, models={"detector": replace(PROJECT.models["detector"], policy=policy)})
+    step = DriftStep(settings, project, producer, "drift-alerts", None)
+    _publish(step, rng, "detector", 1, 2000)
+    _feed(step, "detector", 1, _rows(rng, 600, 90.0), rng.random(600), 0)
+    _feed(step, "detector", 1, _rows(rng, 700, 50.0), rng.random(700), 600)  # calm: re-armed after 2
+    _feed(step, "detector", 1, _rows(rng, 600, 90.0), rng.random(600), 1300)
+    alerts = [a for a in producer.alerts() if a["feature"] == "value"]
+    assert len(alerts) == 2 and {a["false_alarm_rate"] for a in alerts} == {1e-3}
+    assert len({a["alert_id"] for a in alerts}) == 2
+
+
+def _run(step: DriftStep, records: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    for i, (name, rec) in enumerate(records):
+        step.handle(_incoming(name, rec, i))
+
+
+def test_snapshot_and_restore_give_the_alerts_of_an_uninterrupted_run(settings: DriftSettings) -> None:
+    rng = np.random.default_rng(21)
+    records: list[tuple[str, dict[str, Any]]] = []
+    for v, mean in ((1, 50.0), (2, 60.0)):
+        records.append(
+            ("model_version", _model_version("detector", v, _rows(rng, 1500, mean), list(rng.random(1500))))
+        )
+    for i, row in enumerate(
+        _rows(rng, 800) + _rows(rng, 800, 80.0) + _rows(rng, 800) + _rows(rng, 800, 80.0)
+    ):
+        version = 1 if i < 1700 else 2
+        records.append(("prediction", _prediction("detector", version, row, float(rng.random()), i)))
+    whole = FakeProducer()
+    _run(_step(settings, whole), records)
+    assert len(whole.alerts()) >= 2
+
+    # Killed at arbitrary points: each restart restores the snapshot of the last checkpoint, after the
+    # references were replayed (as `drift.run` does), and goes on from the records after it.
+    parts = FakeProducer()
+    step = _step(settings, parts)
+    cut_points = [0, 500, 1333, 1780, 2550, len(records)]
+    for start, end in itertools.pairwise(cut_points):
+        _run(step, records[start:end])
+        snapshot = step.snapshot()
+        step = _step(settings, parts)
+        _run(step, [r for r in records if r[0] == "model_version"])
+        step.restore(snapshot)
+    strip = [{k: v for k, v in a.items() if k != "ts"} for a in parts.alerts()]
+    assert strip == [{k: v for k, v in a.items() if k != "ts"} for a in whole.alerts()]
 
 
 def test_step_bad_records_raise_and_leave_windows_alone(settings: DriftSettings) -> None:
@@ -490,10 +558,11 @@ def test_step_bad_records_raise_and_leave_windows_alone(settings: DriftSettings)
     row = _rows(rng, 1)[0]
     step.handle(_incoming("prediction", _prediction("detector", 1, row, 0.5, 0)))
     bad = dict(row, flag="yes")
-    with pytest.raises(StreamError, match=r"model detector v1: input 'flag' is not numeric"):
+    with pytest.raises(StreamError, match=r"model detector v1: 'flag' is not binary"):
         step.handle(_incoming("prediction", _prediction("detector", 1, bad, 0.5, 1)))
-    monitor = step._models["detector"].monitors[1]
-    assert {d.n for d in monitor.detectors.values()} == {1}
+    windows = step.windows("detector")
+    assert windows is not None and {len(w) for w in windows.inputs.values()} == {1}
+    assert windows.seen == 1
     with pytest.raises(StreamError):
         step.handle(Incoming("label", {}, None, "labels", 0, 0, 0))
 
@@ -526,10 +595,10 @@ def test_a_new_version_starts_its_score_window_empty(settings: DriftSettings) ->
     _feed(step, "detector", 1, _rows(rng, 300), rng.random(300), 0)
     _publish(step, rng, "detector", 2, 1000)
     _feed(step, "detector", 2, _rows(rng, 1), rng.random(1), 300)
-    monitor = step._models["detector"].monitors[2]
-    sizes = {name: d.n for name, d in monitor.detectors.items()}
-    assert sizes.pop(SCORE) == 1  # version 1's scores are not version 2's
-    assert set(sizes.values()) == {301}  # inputs are inputs, whichever version scores them
+    windows = step.windows("detector")
+    assert windows is not None
+    assert len(windows.outputs[2]) == 1 and len(windows.outputs[1]) == 300  # v1's scores are not v2's
+    assert {len(w) for w in windows.inputs.values()} == {301}  # inputs are inputs, whichever version
 
 
 def test_new_definitions_watch_added_models_and_drop_removed_ones(settings: DriftSettings) -> None:
