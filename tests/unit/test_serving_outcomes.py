@@ -365,3 +365,17 @@ async def test_a_deployment_that_cannot_be_published_is_refused_in_its_outcome(f
     assert resp.status_code == 503
     [outcome] = registry.deployments(MODEL) or []
     assert outcome["status"] == "refused" and outcome["status_reason"] == "not published: broker away"
+
+
+def test_readiness_names_a_champion_pinned_to_a_version_that_cannot_serve():
+    registry = ModelRegistry()
+    registry.remember(model_record(1))
+    registry.swap(version(1))
+    registry.remember(model_record(2))
+    registry.deploy(deployment("promote", 2))  # applied; loading
+    assert registry.problems() == []
+    registry.refuse(MODEL, 2, "view v9 retired")  # its lineage no longer fits (reconsidered later)
+    assert registry.problems() == [
+        f"model {MODEL!r}: champion pinned to version 2: version 2 cannot serve under these definitions: "
+        "view v9 retired"
+    ]
