@@ -1,10 +1,16 @@
 """``tide demo``: any project's whole loop on the embedded stack, driven by the project's own traffic.
 
 :func:`run_demo` starts a private broker and Redis, applies the project (:func:`tide.plan.apply`: its
-topics and the registry), starts ``tide features``, ``tide train``, ``tide drift`` and ``tide serve`` as
-processes with ``TIDE_PROJECT`` set to the project folder, and hands over to the project's driver. When
-the driver returns, it reads back what the loop recorded (:mod:`tide.report`) and writes
-``report.json`` and ``loop.png`` into the output folder, with each service's log under ``logs/``.
+topics and the registry), starts the loop's services (:data:`tide.processes.SERVICES`: ``tide features``,
+``train``, ``drift``, ``judge`` and ``serve``) as processes with ``TIDE_PROJECT`` set to the project
+folder, and hands over to the project's driver. When the driver returns, it reads back what the loop
+recorded (:mod:`tide.report`, :mod:`tide.loop_report`) and writes ``report.json`` and ``loop.png`` into
+the output folder, with each service's log under ``logs/``.
+
+``DemoConfig(reactions=False)`` applies the same project with every model's policy rewritten to only
+report (:func:`without_reactions`): canaries are judged and drift is alerted on as before, but nothing
+is promoted, rolled back or retrained. :func:`tide.compare.run_compare` runs both back to back and
+compares how the online metric recovered after the injected drift.
 
 The driver convention
 ---------------------
@@ -32,6 +38,8 @@ returns its own section of the report (JSON-serialisable). It may block; it may 
 - ``watch_freshness(view, entity, event_ts)``: a sampled probe of event time to visible in the online
   store; ``wait_visible(view, {entity: event_ts})`` waits until the store has applied such events (after
   a warm-up, say);
+- ``deploy(model, action, version, weight, reason)`` (``POST /v1/models/{model}/deployments``) and
+  ``versions(model)`` (``GET /v1/models/{model}/versions``), for a driver that changes traffic mid-run;
 - ``out_dir``, where a driver may write files of its own.
 
 Keys of the returned section the runner reads (all optional):
@@ -41,6 +49,9 @@ Keys of the returned section the runner reads (all optional):
   the report then checks drift alerts come after it and none before;
 - ``baselines``: ``{model: value}``, a naive predictor's value of the model's metric, drawn beside the
   online metric;
+- ``canary``: ``{model, version, at_record, status, ...}`` when the driver deployed a canary; the report
+  then requires a final verdict for it (and, when the policy acts on verdicts, the deployment it
+  published applied);
 - ``errors``: what went wrong, as strings.
 
 The section lands under ``"driver"`` in ``report.json``; everything else there is generic (see
@@ -55,9 +66,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import queue
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -72,9 +81,12 @@ from infra.errors import ConfigError, StackError, StreamError
 from infra.settings import CommonSettings
 from infra.topics import ensure_topics
 from schemas.definitions import Project
+from schemas.policy import Policy
+from tide.driving import FreshnessProbe, Outbox, run_coroutine
 from tide.embedded import EmbeddedStack, StackInfo, free_port
+from tide.plot import write_plot
 from tide.processes import SERVICES, Services, wait_until
-from tide.report import build_report, write_plot
+from tide.report import build_report
 
 if TYPE_CHECKING:
     from tide.client import Client
@@ -95,6 +107,7 @@ class DemoConfig:
     seed: int = 7
     options: Mapping[str, Any] = field(default_factory=dict)  # the driver's own settings
     ready_timeout_s: float = 60.0
+    reactions: bool = True  # False: every model's policy only reports (see without_reactions)
 
     @property
     def events(self) -> int:
@@ -116,142 +129,6 @@ class DemoContext:
     project: Project
     serve_url: str
     section: dict[str, Any]  # what the driver returned
-
-
-class Outbox:
-    """Records queued by a driver and produced in batches through ``client.produce`` on one thread."""
-
-    def __init__(self, client: Client, max_batch: int = 5000) -> None:
-        self._client = client
-        self._queue: queue.Queue[tuple[str, Mapping[str, Any]] | None] = queue.Queue()
-        self._max = max_batch
-        self.produced: dict[str, int] = {}
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="demo-outbox", daemon=True)
-        self._thread.start()
-
-    def put(self, source: str, record: Mapping[str, Any]) -> None:
-        self._raise()
-        self._queue.put((source, record))
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise StreamError(f"producing to the sources failed: {self.error}") from self.error
-
-    def _take(self) -> tuple[dict[str, list[Mapping[str, Any]]], int, bool]:
-        """What is queued (waiting for the first), grouped by source in order, how many items were
-        taken, and whether the outbox was closed."""
-        batches: dict[str, list[Mapping[str, Any]]] = {}
-        item = self._queue.get()
-        taken = 1
-        while item is not None:
-            batches.setdefault(item[0], []).append(item[1])
-            if taken >= self._max:
-                return batches, taken, False
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return batches, taken, False
-            taken += 1
-        return batches, taken, True
-
-    def _run(self) -> None:
-        closed = False
-        while not closed:
-            batches, taken, closed = self._take()
-            for source, records in batches.items():
-                try:
-                    self._client.produce(source, records)
-                except Exception as exc:  # the driver learns of it on its next put, flush or close
-                    log.exception("producing %d records to %s failed", len(records), source)
-                    self.error = exc
-                    return
-                self.produced[source] = self.produced.get(source, 0) + len(records)
-            for _ in range(taken):
-                self._queue.task_done()
-
-    def flush(self, timeout_s: float = 60.0) -> None:
-        """Wait until every record queued so far is acknowledged; raises if producing failed."""
-        deadline = time.monotonic() + timeout_s
-        done = self._queue.all_tasks_done
-        with done:
-            while self._queue.unfinished_tasks and self.error is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise StreamError(f"queued records not acknowledged in {timeout_s:.0f} s")
-                done.wait(min(left, 0.1))
-        self._raise()
-
-    def close(self, timeout_s: float = 60.0) -> None:
-        """Produce what is queued and stop; raises if anything failed."""
-        self._queue.put(None)
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            raise StreamError(f"the outbox did not drain in {timeout_s:.0f} s")
-        self._raise()
-
-
-class FreshnessProbe:
-    """Event time to visible in the online store, for sampled events, polled on a thread of its own.
-
-    Each poll reads every watched entity's row of each view in one store read; an event is visible once
-    the entity's newest event time in the store has reached it.
-    """
-
-    def __init__(self, settings: CommonSettings, project: Project, timeout_s: float = 5.0) -> None:
-        self._settings, self._project, self._timeout_ms = settings, project, timeout_s * 1000
-        self._pending: list[tuple[str, str, int]] = []  # (view, entity, event time)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self.freshness_ms: list[float] = []
-        self.timed_out: list[str] = []
-        self._thread = threading.Thread(
-            target=lambda: asyncio.run(self._run()), name="demo-probe", daemon=True
-        )
-        self._thread.start()
-
-    def watch(self, view: str, entity: str, event_ts: int) -> None:
-        if view not in self._project.views:
-            raise ConfigError(f"no feature view {view!r} (views: {', '.join(self._project.views)})")
-        with self._lock:
-            self._pending.append((view, entity, event_ts))
-
-    async def _run(self) -> None:
-        store = RedisOnlineStore.from_url(self._settings.redis_url, self._settings.topic_prefix)
-        try:
-            while not self._stop.is_set() or self._pending:
-                with self._lock:
-                    pending, self._pending = self._pending, []
-                if pending:
-                    await self._poll(store, pending)
-                await asyncio.sleep(0.005)
-        finally:
-            await store.close()
-
-    async def _poll(self, store: RedisOnlineStore, pending: list[tuple[str, str, int]]) -> None:
-        by_view: dict[str, list[str]] = {}
-        for view, entity, _ in pending:
-            by_view.setdefault(view, []).append(entity)
-        newest: dict[tuple[str, str], int | None] = {}
-        for view, entities in by_view.items():
-            rows = await store.read(self._project.views[view], sorted(set(entities)))
-            newest.update({(view, r.entity): r.newest_event_ms for r in rows})
-        now_ms = time.time() * 1000
-        again = []
-        for view, entity, ts in pending:
-            seen = newest.get((view, entity))
-            if seen is not None and seen >= ts:
-                self.freshness_ms.append(now_ms - ts)
-            elif now_ms - ts < self._timeout_ms:
-                again.append((view, entity, ts))
-            else:
-                self.timed_out.append(f"{view}/{entity}@{ts}")
-        with self._lock:
-            self._pending[:0] = again
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(self._timeout_ms / 1000 + 5)
 
 
 @dataclass
@@ -345,29 +222,34 @@ class Demo:
                 await store.close()
 
         if newest:
-            _run_coroutine(wait())
+            run_coroutine(wait())
+
+    def deploy(
+        self, model: str, action: str, version: int | None = None, weight: float = 0.0, reason: str = ""
+    ) -> dict[str, Any]:
+        """``POST /v1/models/{model}/deployments``: ``{"status": HTTP status, **its JSON body}`` (202: the
+        deployment and its outcome so far; 409: why it was refused)."""
+        body: dict[str, Any] = {"action": action, "reason": reason or None}
+        if version is not None:
+            body["version"] = version
+        if weight:
+            body["weight"] = weight
+        resp = httpx.post(f"{self.serve_url}/v1/models/{model}/deployments", json=body, timeout=10.0)
+        return {"status": resp.status_code, **_json_object(resp)}
+
+    def versions(self, model: str) -> list[dict[str, Any]]:
+        """``GET /v1/models/{model}/versions``: every version serving has read, with lineage and blessing."""
+        resp = httpx.get(f"{self.serve_url}/v1/models/{model}/versions", timeout=10.0)
+        resp.raise_for_status()
+        return list(_json_object(resp).get("versions") or [])
 
 
-def _run_coroutine(coro: Any) -> None:
-    """Run ``coro`` to the end, also from inside a running event loop (on a thread of its own)."""
+def _json_object(resp: httpx.Response) -> dict[str, Any]:
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(coro)
-        return
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            asyncio.run(coro)
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
+        body = resp.json()
+    except ValueError:
+        return {"text": resp.text[:500]}
+    return body if isinstance(body, dict) else {"body": body}
 
 
 def load_driver(folder: Path, name: str) -> Callable[[Demo], dict[str, Any]]:
@@ -403,6 +285,38 @@ def with_publish_every(project: Project, every: int | None) -> Project:
     d = project.to_dict()
     d["models"] = [{**m, "publish_every": every} for m in d["models"]]
     return dataclasses.replace(Project.from_dict(d), origins=project.origins)
+
+
+def without_reactions(project: Project) -> Project:
+    """``project`` with every model's policy only reporting: canary verdicts promote and roll back
+    nothing, no alert triggers a retraining (judging, drift thresholds and blessing unchanged)."""
+    d = project.to_dict()
+    models = []
+    for m in d["models"]:
+        policy = Policy.from_dict(m.get("policy"))
+        quiet = dataclasses.replace(
+            policy,
+            canary=dataclasses.replace(policy.canary, promote=False, rollback=False),
+            retrain=dataclasses.replace(policy.retrain, on=()),
+        )
+        models.append({**m, "policy": quiet.to_dict()})
+    d["models"] = models
+    return dataclasses.replace(Project.from_dict(d), origins=project.origins)
+
+
+def deployment_outcomes(serve_url: str, project: Project) -> dict[str, list[dict[str, Any]]]:
+    """Per model, the deployments serving read and what became of each (``GET
+    /v1/models/{name}/deployments``); a model serving cannot list is left out."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in project.models:
+        try:
+            resp = httpx.get(f"{serve_url}/v1/models/{name}/deployments", timeout=5.0)
+        except httpx.HTTPError as exc:
+            log.warning("deployments of %s not read: %s", name, exc)
+            continue
+        if resp.status_code == 200:
+            out[name] = list(_json_object(resp).get("deployments") or [])
+    return out
 
 
 def _ready(url: str) -> bool:
@@ -450,6 +364,8 @@ def run_demo(cfg: DemoConfig, inspect: Callable[[DemoContext], None] | None = No
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would cost the driver
     folder = cfg.folder.resolve()
     project = with_publish_every(load_project(folder), cfg.publish_every)
+    if not cfg.reactions:
+        project = without_reactions(project)
     driver = load_driver(folder, project.name)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -480,6 +396,7 @@ def run_demo(cfg: DemoConfig, inspect: Callable[[DemoContext], None] | None = No
             ended = time.time()
             time.sleep(3.0)  # let the processors finish the tail of the stream
             metrics_text = httpx.get(f"{serve_url}/metrics", timeout=5.0).text
+            outcomes = deployment_outcomes(serve_url, demo.project)
             if inspect is not None:
                 inspect(DemoContext(settings, stack, demo.project, serve_url, section))
             report = build_report(
@@ -489,6 +406,9 @@ def run_demo(cfg: DemoConfig, inspect: Callable[[DemoContext], None] | None = No
                 metrics_text,
                 freshness_ms=demo.probe.freshness_ms,
                 window=(started, ended),
+                outcomes=outcomes,
+                reactions=cfg.reactions,
+                rate=cfg.rate,
             )
             report["services_exited"] = dead = services.check_alive()
             report["ok"] = report["ok"] and not dead

@@ -14,7 +14,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # The loop's services, in start order: `tide <name>` each, all running what the registry holds.
-SERVICES = ("features", "train", "drift", "serve")
+SERVICES = ("features", "train", "drift", "judge", "serve")
 
 
 class Services:

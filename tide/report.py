@@ -15,10 +15,24 @@ each model's predictions were logged; the project's driver adds its own section 
   ``online_metric`` {name, value} of the newest published version that has one, ``baseline`` (the
   driver's naive predictor, when given) and ``versions`` [{version, at_record, metric, trained_on}];
 - ``serving``: {requests, non_2xx, by_status, latency_ms {p50, p99}} of the scoring route, from ``/metrics``;
-- ``drift_injected_at`` (from the driver) and ``drift_alerts`` [{model, feature, statistic, value,
-  threshold, model_version, at_record, delay_records}];
+- ``drift_injected_at`` (from the driver) and ``drift_alerts`` [{model, kind, feature, feature_type,
+  statistic, value, threshold, p_value, estimate_before/after, model_version, at_record, delay_records,
+  delay_s, ...}];
+- ``verdicts`` {final: [{model, version, champion_version, outcome, rule, estimate, lower, upper, n,
+  action, at_record, ...}], interim: {model:outcome: count}} from the ``canary-verdicts`` topic;
+- ``deployments`` [{id, model, action, version, weight, source, reason, at_record, status, effect}]:
+  every deployment published, with serving's outcome;
+- per model ``versions`` also carry ``parent_version``, ``trigger``, ``blessing`` and ``served_from``
+  (the first index it answered as champion); ``champions`` [[from, to, version]];
+- ``recovery`` per model with labels: the online metric as callers saw it and, after an injected
+  change, how fast it came back (:mod:`tide.recovery`);
+- ``loop``: a summary of the closed loop (:func:`tide.loop_report.loop_summary`);
+- ``reactions``: whether the models' policies acted (False: the run applied them only reporting);
 - ``dead_letters``; ``timeline`` per model: ``served`` [[index, version]], ``drift`` [{seq, version, psi}];
 - ``driver``: the driver's own section.
+
+The x axis is every answer a caller received (champion and canary arms; a shadow's answer is never
+returned), in the order logged; ``served`` and the recovery curve are the champion arm's.
 """
 
 from __future__ import annotations
@@ -36,10 +50,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from infra.kafka import read_to_end
 from infra.settings import CommonSettings
 from infra.topics import prefixed
-from models.profile import SCORE
 from schemas.definitions import Project
 from streams.drift import stats_key
 from streams.tail import tail
+from tide import loop_report, recovery
 
 SCORE_ROUTE = "score"
 _MAX_SERVED_POINTS = 400
@@ -134,6 +148,9 @@ class Recorded:
     alerts: list[dict[str, Any]] = field(default_factory=list)  # drift_alert records
     stats: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # model -> drift stats points
     dead_letters: int = 0
+    verdicts: list[dict[str, Any]] = field(default_factory=list)  # canary_verdict records
+    deployments: list[dict[str, Any]] = field(default_factory=list)  # deployment records
+    labels: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> event id -> label
 
 
 def read_back(settings: CommonSettings, project: Project) -> Recorded:
@@ -156,6 +173,21 @@ def read_back(settings: CommonSettings, project: Project) -> Recorded:
             stats[model] = [fields for _, fields in entries]
     finally:
         client.close()
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    labels: dict[str, dict[str, Any]] = {}
+    for spec_of in project.models.values():
+        if spec_of.labels is None:
+            continue
+        spec = spec_of.labels
+        if spec.source.name not in by_source:
+            by_source[spec.source.name] = [
+                r["value"] for r in tail(settings, spec.source.name, project=project) if "value" in r
+            ]
+        labels[spec_of.name] = {
+            str(r[spec.key]): r[spec.target]
+            for r in by_source[spec.source.name]
+            if r.get(spec.key) is not None
+        }
     return Recorded(
         produced=produced,
         predictions=values("predictions"),
@@ -163,12 +195,16 @@ def read_back(settings: CommonSettings, project: Project) -> Recorded:
         alerts=values("drift-alerts"),
         stats=stats,
         dead_letters=sum(1 for _ in tail(settings, "dead-letter")),
+        verdicts=values("canary-verdicts"),
+        deployments=values("deployments"),
+        labels=labels,
     )
 
 
 @dataclass
 class ScoredIndex:
-    """One model's scored events in the order their predictions were logged: the report's x axis."""
+    """One model's answers to callers (champion and canary arms) in the order their predictions were
+    logged: the report's x axis."""
 
     ts: list[int] = field(default_factory=list)  # prediction time of each index
     of_event: dict[str, int] = field(default_factory=dict)  # event id -> index
@@ -177,12 +213,13 @@ class ScoredIndex:
     @classmethod
     def of(cls, predictions: Iterable[Mapping[str, Any]]) -> ScoredIndex:
         out = cls()
-        champion = [p for p in predictions if p.get("arm", "champion") == "champion"]
-        for i, p in enumerate(sorted(champion, key=lambda p: p["ts"])):
+        answered = [p for p in predictions if p.get("arm", "champion") != "shadow"]
+        for i, p in enumerate(sorted(answered, key=lambda p: p["ts"])):
             out.ts.append(int(p["ts"]))
             if p.get("event_id"):
                 out.of_event.setdefault(str(p["event_id"]), i)
-            out.served.append((i, int(p["version"])))
+            if p.get("arm", "champion") == "champion":
+                out.served.append((i, int(p["version"])))
         return out
 
     def at(self, ts_ms: int) -> int:
@@ -200,6 +237,7 @@ def _model_section(
     model = project.models[name]
     measured = [v for v in versions if v.get("metric_value") is not None]
     last = measured[-1] if measured else None
+    segments = loop_report.champions(index)
     return {
         "task": model.task,
         "learns_online": model.learner is not None,  # batch-only models publish when `tide retrain` runs
@@ -210,15 +248,9 @@ def _model_section(
         if last
         else None,
         "baseline": baseline,
-        "versions": [
-            {
-                "version": v["version"],
-                "at_record": index.at(int(v["created_ts"])),
-                "metric": v.get("metric_value"),
-                "trained_on": v.get("trained_on"),
-            }
-            for v in versions
-        ],
+        "policy": model.policy.to_dict(),
+        "versions": loop_report.version_rows(versions, index, segments),
+        "champions": segments,
     }
 
 
@@ -241,8 +273,12 @@ def assemble(
     *,
     freshness_ms: Sequence[float] = (),
     elapsed_s: float | None = None,
+    outcomes: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    reactions: bool = True,
+    rate: float | None = None,
 ) -> dict[str, Any]:
-    """The report of one demo run (see the module docstring)."""
+    """The report of one demo run (see the module docstring). ``outcomes``: serving's deployments with
+    their outcomes per model; ``rate``: scored events per second, for delays in seconds."""
     drift_at = section.get("drift_injected_at")
     baselines = section.get("baselines") or {}
     swaps = counter_by(metrics_text, "tide_model_swaps_total", "model")
@@ -261,29 +297,11 @@ def assemble(
         )
         for name in project.models
     }
-    alerts = []
-    for alert in recorded.alerts:
-        seq = (
-            index[alert["model"]].of_event.get(alert.get("trigger_event_id") or "")
-            if alert["model"] in index
-            else None
-        )
-        alerts.append(
-            {
-                "model": alert["model"],
-                "feature": alert["feature"],
-                "statistic": alert["statistic"],
-                "value": round(float(alert["value"]), 4),
-                "threshold": alert["threshold"],
-                "model_version": alert["version"],
-                "at_record": seq,
-                "delay_records": None if seq is None or drift_at is None else seq - int(drift_at),
-            }
-        )
     serving = serving_summary(metrics_text)
     scored = {name: len(ix.ts) for name, ix in index.items()}
     report: dict[str, Any] = {
         "project": project.name,
+        "reactions": reactions,
         "elapsed_s": None if elapsed_s is None else round(elapsed_s, 1),
         "events_produced": recorded.produced,
         "events_scored": scored,
@@ -292,7 +310,26 @@ def assemble(
         "models": models,
         "serving": serving,
         "drift_injected_at": drift_at,
-        "drift_alerts": alerts,
+        "drift_alerts": loop_report.alerts(recorded.alerts, index, drift_at, rate),
+        "verdicts": loop_report.verdicts(recorded.verdicts, index),
+        "deployments": loop_report.deployments(
+            recorded.deployments, index, outcomes or {}, recorded.predictions
+        ),
+        "recovery": {
+            name: recovery.recovery(
+                project.models[name].task,
+                recovery.joined(
+                    (p for p in recorded.predictions if p.get("model") == name),
+                    index[name].of_event,
+                    recorded.labels[name],
+                ),
+                drift_at,
+                window=_window(scored[name]),
+                step=max(_window(scored[name]) // 4, 1),
+            )
+            for name in project.models
+            if scored[name] and recorded.labels.get(name)
+        },
         "dead_letters": recorded.dead_letters,
         "timeline": {
             name: {
@@ -303,9 +340,15 @@ def assemble(
         },
         "driver": dict(section),
     }
-    report["problems"] = problems(report, section)
+    report["loop"] = loop_report.loop_summary(report)
+    report["problems"] = problems(report, section) + loop_report.loop_problems(report, project, section)
     report["ok"] = not report["problems"]
     return report
+
+
+def _window(scored: int) -> int:
+    """Events per point of the recovery curve: a twentieth of the run, at least 300 and at most 1000."""
+    return min(max(scored // 20, 300), 1000)
 
 
 def problems(report: Mapping[str, Any], section: Mapping[str, Any]) -> list[str]:
@@ -332,7 +375,10 @@ def problems(report: Mapping[str, Any], section: Mapping[str, Any]) -> list[str]
             out.append(f"drift injected at record {report['drift_injected_at']} raised no alert")
         early = [a for a in alerts if a["delay_records"] is None or a["delay_records"] < 0]
         if early:
-            out.append(f"{len(early)} drift alerts before the injection (or not tied to a scored event)")
+            what = sorted({f"{a['kind']}:{a['model']}/{a['feature']}" for a in early})
+            out.append(
+                f"{len(early)} drift alerts before the injection (or not tied to a scored event): {what}"
+            )
     if section.get("ok", True) is False:
         out.append("the driver's checks failed")
     return out
@@ -346,6 +392,9 @@ def build_report(
     *,
     freshness_ms: Sequence[float] = (),
     window: tuple[float, float] | None = None,
+    outcomes: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    reactions: bool = True,
+    rate: float | None = None,
 ) -> dict[str, Any]:
     """Read back what the loop recorded and assemble the report."""
     return assemble(
@@ -355,70 +404,7 @@ def build_report(
         metrics_text,
         freshness_ms=freshness_ms,
         elapsed_s=None if window is None else window[1] - window[0],
+        outcomes=outcomes,
+        reactions=reactions,
+        rate=rate,
     )
-
-
-# --- the plot -------------------------------------------------------------------------------------------
-
-
-def write_plot(report: Mapping[str, Any], path: Any) -> None:
-    """Per model that was scored or published (a column each): online metric per version (and the
-    driver's baseline), drift statistic per monitored input, and the version answering, over the scored
-    events."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    active = [
-        name
-        for name, m in report["models"].items()
-        if m["versions_published"] or report["events_scored"].get(name)
-    ]
-    names = active or list(report["models"]) or ["-"]
-    fig, grid = plt.subplots(3, len(names), figsize=(10 * len(names), 9), sharex="col", squeeze=False)
-    drift_at = report.get("drift_injected_at")
-    for col, name in enumerate(names):
-        axes = grid[:, col]
-        model = report["models"].get(name, {"versions": [], "online_metric": None, "baseline": None})
-        timeline = report["timeline"].get(name, {"served": [], "drift": []})
-        measured = [v for v in model["versions"] if v["metric"] is not None]
-        metric = model["online_metric"]["name"] if model["online_metric"] else "online metric"
-        axes[0].plot(
-            [v["at_record"] for v in measured], [v["metric"] for v in measured], marker="o", label=metric
-        )
-        if model.get("baseline") is not None:
-            axes[0].axhline(model["baseline"], color="orange", linestyle=":", label="baseline")
-        axes[0].set_ylabel(metric)
-        axes[0].legend(loc="upper right", fontsize=8)
-        axes[0].set_title(
-            f"Tide demo, {report['project']} / {name}: online metric, drift statistic, versions"
-        )
-        points = timeline["drift"]
-        for feature in sorted({f for p in points for f in p["psi"]}):
-            label = "score" if feature == SCORE else feature  # matplotlib hides labels starting with "_"
-            axes[1].plot([p["seq"] for p in points], [p["psi"].get(feature) for p in points], label=label)
-        for alert in report["drift_alerts"]:
-            if alert["model"] == name and alert["at_record"] is not None:
-                axes[1].axvline(alert["at_record"], color="red", alpha=0.3)
-        axes[1].set_ylabel("PSI vs reference")
-        if points:
-            axes[1].legend(loc="upper left", fontsize=8)
-        served = timeline["served"]
-        axes[2].step([s for s, _ in served], [v for _, v in served], where="post", label="version answering")
-        axes[2].scatter(
-            [v["at_record"] for v in model["versions"]],
-            [v["version"] for v in model["versions"]],
-            marker="x",
-            color="black",
-            label="version published",
-        )
-        axes[2].set_ylabel("model version")
-        axes[2].set_xlabel("scored event index")
-        axes[2].legend(loc="upper left", fontsize=8)
-        if drift_at is not None:
-            for ax in axes:
-                ax.axvline(drift_at, color="grey", linestyle="--")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

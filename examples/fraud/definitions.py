@@ -3,7 +3,7 @@
 Declared with Tide's public API only; `tide apply --project examples/fraud` registers it.
 """
 
-from tide import Entity, Feature, FeatureView, Labels, Model, Source
+from tide import Canary, Entity, Feature, FeatureView, Labels, Model, Policy, Retrain, Source
 
 PROJECT_NAME = "fraud"
 
@@ -101,6 +101,14 @@ fraud = Model(
     publish_every=500,
     # Window aggregates are left out: they move while a window fills, which is not drift.
     monitor=["amount", "card_present"],
+    policy=Policy(
+        # A canary is decided within a minute of traffic: a pass is promoted, a fail rolled back.
+        canary=Canary(promote=True, rollback=True, min_labels=150, min_duration_s=10.0, max_duration_s=120.0),
+        # A concept-drift alert (the labels show the change) refreshes the learner: a fresh one warmed on
+        # the newest 400 labels, blessed against the champion on them. Input-drift alerts are reported
+        # only: they come before any label of the changed world, so a refresh then would learn the old one.
+        retrain=Retrain(on=("concept",), window=400, min_interval_s=20.0, max_regression=0.05),
+    ),
 )
 
 fraud_nn = Model(
@@ -114,4 +122,5 @@ fraud_nn = Model(
     batch_trainer="fraud_network:new_network",
     metric="ROCAUC",
     monitor=["amount", "card_present"],
+    policy=Policy(retrain=Retrain(on=("concept", "drift"), window=2000, min_interval_s=300.0)),
 )

@@ -8,6 +8,9 @@ the event, learn when its label arrives), twice from the change on:
 - ``fresh``: ``refresh_after`` events after the change a new learner is warmed on the newest ``window``
   labels, then goes on learning (what ``Retrain(on=("concept", ...))`` does for an online learner).
 
+``blessing_window`` gives the ROC AUC of both on that window, prequential on both sides (each
+prediction made before learning the label), as the trainer compares a refresh with its champion.
+
 It prints the ROC AUC of each over consecutive chunks of the post-drift stream, and over everything
 after the refresh. The card features are computed exactly as the demo's views do for a run shorter than
 an hour (every earlier transaction of the card is in the window).
@@ -83,7 +86,8 @@ def check(cfg: CheckConfig, factory: Callable[[], Any] = new_model) -> dict[str,
         cards.add(gen.next()[0])
     old, fresh = factory(), None
     waiting: dict[str, tuple[int, dict[str, Any], float, float]] = {}
-    recent: deque[tuple[dict[str, Any], bool]] = deque(maxlen=cfg.window)
+    recent: deque[tuple[dict[str, Any], bool, float]] = deque(maxlen=cfg.window)
+    blessing: dict[str, float | None] = {}
     scored: dict[str, list[tuple[int, bool, float]]] = {"old": [], "fresh": []}
     for i in range(cfg.events):
         event, due = gen.next()
@@ -102,11 +106,19 @@ def check(cfg: CheckConfig, factory: Callable[[], Any] = new_model) -> dict[str,
             old.learn_one(xj, y)
             if fresh is not None:
                 fresh.learn_one(xj, y)
-            recent.append((xj, y))
+            recent.append((xj, y, po))
         if i == refresh_at:
             fresh = factory()
-            for xj, y in recent:
+            warm: list[tuple[int, bool, float]] = []
+            for xj, y, _ in recent:
+                warm.append((0, y, fresh.predict_proba_one(xj).get(True, 0.0)))
                 fresh.learn_one(xj, y)
+            # Both sides prequential on the window, as the trainer blesses a refresh.
+            blessing = {
+                "candidate": _auc(warm),
+                "champion": _auc([(0, y, po) for _, y, po in recent]),
+                "post_drift_labels": sum(1 for r in scored["old"][-len(recent) :] if r[0] >= drift_at),
+            }
 
     def chunks(rows: list[tuple[int, bool, float]]) -> list[float | None]:
         after = [r for r in rows if r[0] >= drift_at]
@@ -116,6 +128,7 @@ def check(cfg: CheckConfig, factory: Callable[[], Any] = new_model) -> dict[str,
         "config": cfg.__dict__,
         "pre_drift_auc": _auc([r for r in scored["old"] if drift_at - 5 * cfg.chunk <= r[0] < drift_at]),
         "post_drift_chunks": {name: chunks(rows) for name, rows in scored.items()},
+        "blessing_window": blessing,
         "after_refresh_auc": {
             name: _auc([r for r in rows if r[0] >= refresh_at]) for name, rows in scored.items()
         },

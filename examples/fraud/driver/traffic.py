@@ -47,6 +47,9 @@ class TrafficConfig:
     probe_every: int = 0  # one freshness probe per this many events (0: none)
     fraud_rate: float = 0.03
     seed: int = 7
+    canary_at: int | None = None  # index among the scored events where a canary is deployed
+    canary_version: str = "first"  # first or previous (blessed version), or a version number
+    canary_weight: float = 0.2
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Traffic:
     versions_seen: set[int] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    canary: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -75,7 +79,45 @@ class Traffic:
             "client_latency_ms": percentiles(self.latencies_ms),
             "versions_seen": sorted(self.versions_seen),
             "errors": self.errors[:20],
+            **({"canary": self.canary} if self.canary is not None else {}),
         }
+
+
+def pick_version(versions: list[dict[str, Any]], which: str) -> int | None:
+    """The blessed version ``which`` names: ``first`` (the oldest), ``previous`` (the newest but one) or
+    a version number."""
+    if which.isdigit():
+        return int(which)
+    blessed = sorted(
+        v["version"] for v in versions if v.get("blessing") is None or v["blessing"].get("blessed")
+    )
+    if which == "first":
+        return blessed[0] if blessed else None
+    if which == "previous":
+        return blessed[-2] if len(blessed) >= 2 else None
+    raise ValueError(f"canary_version: {which!r} is not first, previous or a version number")
+
+
+def deploy_canary(demo: Demo, cfg: TrafficConfig, at: int) -> dict[str, Any]:
+    """Deploy a canary of the version ``cfg.canary_version`` names, as an operator would over HTTP; what
+    serving answered."""
+    version = pick_version(demo.versions(MODEL), cfg.canary_version)
+    if version is None:
+        return {"model": MODEL, "version": None, "at_record": at, "status": None, "error": "no such version"}
+    answer = demo.deploy(
+        MODEL, "canary", version, cfg.canary_weight, reason=f"demo: canary of version {version}"
+    )
+    deployment = answer.get("deployment") or {}
+    return {
+        "model": MODEL,
+        "version": version,
+        "weight": cfg.canary_weight,
+        "at_record": at,
+        "status": answer["status"],
+        "id": deployment.get("id"),
+        "outcome": answer.get("outcome"),
+        **({"error": answer} if answer["status"] != 202 else {}),
+    }
 
 
 def score_body(event: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
@@ -135,6 +177,7 @@ async def drive(cfg: TrafficConfig, demo: Demo) -> Traffic:
     url = demo.scoring_url(MODEL)
     slots = asyncio.Semaphore(cfg.concurrency)
     tasks: set[asyncio.Task[None]] = set()
+    canary: asyncio.Task[dict[str, Any]] | None = None
 
     def send_labels(labels: list[dict[str, Any]]) -> None:
         for label in labels:
@@ -168,7 +211,14 @@ async def drive(cfg: TrafficConfig, demo: Demo) -> Traffic:
             if cfg.probe_every and i % cfg.probe_every == 0:
                 demo.watch_freshness(PROBED_VIEW, str(event["card_id"]), int(event["ts"]))
             send_labels(labels)
+            if i == cfg.canary_at:
+                canary = asyncio.create_task(asyncio.to_thread(deploy_canary, demo, cfg, i))
         await asyncio.gather(*tasks)
+        if canary is not None:
+            try:
+                traffic.canary = await canary
+            except Exception as exc:  # reported, not raised: the run goes on and the report says why
+                traffic.canary = {"model": MODEL, "status": None, "error": f"{type(exc).__name__}: {exc}"}
         send_labels(gen.drain())
         await asyncio.to_thread(demo.flush)
         traffic.elapsed_s = time.perf_counter() - started
