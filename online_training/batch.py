@@ -50,17 +50,21 @@ from features.training import Example
 from features.versions import read_states
 from infra.errors import TrainingError
 from infra.imports import add_code_path, import_object
+from models.base import Output
 from models.inputs import ModelInputs
 from models.profile import build_profile
 from models.runtime import OnnxRuntime, feature_matrix
+from online_training.blessing import ChampionScorer, as_prediction, compare
 from online_training.evaluation import build_metric, rolling_auc
 from online_training.history import all_examples
 from online_training.lineage import Binding, binding_of, waiting_views
 from online_training.network import check_parity, export_onnx, fit_network, pick_device, train_mlp
 from online_training.publish import newest_versions, publish_model_version, signer_of
 from online_training.settings import RetrainSettings
+from online_training.triggers import SCHEDULE, AlertReader, Known, trigger_of
 from schemas import registry
 from schemas.definitions import Model, Project
+from schemas.records import Blessing
 
 __all__ = [
     "Candidate",
@@ -213,6 +217,22 @@ def _refusal(settings: RetrainSettings, candidate: Candidate) -> str | None:
     return None
 
 
+def _bless(
+    project: Project, model: Model, held_out: Sequence[Example], scores: Sequence[float], champion: Any
+) -> Blessing:
+    """The candidate against ``champion`` (a record, or None) on the newest ``policy.retrain.window``
+    held-out examples (module docstring)."""
+    n = min(model.policy.retrain.window, len(held_out))
+    window = held_out[len(held_out) - n :]
+    labels_only = bool(getattr(build_metric(model), "requires_labels", False))
+    ours = [as_prediction(model.task, Output(s), labels_only) for s in scores[len(scores) - n :]]
+    ys = [e.y for e in window]
+    if champion is None:
+        return compare(model, ys, ours)
+    theirs = ChampionScorer().predictions(project, model, champion, [e.x for e in window])
+    return compare(model, ys, ours, theirs, int(champion["version"]))
+
+
 def retrain_model(
     settings: RetrainSettings,
     project: Project,
@@ -221,11 +241,15 @@ def retrain_model(
     *,
     binding: Binding | None = None,
     digest: str | None = None,
+    trigger: str = SCHEDULE,
+    known: Known | None = None,
 ) -> dict[str, Any]:
     """One cycle for ``model`` (module docstring); returns a summary, ``published`` saying whether it did.
-    ``newest``: the newest version of each model (any flavor), if already read; ``binding``: the view
-    versions to train on (default: the newest live ones, read from Redis); ``digest``: of the registry
-    definitions being run (default: ``project``'s)."""
+    ``newest``: the newest version of each model (any flavor), if already read (``known``: that and the
+    champions, if read); ``binding``: the view versions to train on (default: the newest live ones,
+    read from Redis); ``digest``: of the registry definitions being run (default: ``project``'s);
+    ``trigger``: ``schedule`` or the drift alert it answers (then it is retrained even without new
+    labels)."""
     started = time.perf_counter()
     if binding is None:
         binding, waiting = _bind(settings, project, model)
@@ -244,7 +268,8 @@ def retrain_model(
     train, held_out = split_by_time(examples, settings.retrain_holdout)
     latest_onnx = newest_versions(settings, FLAVOR).get(model.name)
     if (
-        latest_onnx is not None
+        trigger == SCHEDULE
+        and latest_onnx is not None
         and latest_onnx["trained_on"] == len(train)
         and binding.serves(latest_onnx["feature_names"], latest_onnx.get("view_versions") or {})
     ):
@@ -272,9 +297,12 @@ def retrain_model(
     refused = _refusal(settings, candidate)
     if refused:
         return {**summary, "reason": refused}
-    newest = newest if newest is not None else newest_versions(settings)
+    known = known if known is not None else Known.read(settings)
+    newest = newest if newest is not None else known.newest
     latest = newest.get(model.name)
     version = (latest["version"] if latest else 0) + 1
+    champion = known.champions.of(model.name)
+    blessing = _bless(project, model, held_out, candidate.scores, champion)
     record = publish_model_version(
         settings,
         model=model.name,
@@ -289,11 +317,20 @@ def retrain_model(
         task=model.task,
         definitions_digest=digest or project.digest(),
         view_versions=binding.view_versions,
+        parent_version=None if champion is None else int(champion["version"]),
+        trigger=trigger,
+        data={"first_ts": train[0].ts, "last_ts": train[-1].ts},
+        blessing=blessing,
     )
+    known.seen(record)
     return {
         **summary,
         "published": True,
         "version": version,
+        "trigger": trigger,
+        "parent_version": record["parent_version"],
+        "blessed": blessing["blessed"],
+        "blessing": blessing["reason"],
         "artifact_uri": record["artifact_uri"],
         "signed_by": record["key_id"],
         "seconds": round(time.perf_counter() - started, 3),
@@ -320,8 +357,10 @@ def retrain(
     settings: RetrainSettings, project: Project, *, digest: str | None = None
 ) -> list[dict[str, Any]]:
     """One cycle for every model with a batch trainer; one summary each."""
-    newest = newest_versions(settings)
-    return [retrain_model(settings, project, model, newest, digest=digest) for model in batch_models(project)]
+    known = Known.read(settings)
+    return [
+        retrain_model(settings, project, model, digest=digest, known=known) for model in batch_models(project)
+    ]
 
 
 def run(
@@ -349,26 +388,55 @@ def run(
     if not batch_models(project):
         log.warning("project %s has no model with a batch trainer: nothing to retrain", project.name)
     schedule = _Schedule()
+    alerts = AlertReader(settings, settings.retrain_group) if every_s is not None else None
     try:
         while not stop.is_set():
             if follower is not None and (found := follower.poll()) is not None:
                 project, digest = found.project, found.digest
                 log.info("retraining with definitions version %d (%s)", found.version, digest[:12])
-            due = schedule.due(settings, project, every_s)
-            if due:
-                newest = newest_versions(settings)
-                for model, binding in due:
-                    result = _cycle(settings, project, model, binding, newest, digest, every_s)
-                    if result is not None:
-                        schedule.done(model, binding, result)
-                        log.info("retrain %s", json.dumps(result, default=str))
-                        on_result(result)
+            due = [(m, b, SCHEDULE) for m, b in schedule.due(settings, project, every_s)]
+            known = Known.read(settings) if due or alerts is not None else None
+            if alerts is not None and known is not None:
+                # An alert's retraining replaces the scheduled one of the same model.
+                triggered = _triggered(settings, project, alerts.poll(), known)
+                names = {m.name for m, _, _ in triggered}
+                due = [d for d in due if d[0].name not in names] + triggered
+            for model, binding, trigger in due:
+                assert known is not None
+                result = _cycle(settings, project, model, binding, known, digest, every_s, trigger)
+                if result is not None:
+                    schedule.done(model, binding, result)
+                    log.info("retrain %s", json.dumps(result, default=str))
+                    on_result(result)
+            if alerts is not None:
+                alerts.commit()  # what they triggered is published (or refused, and logged)
             if every_s is None:
                 return
-            stop.wait(POLL_S if follower is not None else every_s)
+            stop.wait(POLL_S if follower is not None or alerts is not None else every_s)
     finally:
         if follower is not None:
             follower.close()
+        if alerts is not None:
+            alerts.close()
+
+
+def _triggered(
+    settings: RetrainSettings,
+    project: Project,
+    alerts: Sequence[Mapping[str, Any]],
+    known: Known,
+) -> list[tuple[Model, Binding | None, str]]:
+    """The batch models to retrain now on ``alerts`` (policy, dedupe and rate limit: :class:`Triggers`)."""
+    out: list[tuple[Model, Binding | None, str]] = []
+    models = {m.name: m for m in batch_models(project)}
+    for alert in alerts:
+        model = models.get(str(alert.get("model")))
+        if model is None or not known.triggers.wanted(model, alert, int(time.time() * 1000)):
+            continue
+        known.triggers.acting(model.name, alert, int(time.time() * 1000))
+        binding, _ = _bind(settings, project, model)
+        out.append((model, binding, trigger_of(alert)))
+    return out
 
 
 def _cycle(
@@ -376,9 +444,10 @@ def _cycle(
     project: Project,
     model: Model,
     binding: Binding | None,
-    newest: dict[str, dict[str, Any]],
+    known: Known,
     digest: str,
     every_s: float | None,
+    trigger: str = SCHEDULE,
 ) -> dict[str, Any] | None:
     if binding is None:
         return {
@@ -388,7 +457,9 @@ def _cycle(
             "reason": _bind(settings, project, model)[1],
         }
     try:
-        return retrain_model(settings, project, model, newest, binding=binding, digest=digest)
+        return retrain_model(
+            settings, project, model, binding=binding, digest=digest, trigger=trigger, known=known
+        )
     except Exception:
         if every_s is None:
             raise

@@ -29,6 +29,7 @@ import json
 import logging
 import pickle
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -40,12 +41,14 @@ from infra.errors import ModelLoadError, TrainingError
 from models.artifacts import load_river, record_artifact
 from online_training.joins import JoinStore, Waiting
 from online_training.learner import OnlineModel, build_learner, profiled_inputs
+from online_training.refresh import Seen
 from online_training.settings import TrainerSettings
 from schemas.definitions import META, FeatureView, Labels, Model, Project
 
 log = logging.getLogger(__name__)
 
 LEGACY = ""  # the lineage of versions published before lineages: its Redis keys are the old ones
+SIDE = "~"  # index entries of versions no lineage continues from (a refresh that was not blessed)
 
 
 def learning_definition(model: Model) -> dict[str, Any]:
@@ -137,6 +140,10 @@ class LineageIndex:
         """``version`` is published by ``lineage`` (written before the version can commit)."""
         self.client.hset(self.key, str(version), lineage)
 
+    def record_side(self, version: int, lineage: str) -> None:
+        """``version`` was made beside ``lineage`` (an unblessed refresh): never resumed from."""
+        self.client.hset(self.key, str(version), SIDE + lineage)
+
     def of(self, version: int) -> str | None:
         found = cast(bytes | None, self.client.hget(self.key, str(version)))
         return None if found is None else found.decode()
@@ -146,6 +153,8 @@ def resumable(record: Mapping[str, Any], binding: Binding, index: LineageIndex) 
     """The lineage to resume from river version ``record``, or None when it was trained under another
     binding than ``binding`` (a new lineage must start)."""
     lineage = index.of(int(record["version"]))
+    if lineage is not None and lineage.startswith(SIDE):
+        return None
     if lineage is not None:
         return lineage if binding.owns(lineage) else None
     fits = (record.get("task") or "binary") == binding.model.task and binding.serves(
@@ -168,7 +177,9 @@ def labels_of(model: Model) -> Labels:
 @dataclass
 class Lineage:
     """One lineage of a model in the trainer: its learner, binding and Redis state, and what the current
-    batch brought it. ``building``: its history replay still runs (it parks labels, learns none)."""
+    batch brought it. ``building``: its history replay still runs (it parks labels, learns none).
+    ``window``: the newest examples learnt (the blessing's window, see :mod:`online_training.refresh`);
+    ``first_ts`` / ``last_ts``: the event-time range of what its learner learnt (a version's data)."""
 
     online: OnlineModel
     store: JoinStore
@@ -179,6 +190,25 @@ class Lineage:
     served: dict[str, dict[str, Any]] = field(default_factory=dict)
     waiting: dict[str, Waiting] = field(default_factory=dict)
     order: list[tuple[bool, str]] = field(default_factory=list)  # (is a label, key) in arrival order
+    window: deque[Seen] = field(default_factory=deque)
+    parent_version: int | None = None  # the version its next one continues from (its newest, else the
+    # champion when it started)
+    first_ts: int | None = None
+    last_ts: int | None = None
+
+    def __post_init__(self) -> None:
+        self.resize()
+
+    def resize(self) -> None:
+        """Keep the window at the model's ``policy.retrain.window`` (after a definition change too)."""
+        size = self.binding.model.policy.retrain.window
+        if self.window.maxlen != size:
+            self.window = deque(self.window, maxlen=size)
+
+    def saw(self, ts: int | None) -> None:
+        if ts is not None:
+            self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
+            self.last_ts = ts if self.last_ts is None else max(self.last_ts, ts)
 
     @property
     def id(self) -> str:
@@ -255,6 +285,7 @@ def resume_lineage(
         lineage or "-",
         binding.describe(),
     )
+    data = river.get("data") or {}
     online = OnlineModel(
         model,
         learner,
@@ -265,4 +296,11 @@ def resume_lineage(
         reference_size=settings.trainer_reference_size,
         profiled=profiled_inputs(project, model, binding.view_versions),
     )
-    return Lineage(online, store, binding)
+    return Lineage(
+        online,
+        store,
+        binding,
+        parent_version=int(river["version"]),
+        first_ts=data.get("first_ts"),
+        last_ts=data.get("last_ts"),
+    )

@@ -33,6 +33,7 @@ from models.artifacts import LocalArtifactStore, sha256_hex
 from models.signing import Signer
 from online_training.settings import PublishSettings
 from schemas import codec
+from schemas.records import Blessing, TrainingData
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,17 @@ def build_record(
     classes: Sequence[str] = (),
     definitions_digest: str | None = None,
     view_versions: Mapping[str, int] | None = None,
+    parent_version: int | None = None,
+    trigger: str | None = None,
+    data: TrainingData | None = None,
+    blessing: Blessing | None = None,
 ) -> dict[str, Any]:
     """The ``model_version`` record for an artifact: stored inline or by URI, signed when configured.
     ``definitions_digest`` and ``view_versions`` (view name -> version) are its lineage: the registry
-    definitions and the view versions it was trained with."""
+    definitions and the view versions it was trained with; ``parent_version`` (the version it continues
+    or replaces: the champion when its training started), ``trigger`` (``schedule`` or the alert),
+    ``data`` (event-time range and topic offsets learnt) and ``blessing`` (its evaluation against the
+    champion, :mod:`online_training.blessing`) complete it."""
     digest = sha256_hex(artifact)
     inline = len(artifact) <= _inline_max(settings)
     record: dict[str, Any] = {
@@ -105,6 +113,10 @@ def build_record(
         "key_id": None,
         "definitions_digest": definitions_digest,
         "view_versions": {str(name): int(v) for name, v in (view_versions or {}).items()},
+        "parent_version": None if parent_version is None else int(parent_version),
+        "trigger": trigger,
+        "data": None if data is None else {"first_ts": None, "last_ts": None, "offsets": {}, **data},
+        "blessing": None if blessing is None else dict(blessing),
     }
     signer = signer_of(settings)
     if signer is not None:
@@ -128,6 +140,10 @@ def publish_model_version(
     classes: Sequence[str] = (),
     definitions_digest: str | None = None,
     view_versions: Mapping[str, int] | None = None,
+    parent_version: int | None = None,
+    trigger: str | None = None,
+    data: TrainingData | None = None,
+    blessing: Blessing | None = None,
     producer: Producer | None = None,
 ) -> dict[str, Any]:
     """Build (:func:`build_record`) and produce a model version; returns the record published.
@@ -150,6 +166,10 @@ def publish_model_version(
         classes=classes,
         definitions_digest=definitions_digest,
         view_versions=view_versions,
+        parent_version=parent_version,
+        trigger=trigger,
+        data=data,
+        blessing=blessing,
     )
     value = codec.encode("model_version", record)
     name = topic(settings, "models")
@@ -158,10 +178,16 @@ def publish_model_version(
     else:
         _produce_and_wait(settings, name, model.encode(), value)
     log.info(
-        "published model=%s version=%d flavor=%s views=%s artifact=%s (%d bytes) %s=%s %s",
+        "published model=%s version=%d flavor=%s parent=%s trigger=%s %s views=%s artifact=%s (%d bytes) "
+        "%s=%s %s",
         model,
         version,
         flavor,
+        parent_version,
+        trigger,
+        "blessing=-"
+        if blessing is None
+        else f"{'blessed' if blessing['blessed'] else 'NOT blessed'} ({blessing['reason']})",
         ",".join(f"{name}@{v}" for name, v in sorted(record["view_versions"].items())) or "-",
         "inline" if record["artifact_uri"] is None else record["artifact_uri"],
         len(artifact),

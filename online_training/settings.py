@@ -57,6 +57,8 @@ class TrainerSettings(PublishSettings):
 class RetrainSettings(PublishSettings):
     """The batch retrainer: every model with a batch trainer, on point-in-time rows, published as ONNX."""
 
+    # Consumer group of the drift-alerts reader of a periodic run (`tide retrain --every`).
+    retrain_group: str = "tide-retrain"
     retrain_epochs: int = Field(default=30, ge=1, le=10_000)
     # The newest share of labels (by event time) held out for evaluation and the ONNX parity check.
     retrain_holdout: float = Field(default=0.2, gt=0.0, lt=0.9)

@@ -8,9 +8,8 @@ lineages in :mod:`online_training.lineage`.
 from __future__ import annotations
 
 import logging
-import pickle
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,21 +24,23 @@ from features.versions import read_states
 from infra.errors import TrainingError
 from infra.processor import Incoming
 from infra.topics import prefixed, topic
+from online_training.blessing import Champions, ChampionScorer
 from online_training.history import all_examples, examples_of
 from online_training.joins import JoinStore, Waiting, log_entry, now_ms
 from online_training.learner import OnlineModel
 from online_training.lineage import (
     Binding,
     Lineage,
-    LineageIndex,
     binding_of,
     learner_models,
     new_lineage,
     newest_views,
     waiting_views,
 )
-from online_training.publish import publish_model_version
+from online_training.publishing import Publishing
+from online_training.refresh import Seen
 from online_training.settings import TrainerSettings
+from online_training.triggers import Triggers
 from schemas import registry
 from schemas.definitions import Model, Project
 
@@ -49,8 +50,6 @@ LEARNT = Counter(
     "tide_trainer_labels_learnt_total", "Labels learnt, by where the inputs came from", ["model", "path"]
 )
 DUPLICATES = Counter("tide_trainer_labels_duplicate_total", "Labels not learnt: already learnt", ["model"])
-PUBLISHED = Counter("tide_trainer_versions_published_total", "Model versions published", ["model"])
-METRIC = Gauge("tide_trainer_online_metric", "Progressive metric of the online learner", ["model", "metric"])
 WAITING = Gauge("tide_trainer_labels_waiting", "Labels waiting for their prediction or a replay", ["model"])
 LINEAGES = Counter("tide_trainer_lineages_started_total", "Lineages started (history replays)", ["model"])
 SERVED_ARMS = ("champion", "canary")  # shadow predictions were not what the caller received
@@ -66,9 +65,11 @@ class _Build:
 
 # A version's inputs as its record names them: (feature names, view versions).
 _Inputs = tuple[tuple[str, ...], dict[str, int]]
+# A label to learn: (key, inputs, raw target, event time).
+_Example = tuple[str, dict[str, Any], Any, int | None]
 
 
-class TrainerStep:
+class TrainerStep(Publishing):
     """The join-learn-publish step over the predictions topic, the models topic and every labels source
     (module docstring). ``models``: each model's learner and Redis state, on the newest view versions
     (start-up uses :func:`restore`, which binds each model to its live view versions)."""
@@ -105,6 +106,12 @@ class TrainerStep:
         self._expected: dict[str, str | None] = {}
         self._next_refresh = 0.0
         self._pool: ThreadPoolExecutor | None = None
+        self._on_assign: Callable[..., None] | None = None
+        self.champions = Champions()  # each model's newest blessed version
+        self.triggers = Triggers()  # drift alerts acted on
+        self._scorer = ChampionScorer()
+        self._alerts: list[dict[str, Any]] = []  # drift alerts of the current batch
+        self._positions: dict[str, int] = {}  # "topic:partition" -> next offset, of labels and predictions
         for online, store in (models or {}).values():
             self.add(Lineage(online, store, newest_views(project, online.model)))
         self._index()
@@ -131,6 +138,10 @@ class TrainerStep:
         if item.record == "model_version":
             self.seen_version(v)
             return
+        if item.record == "drift_alert":
+            self._alerts.append(v)
+            return
+        self._positions[f"{item.topic}:{item.partition}"] = item.offset + 1
         if item.record == "prediction":
             key = v.get("event_id")
             if not key or v["arm"] not in SERVED_ARMS:
@@ -167,6 +178,13 @@ class TrainerStep:
         self._newest[name] = max(self._newest.get(name, 0), version)
         views = {str(k): int(n) for k, n in (record.get("view_versions") or {}).items()}
         self._inputs.setdefault(name, {})[version] = (tuple(record.get("feature_names") or ()), views)
+        self.champions.seen(record)
+        self.triggers.seen(record)
+
+    def note_offsets(self, offsets: Mapping[str, int]) -> None:
+        """Positions a resumed version had read (its ``data.offsets``): the next versions' start."""
+        for where, offset in offsets.items():
+            self._positions[where] = max(self._positions.get(where, 0), int(offset))
 
     def _served_fits(self, state: Lineage, version: int) -> bool:
         """Whether inputs served by ``version`` of the model are what ``state``'s lineage learns from:
@@ -187,6 +205,9 @@ class TrainerStep:
     def _after_batch(self) -> bool:
         now = time.monotonic()
         published = self._refresh(now)
+        alerts, self._alerts = self._alerts, []
+        for alert in alerts:
+            published = self._react(alert) or published
         for state in self.states.values():
             if now >= state.next_catchup:
                 state.next_catchup = now + self.settings.trainer_catchup_interval_s
@@ -216,7 +237,7 @@ class TrainerStep:
         state.served, state.waiting, state.order = {}, {}, []
         store = state.store
         by_served, by_label = store.exchange(served, waiting)
-        learnt: list[tuple[str, dict[str, Any], Any]] = []
+        learnt: list[_Example] = []
         done: set[str] = set()
         park: dict[str, Waiting] = {}
         for is_label, key in order:
@@ -228,14 +249,16 @@ class TrainerStep:
                     DUPLICATES.labels(state.online.name).inc()
                     done.add(key)
                 elif parked is not None and not state.building:
-                    learnt.append((key, orjson.loads(parked), waiting[key].y))
+                    label_ = waiting[key]
+                    learnt.append((key, orjson.loads(parked), label_.y, label_.ts))
                     done.add(key)
                 else:
                     park[key] = waiting[key]
             elif not state.building:
                 label, marker = by_served[key]
                 if label is not None and not store.learnt(marker):
-                    learnt.append((key, served[key], Waiting.loads(label).y))
+                    w = Waiting.loads(label)
+                    learnt.append((key, served[key], w.y, w.ts))
                     done.add(key)
         for key in done:
             park.pop(key, None)
@@ -250,11 +273,12 @@ class TrainerStep:
     def _learn(
         self,
         state: Lineage,
-        examples: Sequence[tuple[str, dict[str, Any], Any]],
+        examples: Sequence[_Example],
         path: str,
         park: Mapping[str, Waiting] | None = None,
     ) -> None:
-        """Learn ``(key, x, raw target)`` in order; write markers, the learn log and labels to park."""
+        """Learn ``(key, x, raw target, event time)`` in order; write markers, the learn log and labels to
+        park; keep each in the lineage's window."""
         online, store = state.online, state.store
         version = online.version + 1
         marker = store.marker(version)
@@ -262,9 +286,12 @@ class TrainerStep:
         markers: dict[str, bytes] = {}
         entries: list[bytes] = []
         task = online.task
-        for key, x, raw in examples:
+        remember = state.window.append
+        for key, x, raw, ts in examples:
             y = target_of(task, raw)
             y_pred = online.learn(x, y)
+            remember(Seen(key, x, y, ts, version, y_pred))
+            state.saw(ts)
             markers[key] = marker
             if keep_log:
                 entries.append(log_entry(store.epoch, version, key, path, y, y_pred))
@@ -295,10 +322,12 @@ class TrainerStep:
         if not todo:
             return 0
         served = [
-            (k, x, todo[k].y) for k, x in zip(todo, store.parked(list(todo)), strict=True) if x is not None
+            (k, x, todo[k].y, todo[k].ts)
+            for k, x in zip(todo, store.parked(list(todo)), strict=True)
+            if x is not None
         ]
         self._learn(state, served, SERVED)
-        rest = [todo[k] for k in todo if k not in {k for k, _, _ in served}]
+        rest = [todo[k] for k in todo if k not in {k for k, _, _, _ in served}]
         spec = state.labels
         records = [{spec.key: w.key, spec.target: w.y, spec.source.event_time: w.ts} for w in rest]
         examples = examples_of(self.settings, self.project, online.model, records, state.binding.views)
@@ -340,50 +369,20 @@ class TrainerStep:
         )
         return len(examples)
 
-    # --- versions ---------------------------------------------------------------------------------------
-
-    def publish(self, state: Lineage, *, wait: bool = False) -> dict[str, Any]:
-        """Publish the model's next version: to the step's transactional producer (committed with the
-        consumed offsets at the checkpoint that follows), or, with ``wait``, outside any transaction
-        (this returns once the broker has the record). Its lineage: the registry digest the trainer runs
-        and the view versions of the state's binding."""
-        online, model = state.online, state.online.model
-        version = max(online.version, self._newest.get(model.name, 0)) + 1
-        state.store.save_metric(version, pickle.dumps(online.metric, protocol=pickle.HIGHEST_PROTOCOL))
-        LineageIndex(state.store.client, self.settings.topic_prefix, model.name).record(version, state.id)
-        record = publish_model_version(
-            self.settings,
-            model=model.name,
-            version=version,
-            flavor="river",
-            artifact=online.dump(),
-            feature_names=model.input_names,
-            metric_name=model.metric_name,
-            metric_value=online.metric_value(),
-            trained_on=online.trained_on,
-            reference=online.profile(),
-            task=model.task,
-            classes=online.sorted_classes(),
-            definitions_digest=self.digest,
-            view_versions=state.binding.view_versions,
-            producer=None if wait else self._producer,
-        )
-        online.version = version
-        online.since_publish = 0
-        state.published_at = time.monotonic()
-        self.seen_version(record)
-        PUBLISHED.labels(model.name).inc()
-        if record["metric_value"] is not None:
-            METRIC.labels(model.name, model.metric_name).set(record["metric_value"])
-        return record
-
     # --- following the registry and the view versions -------------------------------------------------
 
-    def follow(self, follower: registry.Follower | None, consumer: Consumer | None = None) -> None:
+    def follow(
+        self,
+        follower: registry.Follower | None,
+        consumer: Consumer | None = None,
+        on_assign: Callable[..., None] | None = None,
+    ) -> None:
         """Take newer definitions from ``follower`` while running, and keep ``consumer`` subscribed to
-        the topics the models being trained need (:meth:`topics`, which the processor loop reads)."""
+        the topics the models being trained need (:meth:`topics`, which the processor loop reads), its
+        partitions assigned by ``on_assign`` (the checkpoints' positions) when given."""
         self._follower = follower
         self._consumer = consumer
+        self._on_assign = on_assign
 
     def topics(self) -> dict[str, str | None]:
         """Topic -> the record it carries: predictions, model versions and every labels source of a
@@ -391,6 +390,7 @@ class TrainerStep:
         wanted: dict[str, str | None] = {
             topic(self.settings, "predictions"): "prediction",
             topic(self.settings, "models"): "model_version",
+            topic(self.settings, "drift-alerts"): "drift_alert",
         }
         for state in self._all_states():
             source = state.labels.source
@@ -515,7 +515,10 @@ class TrainerStep:
         if self._consumer is not None and after != before:
             # A rebalance: what was consumed since the last checkpoint comes again, and is learnt once
             # (markers) or parked again.
-            self._consumer.subscribe(list(self._expected))
+            if self._on_assign is not None:
+                self._consumer.subscribe(list(self._expected), on_assign=self._on_assign)
+            else:
+                self._consumer.subscribe(list(self._expected))
             log.info("trainer consumes %s", ", ".join(sorted(after)))
 
     def close(self) -> None:
@@ -523,5 +526,5 @@ class TrainerStep:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _triples(examples: Sequence[Example]) -> list[tuple[str, dict[str, Any], Any]]:
-    return [(str(e.key), e.x, e.y) for e in examples]
+def _triples(examples: Sequence[Example]) -> list[_Example]:
+    return [(str(e.key), e.x, e.y, e.ts) for e in examples]

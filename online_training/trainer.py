@@ -74,6 +74,7 @@ from infra.metrics import serve_metrics
 from infra.topics import topic
 from online_training.joins import read_log
 from online_training.lineage import (
+    SIDE,
     LineageIndex,
     binding_of,
     learner_models,
@@ -85,6 +86,7 @@ from online_training.publish import read_versions, signer_of
 from online_training.settings import RetrainSettings, TrainerSettings
 from online_training.step import TrainerStep
 from schemas import codec, registry
+from schemas.checkpoints import KafkaCheckpoints
 from schemas.definitions import Project
 
 __all__ = [
@@ -119,12 +121,11 @@ def restore(
     lineage bootstrapped from history (learnt, then published as its next version, outside any
     transaction). A model with a view not live yet waits (the step starts it once it is)."""
     step = TrainerStep(settings, project, producer, client=client, digest=digest)
-    river: dict[str, dict[str, Any]] = {}
+    rivers: dict[str, list[dict[str, Any]]] = {}
     for record in read_versions(settings):
         step.seen_version(record)
-        name = record["model"]
-        if record["flavor"] == "river" and (name not in river or record["version"] > river[name]["version"]):
-            river[name] = record
+        if record["flavor"] == "river":
+            rivers.setdefault(record["model"], []).append(record)
     states = read_states(client, settings.topic_prefix)
     fresh = []
     for model in learner_models(project):
@@ -133,13 +134,15 @@ def restore(
             step.rebind(model, None, states)  # logs that it waits
             continue
         newest = step.newest(model.name)
-        found = river.get(model.name)
         index = LineageIndex(client, settings.topic_prefix, model.name)
+        found = _continued(rivers.get(model.name, []), index)
         lineage = resumable(found, binding, index) if found is not None else None
         if found is not None and lineage is not None:
             step.add(resume_lineage(settings, project, binding, lineage, found, client, newest))
+            step.note_offsets((found.get("data") or {}).get("offsets") or {})
         else:
             state = new_lineage(settings, project, binding, client, newest)
+            state.parent_version = step.champions.version(model.name)
             step.add(state)
             fresh.append(state)
     for state in fresh:
@@ -148,6 +151,14 @@ def restore(
             step.publish(state, wait=True)
     step.topics()
     return step
+
+
+def _continued(records: list[dict[str, Any]], index: LineageIndex) -> dict[str, Any] | None:
+    """The newest river version a lineage continues from (not a refresh left beside its lineage)."""
+    for record in sorted(records, key=lambda r: -int(r["version"])):
+        if not (index.of(int(record["version"])) or "").startswith(SIDE):
+            return record
+    return None
 
 
 def learn_log(settings: TrainerSettings, model: str) -> list[dict[str, Any]]:
@@ -193,9 +204,13 @@ def run(
         producer = make_transactional_producer(settings, transactional_id(settings))
         step = restore(settings, project, producer, client, digest=digest)
         consumer = make_consumer(settings, settings.trainer_group)
-        step.follow(follower, consumer)
+        # Positions kept with the versions (a record in every transaction): see schemas.checkpoints.
+        checkpoints = KafkaCheckpoints(settings, transactional_id(settings))
+        step.follow(follower, consumer, on_assign=checkpoints.on_assign)
         dlq = KafkaDeadLetters(producer, topic(settings, "dead-letter"))
-        processor.run(step, consumer, producer, dlq, step.topics(), stop, codec.decode_named)
+        processor.run(
+            step, consumer, producer, dlq, step.topics(), stop, codec.decode_named, checkpoints=checkpoints
+        )
     finally:
         if step is not None:
             step.close()

@@ -103,7 +103,9 @@ def test_retrain_publishes_onnx_versions_that_serving_loads(
     assert record["artifact"] == b"" and record["artifact_uri"].startswith(tmp_path.as_uri())
     assert record["feature_names"] == list(model.input_names)
     assert record["key_id"] == keys["key_id"] and record["reference"]["size"] == result["held_out"]
-    assert [h["name"] for h in record["reference"]["features"]] == ["amount", "card_present"]
+    profiled = [h["name"] for h in record["reference"]["features"]]
+    profiled += [c["name"] for c in record["reference"].get("categories") or ()]  # binary inputs: counts
+    assert sorted(profiled) == ["amount", "card_present"]
     assert record["metric_name"] == "ROCAUC" and record["metric_value"] == result["metric_value"]
 
     # serving loads it (URI fetched, digest and signature checked) and scores as torch does

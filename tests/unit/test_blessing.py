@@ -1,0 +1,203 @@
+"""The blessing rule (TFX Evaluator's value and change thresholds), the champion, alert triggers and the
+prequential comparison of online candidates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from models.base import Output
+from online_training.blessing import Champions, as_prediction, bless, compare, is_blessed
+from online_training.refresh import Seen, evaluate
+from online_training.triggers import Triggers, alert_of, category, trigger_of
+from schemas.definitions import Labels, Model, Source
+from schemas.policy import Policy, Retrain
+
+
+def rule(**kw: Any) -> Retrain:
+    return Retrain(**kw)
+
+
+def test_change_threshold_bigger_is_better() -> None:
+    p = rule(max_regression=0.01)
+    ok = bless(p, "ROCAUC", bigger_is_better=True, candidate=0.795, baseline=0.80, baseline_version=3)
+    assert ok["blessed"] and ok["baseline_version"] == 3
+    bad = bless(p, "ROCAUC", bigger_is_better=True, candidate=0.78, baseline=0.80, baseline_version=3)
+    assert not bad["blessed"] and "change threshold" in bad["reason"] and "v3" in bad["reason"]
+    assert bless(p, "ROCAUC", bigger_is_better=True, candidate=0.9, baseline=0.8, baseline_version=3)[
+        "blessed"
+    ]
+
+
+def test_change_threshold_smaller_is_better() -> None:
+    p = rule(max_regression=0.5)
+    assert bless(p, "MAE", bigger_is_better=False, candidate=10.4, baseline=10.0, baseline_version=1)[
+        "blessed"
+    ]
+    bad = bless(p, "MAE", bigger_is_better=False, candidate=10.6, baseline=10.0, baseline_version=1)
+    assert not bad["blessed"] and "max_regression 0.5" in bad["reason"]
+    assert bless(p, "MAE", bigger_is_better=False, candidate=3.0, baseline=10.0, baseline_version=1)[
+        "blessed"
+    ]
+
+
+def test_zero_regression_allows_a_tie_only() -> None:
+    p = rule()
+    assert bless(p, "ROCAUC", bigger_is_better=True, candidate=0.8, baseline=0.8, baseline_version=1)[
+        "blessed"
+    ]
+    assert not bless(p, "ROCAUC", bigger_is_better=True, candidate=0.7999, baseline=0.8, baseline_version=1)[
+        "blessed"
+    ]
+
+
+def test_value_threshold_both_ways() -> None:
+    up = rule(min_value=0.7)
+    low = bless(up, "ROCAUC", bigger_is_better=True, candidate=0.65, baseline=0.5, baseline_version=2)
+    assert not low["blessed"] and "value threshold" in low["reason"]  # better than the champion, still no
+    assert bless(up, "ROCAUC", bigger_is_better=True, candidate=0.7)["blessed"]
+    down = rule(min_value=5.0)  # an error: at most 5
+    assert bless(down, "MAE", bigger_is_better=False, candidate=4.0)["blessed"]
+    assert not bless(down, "MAE", bigger_is_better=False, candidate=6.0)["blessed"]
+
+
+def test_no_champion() -> None:
+    first = bless(rule(), "ROCAUC", bigger_is_better=True, candidate=0.55, window_labels=40)
+    assert first["blessed"] and first["baseline_version"] is None and first["window_labels"] == 40
+    untrained = bless(rule(), "ROCAUC", bigger_is_better=True, candidate=None)
+    assert untrained["blessed"]  # a first, untrained version: serving can start
+    assert not bless(rule(min_value=0.6), "ROCAUC", bigger_is_better=True, candidate=None)["blessed"]
+    assert not bless(rule(min_value=0.6), "ROCAUC", bigger_is_better=True, candidate=0.59)["blessed"]
+
+
+def test_unmeasured_candidate_or_champion() -> None:
+    nothing = bless(rule(), "ROCAUC", bigger_is_better=True, candidate=None, baseline=0.8, baseline_version=4)
+    assert not nothing["blessed"] and "could not be measured" in nothing["reason"]
+    blind = bless(rule(), "ROCAUC", bigger_is_better=True, candidate=0.6, baseline=None, baseline_version=4)
+    assert blind["blessed"] and "champion v4 could not be measured" in blind["reason"]
+
+
+def test_champion_is_the_newest_blessed() -> None:
+    champions = Champions()
+    verdict = {"blessed": False, "reason": "x", "metric": "ROCAUC"}
+    champions.seen({"model": "m", "version": 1, "blessing": None})  # older than blessing: blessed
+    champions.seen({"model": "m", "version": 3, "blessing": verdict})
+    assert champions.version("m") == 1
+    champions.seen({"model": "m", "version": 2, "blessing": {**verdict, "blessed": True}})
+    assert champions.version("m") == 2 and champions.version("other") is None
+    assert is_blessed({"blessing": None}) and not is_blessed({"blessing": verdict})
+
+
+def model_with(metric: str, task: str = "binary", **retrain: Any) -> Model:
+    schema = {
+        "type": "record",
+        "name": "Ev",
+        "fields": [
+            {"name": "k", "type": "string"},
+            {"name": "a", "type": "double"},
+            {"name": "ts", "type": "long"},
+        ],
+    }
+    request = Source(name="ev", topic="ev", schema=schema, key="k", event_time="ts")
+    labels_schema = {
+        "type": "record",
+        "name": "Lab",
+        "fields": [
+            {"name": "k", "type": "string"},
+            {"name": "y", "type": "boolean"},
+            {"name": "ts", "type": "long"},
+        ],
+    }
+    labels = Labels(
+        name="lab",
+        source=Source(name="lab", topic="lab", schema=labels_schema, key="k", event_time="ts"),
+        key="k",
+        target="y",
+        task=task,  # type: ignore[arg-type]
+    )
+    return Model(
+        name="m",
+        task=task,  # type: ignore[arg-type]
+        request=request,
+        request_fields=["a"],
+        labels=labels,
+        learner="river.linear_model:LogisticRegression",
+        metric=metric,
+        policy=Policy(retrain=Retrain(**retrain)),
+    )
+
+
+def test_compare_uses_the_same_examples_for_both() -> None:
+    model = model_with("Accuracy", max_regression=0.0)
+    ys = [True, False, True, False]
+    ours: list[Any] = [True, False, None, False]  # Accuracy is fed labels
+    theirs: list[Any] = [False, False, True, True]
+    verdict = compare(model, ys, ours, theirs, 7)
+    # the third example is left out on both sides (the candidate predicted nothing)
+    assert verdict["window_labels"] == 3
+    assert verdict["candidate_value"] == pytest.approx(1.0) and verdict["baseline_value"] == pytest.approx(
+        1 / 3
+    )
+    assert verdict["blessed"]
+    worse = compare(model, ys, theirs, ours, 7)
+    assert not worse["blessed"] and worse["metric"] == "Accuracy"
+
+
+def test_runtime_answers_feed_the_metric_like_a_learner() -> None:
+    assert as_prediction("binary", Output(0.7)) == {True: 0.7, False: pytest.approx(0.3)}
+    assert as_prediction("binary", Output(0.7), labels_only=True) is True
+    assert as_prediction("regression", Output(3.5)) == 3.5
+    multi = Output(0.6, "b", {"a": 0.4, "b": 0.6})
+    assert as_prediction("multiclass", multi) == {"a": 0.4, "b": 0.6}
+    assert as_prediction("multiclass", multi, labels_only=True) == "b"
+
+
+class Scorer:
+    """A champion that always says ``p`` (and records what it was asked)."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self.asked: list[dict[str, Any]] = []
+
+    def predictions(self, project: Any, model: Any, record: Any, xs: list[dict[str, Any]]) -> list[Any]:
+        self.asked += xs
+        return [self.p >= 0.5 for _ in xs]
+
+
+def test_prequential_window_uses_the_lineage_for_what_the_champion_learnt() -> None:
+    model = model_with("Accuracy")
+    right, wrong = True, False  # Accuracy is fed labels
+    window = [Seen(str(i), {"a": float(i)}, True, i, 1 + i // 2, right if i < 2 else wrong) for i in range(4)]
+    champion = {"model": "m", "version": 1}
+    scorer = Scorer(0.9)  # the frozen champion is right on everything
+    candidate = [s.y_pred for s in window]
+    same = evaluate(None, model, window, candidate, champion, scorer, same_lineage=True)  # type: ignore[arg-type]
+    # examples 0 and 1 went into version 1 (the champion): its lineage's predictions; 2 and 3 after it
+    assert [x["a"] for x in scorer.asked] == [2.0, 3.0]
+    assert same["baseline_value"] == pytest.approx(1.0) and same["candidate_value"] == pytest.approx(0.5)
+    assert not same["blessed"] and same["baseline_version"] == 1
+    other = evaluate(None, model, window, candidate, champion, Scorer(0.9), same_lineage=False)  # type: ignore[arg-type]
+    assert other["window_labels"] == 4 and other["baseline_value"] == pytest.approx(1.0)
+    alone = evaluate(None, model, window, candidate, None, scorer, same_lineage=False)  # type: ignore[arg-type]
+    assert alone["blessed"] and alone["baseline_version"] is None
+
+
+def test_alert_triggers_policy_rate_limit_and_once() -> None:
+    model = model_with("ROCAUC", on=("concept",), min_interval_s=60)
+    triggers = Triggers()
+    concept = {"alert_id": "a1", "model": "m", "version": 3, "kind": "concept"}
+    drift = {"alert_id": "a2", "model": "m", "version": 3, "kind": "input"}
+    assert category("output") == "drift" and category("concept") == "concept"
+    assert not triggers.wanted(model, drift, 0)  # not in `on`
+    assert triggers.wanted(model, concept, 1_000_000)
+    triggers.acting("m", concept, 1_000_000)
+    assert not triggers.wanted(model, concept, 9_000_000)  # acted on already
+    later = {**concept, "alert_id": "a3"}
+    assert not triggers.wanted(model, later, 1_030_000)  # within min_interval_s
+    assert triggers.wanted(model, later, 1_061_000)
+    # what a version's trigger says is enough to know, after a restart
+    fresh = Triggers()
+    fresh.seen({"model": "m", "version": 4, "trigger": trigger_of(concept), "created_ts": 1_000_000})
+    assert alert_of(trigger_of(concept)) == "a1" and alert_of("schedule") is None
+    assert not fresh.wanted(model, concept, 5_000_000) and not fresh.wanted(model, later, 1_010_000)
