@@ -4,12 +4,14 @@ What is signed is a *statement* about the version, not the artifact bytes alone:
 
     b"tide.model_version/1\\n" + canonical JSON of {model, version, flavor, sha256, feature_names}
 
-plus ``task`` and ``classes`` when the record is not a plain binary model, and ``view_versions`` (its
-lineage: the version of each view it was trained with) when the record names any, so the statements of
-older versions are what they always were. The artifact is bound through its sha256 (checked against
-the bytes on load), and the statement names the model, version, flavor, input order, task, class order
-and lineage, so a signed artifact cannot be replayed as another model, another version, with its inputs
-permuted, its outputs given other class names or its features read from other view versions. The
+plus ``task`` and ``classes`` when the record is not a plain binary model, ``view_versions`` (its
+lineage: the version of each view it was trained with) when the record names any, and ``blessed`` when
+the record has a blessing (whether it may serve as champion), so the statements of older versions are
+what they always were and an unblessed version cannot be passed off as blessed. The artifact is bound
+through its sha256 (checked against the bytes on load), and the statement names the model, version,
+flavor, input order, task, class order and lineage, so a signed artifact cannot be replayed as another
+model, another version, with its inputs permuted, its outputs given other class names or its features
+read from other view versions. The
 canonical JSON has sorted keys, no spaces and ASCII only, so every writer produces the same bytes for
 the same statement.
 
@@ -62,6 +64,9 @@ def statement(record: Mapping[str, Any]) -> bytes:
     views = record.get("view_versions") or {}
     if views:
         body["view_versions"] = {str(name): int(v) for name, v in views.items()}
+    blessing = record.get("blessing")
+    if blessing is not None:
+        body["blessed"] = bool(blessing.get("blessed"))
     return STATEMENT_PREFIX + json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
 
 

@@ -19,6 +19,19 @@ One cycle per model (:func:`retrain_model`):
    inputs and view versions, or it does no better than guessing (binary: held-out ROC AUC under
    ``retrain_min_auc``; regression: held-out MAE not under that of predicting the training mean).
 
+Every version records its lineage: parent (the champion when it started), trigger (``schedule`` or the
+drift alert), data (the event-time range trained on) and its blessing
+(:func:`online_training.blessing.compare`): the candidate against the champion (the model's newest
+blessed version, any flavor, scored through serving's loader) on the newest ``policy.retrain.window``
+held-out examples, which neither trained on when the champion is an older batch version. An unblessed
+version is published with the reason; serving never makes it champion.
+
+A periodic run (``--every``) also reads the ``drift-alerts`` topic (group ``retrain_group``): an alert
+of a kind a batch model's ``policy.retrain.on`` lists retrains that model at once (even without new
+labels), at most once per ``min_interval_s`` and once per alert (:mod:`online_training.triggers`; the
+alert's offset is committed after its cycle, and an alert a published version already names is not
+acted on again).
+
 ``tide retrain --every`` follows the registry while it runs (:class:`schemas.registry.Follower`, polled
 every second between cycles): a model added (or changed) is retrained at once, a removed one no more,
 and a model whose views get a newer live version is retrained on it at once, so the older view

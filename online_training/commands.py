@@ -64,7 +64,8 @@ def add_commands(add: AddCommand) -> None:
         "served for their events, or point-in-time features replayed for events never scored), "
         "progressively, and publishes versions (flavor river). Follows the registry and the view versions "
         "made live: a model applied while it runs is trained (history first), a changed one starts a new "
-        "lineage, a removed one stops.",
+        "lineage, a removed one stops. A drift alert a model's retrain policy lists refreshes it (a fresh "
+        "learner warmed on its recent labels); every version is blessed against the champion.",
     )
     rt = add(
         "retrain",
@@ -72,8 +73,9 @@ def add_commands(add: AddCommand) -> None:
         "Batch-retrain every model with a batch trainer: point-in-time training rows replayed from the "
         "topics, its torch module trained (CUDA when present, else CPU), its ONNX export checked to score "
         "like torch, published as the model's next version (flavor onnx). Prints one JSON summary per "
-        "model and run. With --every it follows the registry: models applied meanwhile are retrained at "
-        "once.",
+        "model and run. With --every it follows the registry (models applied meanwhile are retrained at "
+        "once) and retrains a model at once on a drift alert its retrain policy lists. Every version is "
+        "blessed against the champion on the newest held-out labels (unblessed ones never serve).",
     )
     rt.add_argument(
         "--every",

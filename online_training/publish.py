@@ -1,7 +1,8 @@
 """Publishing model versions: the one way both trainers (and benchmarks) put a version on the models topic.
 
 :func:`publish_model_version` builds the ``model_version`` record (with the model's task, classes and
-its lineage: the digest of the definitions it was trained with and the version of each view it read),
+its lineage: the digest of the definitions it was trained with, the version of each view it read, its
+parent version, trigger, training data and blessing),
 stores the artifact inline (up to ``artifact_inline_max_bytes``) or in the artifact store by URI, signs
 it when a signing key is configured (:mod:`models.signing`) and produces it keyed by model name.
 :func:`newest_versions` reads the newest committed version of every model in one pass over the models

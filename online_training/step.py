@@ -1,5 +1,6 @@
 """The online trainer's stream step: labels joined with served inputs or replayed features, learnt once
-by the lineage of each model, versions published; the registry and the live view versions followed.
+by the lineage of each model, versions published (with lineage and blessing) and drift alerts reacted
+to (:mod:`online_training.publishing`); the registry and the live view versions followed.
 
 The whole story (paths, exactly-once, limits) is in :mod:`online_training.trainer`; bindings and
 lineages in :mod:`online_training.lineage`.

@@ -46,6 +46,21 @@ into the restored learner, while the consumer replays from the offsets committed
 model's learn log (a Redis list, :func:`learn_log`) records the keys in the order learnt, with the
 prediction made before learning each.
 
+Blessing and lineage (:mod:`online_training.publishing`): every version records its parent (the
+lineage's previous version; for a lineage's first, the champion when it started), its trigger
+(``schedule``, or the drift alert it answers), the data it learnt (event-time range, and the next offsets
+of the predictions and labels partitions read) and its blessing against the champion (the model's newest
+blessed version) on the lineage's recent window, prequentially (:mod:`online_training.refresh`). An
+unblessed version is published all the same, with the reason; serving never makes it champion.
+
+Drift alerts (topic ``drift-alerts``, read by the same processor): an alert of a kind the model's
+``policy.retrain.on`` lists refreshes it — a fresh learner from its factory warmed on the window,
+published with the alert as trigger and the champion as parent, blessed, and continued by the lineage
+once blessed — at most once per ``min_interval_s`` and once per alert (:mod:`online_training.triggers`);
+the version commits in the transaction that consumes the alert. Positions are kept on the
+``checkpoints`` topic with each transaction (:mod:`schemas.checkpoints`), so a broker that ignores
+transactions holding only offsets never makes the trainer re-read old records.
+
 Limits: markers, parked inputs and waiting labels live ``trainer_join_ttl_s`` plus the labels'
 ``max_delay``; a label redelivered after that is learnt again. A catch-up replays the model's sources
 from the beginning (its cost grows with history; it is meant for the occasional unscored event, and a

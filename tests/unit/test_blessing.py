@@ -201,3 +201,14 @@ def test_alert_triggers_policy_rate_limit_and_once() -> None:
     fresh.seen({"model": "m", "version": 4, "trigger": trigger_of(concept), "created_ts": 1_000_000})
     assert alert_of(trigger_of(concept)) == "a1" and alert_of("schedule") is None
     assert not fresh.wanted(model, concept, 5_000_000) and not fresh.wanted(model, later, 1_010_000)
+
+
+def test_the_blessing_is_signed() -> None:
+    from models.signing import statement
+
+    rec = {"model": "m", "version": 2, "flavor": "river", "sha256": "ab", "feature_names": ["a"]}
+    assert statement({**rec, "blessing": None}) == statement(rec)  # older records: as they were
+    verdict = {"blessed": False, "reason": "x", "metric": "ROCAUC"}
+    unblessed = statement({**rec, "blessing": verdict})
+    assert b'"blessed":false' in unblessed
+    assert unblessed != statement({**rec, "blessing": {**verdict, "blessed": True}})
