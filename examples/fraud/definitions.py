@@ -98,7 +98,9 @@ fraud = Model(
     labels=is_fraud,
     learner="fraud_model:new_model",
     metric="ROCAUC",
-    publish_every=500,
+    # A version per 1200 labels: the judge watches the loss of each version for a change, so the version
+    # serving when the world changes must go on serving long enough for the change to show.
+    publish_every=1200,
     # Window aggregates are left out: they move while a window fills, which is not drift.
     monitor=["amount", "card_present"],
     policy=Policy(

@@ -73,8 +73,8 @@ def test_fraud_loop(tmp_path: Path) -> None:
         duration_s=30,
         rate=150,
         out_dir=tmp_path,
-        publish_every=300,
-        options={"warmup_events": 2000},
+        # publish_every as declared: the judge watches each version's loss; one must serve across the change
+        options={"warmup_events": 2000, "drift_fraction": 0.6, "canary_fraction": 0.1},
     )
     report = run_demo(cfg, inspect)
 
@@ -102,6 +102,26 @@ def test_fraud_loop(tmp_path: Path) -> None:
     assert report["drift_injected_at"] == int(cfg.events * 0.6)
     assert report["drift_alerts"], report["timeline"]["fraud"]["drift"][-5:]
     assert all(a["delay_records"] is not None and a["delay_records"] >= 0 for a in report["drift_alerts"])
+    kinds = {a["kind"] for a in report["drift_alerts"]}
+    assert {"input", "concept"} <= kinds, report["drift_alerts"]
+    # f. the canary of the untrained first version was judged, failed, and the judge ended it
+    canary = report["driver"]["canary"]
+    assert canary["status"] == 202 and canary["version"] == 1
+    [verdict] = [v for v in report["verdicts"]["final"] if v["version"] == 1]
+    assert verdict["outcome"] == "fail" and verdict["action"] == "rollback" and verdict["n"] >= 150
+    assert verdict["lower"] > verdict["margin"]  # worse than the champion beyond the margin
+    [ended] = [d for d in report["deployments"] if d["source"] == "judge"]
+    assert (ended["action"], ended["version"], ended["weight"], ended["status"]) == (
+        "canary",
+        1,
+        0.0,
+        "applied",
+    )
+    assert verdict["id"] in ended["reason"] and ended["effect"]
+    # g. the concept alert triggered a refresh, blessed against the champion, that then answered
+    refreshed = [v for v in fraud["versions"] if (v["trigger"] or "").startswith("concept drift alert")]
+    assert refreshed and refreshed[0]["blessing"]["blessed"] and refreshed[0]["served_from"] is not None
+    assert refreshed[0]["parent_version"] is not None
     assert report["ok"], report["problems"]
     assert (tmp_path / "report.json").is_file()
     assert (tmp_path / "loop.png").stat().st_size > 10_000
