@@ -23,6 +23,7 @@ from infra.topics import topic
 from online_training import batch, trainer
 from online_training.settings import RetrainSettings
 from schemas import codec
+from schemas.checkpoints import KafkaCheckpoints
 from schemas.definitions import Project
 from schemas.policy import Policy, Retrain
 from streams.tail import tail
@@ -43,8 +44,12 @@ pytestmark = pytest.mark.integration
 LINEAGE_FIELDS = ("parent_version", "trigger", "data", "blessing")
 
 
-def with_policy(project: Project, model: str, **retrain: Any) -> Project:
-    changed = dataclasses.replace(project.models[model], policy=Policy(retrain=Retrain(**retrain)))
+def with_policy(project: Project, model: str, publish_every: int = 500, **retrain: Any) -> Project:
+    """``project`` with ``model``'s retrain policy (and publishing cadence) set here, whatever the
+    example declares."""
+    changed = dataclasses.replace(
+        project.models[model], policy=Policy(retrain=Retrain(**retrain)), publish_every=publish_every
+    )
     return dataclasses.replace(project, models={**project.models, model: changed})
 
 
@@ -167,6 +172,10 @@ def test_a_concept_alert_refreshes_an_online_model_once(
         assert v["version"] == 1 or v["parent_version"] is not None
     served = [v for v in after if v["data"]["offsets"]]
     assert served and all(f"{topic(s, 'predictions')}:0" in v["data"]["offsets"] for v in served)
+    # the trainer's positions are kept with its output: all 5 alerts were read, whatever the broker does
+    # with transactions that hold only offsets
+    restored = KafkaCheckpoints(s, trainer.transactional_id(s)).load()
+    assert restored is not None and restored.positions[topic(s, "drift-alerts"), 0] == 5
 
 
 def noisy_inputs(rng: random.Random) -> tuple[dict[str, Any], bool]:
