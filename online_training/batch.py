@@ -28,7 +28,8 @@ version is published with the reason; serving never makes it champion.
 
 A periodic run (``--every``) also reads the ``drift-alerts`` topic (group ``retrain_group``): an alert
 of a kind a batch model's ``policy.retrain.on`` lists retrains that model at once (even without new
-labels), at most once per ``min_interval_s`` and once per alert (:mod:`online_training.triggers`; the
+labels; on the newest ``retrain_triggered_labels`` training examples only, when set), at most once
+per ``min_interval_s`` and once per alert (:mod:`online_training.triggers`; the
 alert's offset is committed after its cycle, and an alert a published version already names is not
 acted on again).
 
@@ -279,6 +280,9 @@ def retrain_model(
     if len(examples) < settings.retrain_min_labels:
         return {**summary, "reason": f"{len(examples)} labels, fewer than {settings.retrain_min_labels}"}
     train, held_out = split_by_time(examples, settings.retrain_holdout)
+    if trigger != SCHEDULE and settings.retrain_triggered_labels:
+        # After a drift alert, the newest labels describe the world to come: train on those only.
+        train = train[-settings.retrain_triggered_labels :]
     latest_onnx = newest_versions(settings, FLAVOR).get(model.name)
     if (
         trigger == SCHEDULE

@@ -59,6 +59,9 @@ class RetrainSettings(PublishSettings):
 
     # Consumer group of the drift-alerts reader of a periodic run (`tide retrain --every`).
     retrain_group: str = "tide-retrain"
+    # A retraining triggered by a drift alert trains on this many of the newest training examples only
+    # (recent data describes the changed world); 0: on all of them, as a scheduled one.
+    retrain_triggered_labels: int = Field(default=0, ge=0)
     retrain_epochs: int = Field(default=30, ge=1, le=10_000)
     # The newest share of labels (by event time) held out for evaluation and the ONNX parity check.
     retrain_holdout: float = Field(default=0.2, gt=0.0, lt=0.9)

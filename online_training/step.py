@@ -443,6 +443,7 @@ class TrainerStep(Publishing):
         if active is not None and active.binding.fingerprint == binding.fingerprint:
             # Same lineage: take what else changed (publish_every, metric name, metadata).
             active.binding, active.online.model = binding, model
+            active.resize()  # the policy's window may have changed
             if build is not None:
                 del self.building[name]
                 self._index()

@@ -249,6 +249,7 @@ def test_the_batch_retrainer_retrains_on_an_alert(fraud: CommonSettings, fraud_p
         retrain_epochs=3,
         retrain_min_labels=500,
         retrain_group=f"{fraud.topic_prefix}retrain",
+        retrain_triggered_labels=600,
     )
     mark_live(rs, project)
     produce_generated(rs, project, 1500, seed=21)
@@ -292,3 +293,8 @@ def test_the_batch_retrainer_retrains_on_an_alert(fraud: CommonSettings, fraud_p
     assert two["blessing"]["baseline_version"] == 1 and two["blessing"]["window_labels"] == 300
     assert two["blessing"]["reason"] and two["blessing"]["candidate_value"] is not None
     assert two["data"]["first_ts"] <= two["data"]["last_ts"]
+    # scheduled: every training example; triggered: the newest 600 only (the same held-out window)
+    assert (one["trained_on"], two["trained_on"]) == (1200, 600)
+    assert (
+        one["data"]["first_ts"] < two["data"]["first_ts"] and one["data"]["last_ts"] == two["data"]["last_ts"]
+    )
