@@ -36,7 +36,13 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # Modules that define the services' settings classes (all CommonSettings subclasses). streams.drift may
 # land after this test: a missing module is tolerated here, so only the variables it would define fail
 # (as unknown), and the drift service is then validated against CommonSettings.
-SETTINGS_MODULES = ("features.settings", "online_training.trainer", "serving.settings", "streams.drift")
+SETTINGS_MODULES = (
+    "features.settings",
+    "online_training.trainer",
+    "serving.settings",
+    "streams.drift",
+    "streams.judge",
+)
 OPTIONAL_SETTINGS_MODULES = {"streams.drift"}
 
 # The settings class each subcommand builds (see tide/cli.py's cmd_* functions).
@@ -46,6 +52,7 @@ COMMAND_SETTINGS = {
     "train": "TrainerSettings",
     "retrain": "RetrainSettings",  # online_training.settings, imported by online_training.trainer
     "drift": "DriftSettings",
+    "judge": "JudgeSettings",
     "topics": "CommonSettings",
     "apply": "CommonSettings",
     "registry": "CommonSettings",
@@ -53,7 +60,7 @@ COMMAND_SETTINGS = {
     "tail": "CommonSettings",
 }
 ONE_SHOT_COMMANDS = {"topics", "apply", "registry", "produce", "tail"}
-PROCESSOR_COMMANDS = {"serve", "features", "train", "drift"}
+PROCESSOR_COMMANDS = {"serve", "features", "train", "drift", "judge"}
 HEALTHY = "service_healthy"
 COMPLETED = "service_completed_successfully"
 DEPENDS_CONDITIONS = {"service_started", HEALTHY, COMPLETED}
@@ -282,7 +289,7 @@ def _healthcheck_test(svc: dict[str, Any]) -> str | None:
 
 def test_compose_file_shape() -> None:
     assert "version" not in COMPOSE, "the compose spec has no `version:` (compose warns it is obsolete)"
-    expected = {"kafka", "redis", "apply", "features", "trainer", "drift", "serve"}
+    expected = {"kafka", "redis", "apply", "features", "trainer", "drift", "judge", "serve"}
     assert expected <= set(SERVICES), f"missing services: {sorted(expected - set(SERVICES))}"
     declared = set(COMPOSE.get("volumes") or {})
     for name, svc in SERVICES.items():
@@ -502,7 +509,7 @@ def test_processor_metrics_are_scrapable_in_the_network_and_health_checked(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     for name in TIDE_SERVICES:
-        if _command(SERVICES[name])[0] not in ("features", "train", "drift"):
+        if _command(SERVICES[name])[0] not in ("features", "train", "drift", "judge"):
             continue
         with monkeypatch.context() as mp:
             settings = _effective_settings(name, mp, tmp_path)
