@@ -57,8 +57,12 @@ bench-learn: install
 
 # Tide's drift monitors and concept-drift detectors on streams with known change points (river's synthetic
 # generators and the examples' generators, BENCH_SEEDS seeds each) beside river's ADWIN alone: detection
-# delay in records and false alarms per 100k records. Writes out/bench/drift.json.
+# delay in records and false alarms per 100k records. Writes out/bench/drift.json. Peers (Evidently) go in
+# their own venv, best effort: a failed install is recorded in the JSON, not a failed target.
+DRIFT_VENV := .venv-drift
 bench-drift: install
+	@test -x $(DRIFT_VENV)/bin/python || $(PYTHON) -m venv $(DRIFT_VENV)
+	-timeout 600 $(DRIFT_VENV)/bin/pip install -q -r bench/requirements-drift.txt
 	$(PY) -m bench.drift --seeds $(BENCH_SEEDS) $(BENCH_ARGS)
 
 # The canary judge on simulated canaries better, equal and worse by stated effects (many seeds) beside a

@@ -1,0 +1,64 @@
+"""The concept-drift monitor on simulated error streams: rises found with honest change points and
+estimates, falls ignored, quiet on stationary streams, cool-down."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streams.concept import ADWIN, PAGE_HINKLEY, ConceptChange, ConceptMonitor
+
+
+def _errors(rng: np.random.Generator, rates: list[tuple[float, int]]) -> list[float]:
+    return [float(e) for rate, n in rates for e in rng.random(n) < rate]
+
+
+def _run(monitor: ConceptMonitor, losses: list[float]) -> list[ConceptChange]:
+    return [c for c in map(monitor.update, losses) if c is not None]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_rise_is_found_with_its_change_point_and_estimates(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    changes = _run(ConceptMonitor(), _errors(rng, [(0.1, 5000), (0.3, 2000)]))
+    assert changes, "the rise from 10% to 30% errors was not found"
+    first = changes[0]
+    delay = first.seen - 5000
+    assert 0 < delay < 600, first
+    # the estimated change point is near the true one: delay_records counts from it to the alarm
+    assert abs(first.delay_records - delay) < 150, first
+    assert first.estimate_before == pytest.approx(0.1, abs=0.04)
+    assert first.estimate_after == pytest.approx(0.3, abs=0.1)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_stationary_and_falling_error_streams_raise_nothing(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    assert _run(ConceptMonitor(), _errors(rng, [(0.3, 30_000)])) == []
+    # a model getting better is not drift
+    assert _run(ConceptMonitor(), _errors(rng, [(0.4, 3000), (0.1, 3000)])) == []
+
+
+def test_page_hinkley_reports_its_own_change_point() -> None:
+    rng = np.random.default_rng(5)
+    # ADWIN out of the way (a tiny delta): PageHinkley alone finds the slow, lasting rise
+    monitor = ConceptMonitor(delta=1e-12, threshold=20.0, ph_delta=0.005)
+    changes = _run(monitor, _errors(rng, [(0.1, 4000), (0.3, 3000)]))
+    assert changes and changes[0].detector == PAGE_HINKLEY
+    first = changes[0]
+    assert abs(first.delay_records - (first.seen - 4000)) < 100, first
+    assert first.estimate_before < 0.15 < 0.2 < first.estimate_after
+
+
+def test_cooldown_keeps_quiet_after_an_alarm() -> None:
+    rng = np.random.default_rng(7)
+    losses = _errors(rng, [(0.05, 2000), (0.5, 300), (0.05, 200), (0.6, 2000)])
+    quiet = ConceptMonitor(cooldown=10_000)
+    changes = _run(quiet, losses)
+    assert len(changes) == 1 and changes[0].detector == ADWIN
+    assert len(_run(ConceptMonitor(cooldown=100), losses)) >= 2
+
+
+def test_nothing_before_min_records() -> None:
+    monitor = ConceptMonitor(min_records=500)
+    assert _run(monitor, [0.0] * 200 + [1.0] * 250) == []
