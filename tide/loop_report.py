@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from tide.report import ScoredIndex
 
 SCHEDULE = "schedule"
-# Canary answers logged this many scored events after an ending deployment still count as in flight.
-IN_FLIGHT = 200
+# Canary answers logged up to this long after an ending deployment was published still count as in
+# flight (serving applies a deployment when it reads it back; the judge's is committed with its checkpoint).
+IN_FLIGHT_MS = 3000
 VERDICT_FIELDS = (
     "version",
     "champion_version",
@@ -126,19 +127,16 @@ def effect(
     action, version = d["action"], d.get("version")
     mine = [p for p in predictions if p.get("model") == d["model"]]
 
-    def after(arm: str, start: int) -> list[Mapping[str, Any]]:
-        return [
-            p
-            for p in mine
-            if p.get("arm") == arm and index.of_event.get(str(p.get("event_id") or ""), -1) > start
-        ]
+    def after(arm: str, start_ms: int) -> list[Mapping[str, Any]]:
+        return [p for p in mine if p.get("arm") == arm and int(p["ts"]) > start_ms]
 
+    ts = int(d["ts"])
     if action == "canary" and d.get("weight"):
-        return any(p["version"] == version for p in after("canary", at))
+        return any(p["version"] == version for p in after("canary", ts))
     if (action == "canary" and not d.get("weight")) or action == "rollback":
-        return not after("canary", at + IN_FLIGHT)
+        return not after("canary", ts + IN_FLIGHT_MS)
     if action == "promote":
-        return any(p["version"] == version for p in after("champion", at))
+        return any(p["version"] == version for p in after("champion", ts + IN_FLIGHT_MS))
     return None
 
 

@@ -88,6 +88,23 @@ def _verdict_marks(ax: Any, report: Mapping[str, Any], name: str) -> None:
             )
 
 
+def _refresh_marks(ax: Any, report: Mapping[str, Any], name: str, color: str | None = None) -> None:
+    """A star where each version triggered by an alert first answered as champion."""
+    for v in report["models"].get(name, {}).get("versions", []):
+        if v.get("trigger") in (None, "", "schedule") or v.get("served_from") is None:
+            continue
+        blessed = (v.get("blessing") or {}).get("blessed")
+        ax.scatter([v["served_from"]], [v["version"]], marker="*", s=150, color=color or "purple", zorder=5)
+        ax.annotate(
+            f"v{v['version']}: {str(v['trigger']).split(' alert')[0]} alert, "
+            f"{'blessed' if blessed else 'unblessed'}, answering",
+            (v["served_from"], v["version"]),
+            fontsize=7,
+            xytext=(8, -4),
+            textcoords="offset points",
+        )
+
+
 def write_plot(report: Mapping[str, Any], path: Any) -> None:
     """One run's plot (see the module docstring)."""
     plt = _pyplot()
@@ -138,6 +155,7 @@ def write_plot(report: Mapping[str, Any], path: Any) -> None:
                     label=label,
                 )
         _verdict_marks(axes[2], report, name)
+        _refresh_marks(axes[2], report, name)
         axes[2].set_ylabel("model version")
         axes[2].set_xlabel("scored event index")
         axes[2].legend(loc="upper left", fontsize=8)
@@ -164,7 +182,7 @@ def write_comparison_plot(on: Mapping[str, Any], off: Mapping[str, Any], path: A
             axes[0].axhline(
                 rec_on["target"], color="grey", linestyle=":", label="recovered (90 % of pre-drift)"
             )
-        axes[0].set_ylabel(f"{metric} (callers, rolling)")
+        axes[0].set_ylabel(f"{metric} of answers, last {rec_on.get('window')} labelled")
         axes[0].legend(loc="lower left", fontsize=8)
         axes[0].set_title(
             f"Tide demo, {on['project']} / {name}: records to recover on "
@@ -187,6 +205,7 @@ def write_comparison_plot(on: Mapping[str, Any], off: Mapping[str, Any], path: A
             served = report["timeline"].get(name, {"served": []})["served"]
             axes[2].step([s for s, _ in served], [v for _, v in served], where="post", label=label)
         _verdict_marks(axes[2], on, name)
+        _refresh_marks(axes[2], on, name)
         axes[2].set_ylabel("champion version answering")
         axes[2].set_xlabel("scored event index")
         axes[2].legend(loc="upper left", fontsize=8)
