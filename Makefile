@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/tide demo --project examples/fraud
+	$(VENV)/bin/tide demo --project examples/fraud --compare
 
 test: install
 	$(PY) -m pytest -q

@@ -114,6 +114,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from tide.compare import run_compare
     from tide.demo import DemoConfig, run_demo
 
     setup_logging("INFO")
@@ -131,8 +132,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         publish_every=args.publish_every,
         seed=args.seed,
         options=options,
+        reactions=args.reactions == "on",
     )
-    report = run_demo(cfg)
+    report = run_compare(cfg) if args.compare else run_demo(cfg)
     emit({"report": str(Path(args.out) / "report.json"), "ok": report["ok"], "problems": report["problems"]})
     return 0 if report["ok"] else 1
 
@@ -190,4 +192,15 @@ def add_commands(add: AddCommand) -> None:
     de.add_argument("--out", default="out/demo", help="report directory")
     de.add_argument("--publish-every", type=int, default=None, help="labels per model version (all models)")
     de.add_argument("--seed", type=int, default=7)
+    de.add_argument(
+        "--reactions",
+        choices=("on", "off"),
+        default="on",
+        help="off: every model's policy only reports (no promote, rollback or retraining on alerts)",
+    )
+    de.add_argument(
+        "--compare",
+        action="store_true",
+        help="run with reactions on, then off, and compare how the online metric recovered (out/on, out/off)",
+    )
     de.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a driver setting")
