@@ -12,7 +12,9 @@ run applies the project with every policy only reporting (:func:`tide.demo.witho
 - ``reactions_off``: the off run's recovery (its curve), verdicts, deployments, alerts, loop summary,
   ``ok`` and ``problems``;
 
-and its ``ok`` requires both runs ok and every compared model recovered faster with reactions on.
+and its ``ok`` requires the on run ok, the off run a valid control (every request answered, no service
+exited, no alert before the change) and every compared model recovered faster with reactions on. The
+off run's other problems (a concept alert it missed, say) are listed under ``warnings``.
 ``<out>/loop.png`` draws both curves (:func:`tide.plot.write_comparison_plot`).
 """
 
@@ -41,8 +43,7 @@ def combine(on: Mapping[str, Any], off: Mapping[str, Any]) -> dict[str, Any]:
             retrains = bool(on["models"][name].get("policy", {}).get("retrain", {}).get("on"))
             if retrains and name in off.get("recovery", {}):
                 comparison[name] = compare(rec, off["recovery"][name])
-    problems = list(on["problems"])
-    problems += [f"reactions off: {p}" for p in off["problems"]]
+    problems = list(on["problems"]) + [f"reactions off: {p}" for p in control_problems(off)]
     if on.get("drift_injected_at") is not None and not comparison:
         problems.append("no model both retrains on alerts and was measured in both runs")
     for name, c in comparison.items():
@@ -56,8 +57,25 @@ def combine(on: Mapping[str, Any], off: Mapping[str, Any]) -> dict[str, Any]:
         "comparison": comparison,
         "reactions_off": {k: off.get(k) for k in OFF_KEYS} | {"report": "off/report.json"},
         "problems": problems,
+        "warnings": [f"reactions off: {p}" for p in off["problems"]],
         "ok": not problems,
     }
+
+
+def control_problems(off: Mapping[str, Any]) -> list[str]:
+    """Why the off run cannot serve as the control: requests failed, a service exited, an alert came
+    before the change, nothing was scored."""
+    out = []
+    if not off["serving"]["requests"]:
+        out.append("no scoring requests")
+    if off["serving"]["non_2xx"]:
+        out.append(f"{off['serving']['non_2xx']} scoring requests failed")
+    if off.get("services_exited"):
+        out.append(f"services exited: {off['services_exited']}")
+    early = [a for a in off["drift_alerts"] if a["delay_records"] is None or a["delay_records"] < 0]
+    if off.get("drift_injected_at") is not None and early:
+        out.append(f"{len(early)} drift alerts before the injection")
+    return out
 
 
 def run_compare(cfg: DemoConfig) -> dict[str, Any]:

@@ -471,12 +471,16 @@ def test_the_comparison_needs_the_metric_back_sooner_with_reactions_on(
     on = loop_report(project, loop_recorded())
     off = loop_report(project, loop_recorded(recover_at=1500))
     off["models"]["eta"]["policy"]["retrain"]["on"] = []
+    off["problems"] = ["no concept-drift alert after the injected change"]  # reported, not failing
     report = combine(on, off)
     assert report["ok"], report["problems"]
+    assert report["warnings"] == ["reactions off: no concept-drift alert after the injected change"]
     c = report["comparison"]["eta"]
     assert c["faster"] and c["records_to_recover"]["on"] < c["records_to_recover"]["off"]
     assert report["reactions_off"]["recovery"]["eta"]["curve"]
-    worse = combine(off | {"models": on["models"]}, on)
+    worse = combine(off | {"models": on["models"], "problems": []}, on)
     assert not worse["ok"] and "not recovered faster with reactions on" in "\n".join(worse["problems"])
+    failed = combine(on, off | {"serving": {**off["serving"], "non_2xx": 3}})
+    assert failed["problems"] == ["reactions off: 3 scoring requests failed"]
     write_comparison_plot(on, off, tmp_path / "loop.png")
     assert (tmp_path / "loop.png").stat().st_size > 10_000
