@@ -19,17 +19,42 @@ an hour (every earlier transaction of the card is in the window).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from examples.fraud.fraud_model import new_model
-from online_training.evaluation import rolling_auc
+import numpy as np
 
 from .generator import GeneratorConfig, TransactionGenerator
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def new_model() -> Any:
+    """The model's learner, from the project's ``fraud_model`` module (as the trainer imports it)."""
+    spec = importlib.util.spec_from_file_location("_fraud_model", PROJECT / "fraud_model.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.new_model()
+
+
+def roc_auc(labels: list[bool], scores: list[float]) -> float | None:
+    """ROC AUC by average ranks (ties shared); None while one class is absent."""
+    y = np.asarray(labels, dtype=bool)
+    pos, neg = int(y.sum()), int((~y).sum())
+    if not pos or not neg:
+        return None
+    s = np.asarray(scores, dtype=float)
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = (ends - (counts - 1) / 2)[inverse]  # average rank of each tie group, from 1
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
 @dataclass(frozen=True)
@@ -70,7 +95,7 @@ class Cards:
 
 
 def _auc(rows: list[tuple[int, bool, float]]) -> float | None:
-    value = rolling_auc([r[1] for r in rows], [r[2] for r in rows])
+    value = roc_auc([r[1] for r in rows], [r[2] for r in rows])
     return None if value is None else round(value, 4)
 
 
