@@ -58,7 +58,7 @@ from infra.topics import TOPICS, prefixed, topic
 from schemas import codec, registry
 from schemas.checkpoints import KafkaCheckpoints
 from schemas.definitions import Model, Project
-from streams.judging import CANDIDATE_ARMS, Emitter, ModelState, judged_models
+from streams.judging import Emitter, ModelState, judged_models
 from streams.outcomes import LabelSeen, Scored, target
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class JudgeStep:
         self._expected: dict[str, str | None] = {}
         self._since_checkpoint = False
         self._subscribed: list[str] = []
+        self._paused: set[str] = set()  # sides of the join whose topics are paused
         # The state checkpointed (snapshot/restore): all of it is in these four.
         self.clock_ms = 0
         self.models: dict[str, ModelState] = {}
@@ -182,25 +183,29 @@ class JudgeStep:
         self.clock_ms = max(self.clock_ms, item.timestamp_ms)
         v = item.value
         if item.record == "prediction":
-            self._on_prediction(v)
+            self._on_prediction(v, item.timestamp_ms)
         elif item.record == "model_version":
             self.versions.setdefault(str(v["model"]), set()).add(int(v["version"]))
         elif item.record == "deployment":
-            self._on_deployment(v)
+            self._on_deployment(v, item.timestamp_ms)
         else:
             self._on_label(item)
 
     def flush(self) -> bool:
         for state in self.models.values():
-            for event_id, event in state.joins.expire(self.clock_ms):
+            for reason, event_id, event in state.joins.expire():
                 label = event.label
                 assert label is not None
-                reason = f"unknown_event: no prediction of event {event_id!r} within {state.joins.ttl_ms} ms"
-                BAD_RECORDS.labels(state.name, "unknown_event").inc()
+                why = (
+                    f"no prediction of event {event_id!r} within {state.joins.ttl_ms} ms"
+                    if reason == "unknown_event"
+                    else f"event {event_id!r} left the join unmatched: {state.joins.max_pending} events held"
+                )
+                BAD_RECORDS.labels(state.name, reason).inc()
                 self._emitter.dead_letter(
                     DeadLetter(
                         stage=STEP_NAME,
-                        error=reason,
+                        error=f"{reason}: {why}",
                         error_type="StreamError",
                         key=label.key,
                         value=codec.encode(state.labels_source.name, label.raw, validate=False),
@@ -210,12 +215,52 @@ class JudgeStep:
                     )
                 )
             state.decide(self.clock_ms, self._settings.judge_verdict_every_s * 1000, self._emitter)
+        self._flow_control(idle=False)
         self._poll_registry()
         return True
 
     def idle(self) -> bool:
+        self._flow_control(idle=True)
         self._poll_registry()
         return False
+
+    def _flow_control(self, *, idle: bool) -> None:
+        """Keep the two sides of the join in step. A consumer catching up reads one topic far ahead of
+        the other (the small label records, say), and what waits beyond ``judge_max_pending`` is lost:
+        the side with more than half of it waiting is paused until it is below a quarter, and both are
+        resumed when nothing else comes (labels of events never scored, predictions never labelled:
+        they expire)."""
+        if self._consumer is None:
+            return
+        waiting = [s.joins.waiting() for s in self.models.values()]
+        limit = self._settings.judge_max_pending
+        for side, count in (
+            ("labels", max((w[0] for w in waiting), default=0)),
+            ("predictions", max((w[1] for w in waiting), default=0)),
+        ):
+            paused = side in self._paused
+            if not paused and not idle and count > limit // 2:
+                self._paused.add(side)
+            elif paused and (idle or count < limit // 4):
+                self._paused.discard(side)
+            else:
+                continue
+            names = {
+                t
+                for t, record in self._expected.items()
+                if (record == "prediction") == (side == "predictions")
+                and record not in ("model_version", "deployment")
+            }
+            parts = [tp for tp in self._consumer.assignment() if tp.topic in names]
+            if parts:
+                (self._consumer.pause if side in self._paused else self._consumer.resume)(parts)
+            log.log(
+                logging.DEBUG if idle else logging.INFO,
+                "%s %s topics (%d waiting for the other side)",
+                "paused" if side in self._paused else "resumed",
+                side,
+                count,
+            )
 
     # -- state ---------------------------------------------------------------------------------------------
 
@@ -242,7 +287,7 @@ class JudgeStep:
 
     # -- records -------------------------------------------------------------------------------------------
 
-    def _on_prediction(self, v: Mapping[str, Any]) -> None:
+    def _on_prediction(self, v: Mapping[str, Any], timestamp_ms: int) -> None:
         name = str(v["model"])
         state = self.models.get(name)
         if state is None:
@@ -256,9 +301,9 @@ class JudgeStep:
         event_id = v.get("event_id")
         arm = str(v["arm"])
         scored = Scored.of(state.task, v)
-        judged = state.observe(arm, scored, float(v.get("latency_ms") or 0.0), self.clock_ms)
-        if event_id and (arm not in CANDIDATE_ARMS or judged is not None):
-            for joined in state.joins.prediction(str(event_id), scored, self.clock_ms):
+        state.observe(arm, scored, float(v.get("latency_ms") or 0.0), timestamp_ms)
+        if event_id:  # joined even when not judged (a finished candidate's): its label is not unknown
+            for joined in state.joins.prediction(str(event_id), scored, timestamp_ms):
                 JOINED.labels(name, joined.arm).inc()
                 state.joined(joined, self.clock_ms, self._emitter)
 
@@ -275,7 +320,7 @@ class JudgeStep:
                     raise StreamError(f"missing_key: labels {labels.name!r} without {labels.key!r}")
                 y = target(state.task, raw)
                 seen = LabelSeen(y, dict(v), item.key, item.topic, item.partition, item.offset)
-                for joined in state.joins.label(str(raw_key), seen, self.clock_ms):
+                for joined in state.joins.label(str(raw_key), seen, item.timestamp_ms):
                     JOINED.labels(state.name, joined.arm).inc()
                     state.joined(joined, self.clock_ms, self._emitter)
             except StreamError as exc:
@@ -284,7 +329,7 @@ class JudgeStep:
         if errors:
             raise StreamError("; ".join(errors))
 
-    def _on_deployment(self, v: Mapping[str, Any]) -> None:
+    def _on_deployment(self, v: Mapping[str, Any], published_ms: int) -> None:
         name, action, version = str(v["model"]), str(v["action"]), v.get("version")
         deployed = self.deployed.setdefault(name, {"canary": None, "shadow": None})
         ended: list[tuple[str, int]] = []
@@ -315,7 +360,7 @@ class JudgeStep:
         for arm, ver in ended:
             state.end(arm, ver, self.clock_ms, self._emitter)
         for arm, ver in started:
-            state.restart(arm, ver, self.clock_ms)
+            state.restart(arm, ver, self.clock_ms, published_ms)
 
 
 class TransactionEmitter(Emitter):

@@ -3,6 +3,13 @@ monitors; verdict, deployment and concept-drift records (the step is :mod:`strea
 
 All of it is plain data (pickled into the judge's checkpoints) and broker-free: records go to an
 :class:`Emitter`, which the service binds to its transactional producer and tests to memory.
+
+Ids are derived, not drawn: a verdict's id from its candidate (model, arm, version, when its judgement
+began) and its place among that candidate's verdicts (``final`` for the final one), an alert's from its
+model version and its place among that version's alerts, a deployment's from its verdict. A judge that
+restarts from its checkpoint and publishes again what a failed transaction held gives the same ids, so a
+reader that keys by id sees each once even on a broker that shows records of aborted transactions (the
+embedded one does).
 """
 
 from __future__ import annotations
@@ -92,6 +99,7 @@ class ModelState:
     judgements: dict[tuple[str, int], Judgement] = field(default_factory=dict)
     finished: dict[tuple[str, int], int] = field(default_factory=dict)  # -> when (stream ms)
     monitors: dict[int, ConceptMonitor] = field(default_factory=dict)
+    alerts: dict[int, int] = field(default_factory=dict)  # version -> concept alerts raised
     champion_version: int = 0
 
     @classmethod
@@ -128,7 +136,8 @@ class ModelState:
     # -- candidates ------------------------------------------------------------------------------------
 
     def start(self, arm: str, version: int, now_ms: int) -> Judgement | None:
-        """The candidate's judgement, begun now if it is not under way; None when already finished."""
+        """The candidate's judgement, begun at ``now_ms`` (the time of the record that started it) if it
+        is not under way; None when already finished."""
         key = (arm, version)
         found = self.judgements.get(key)
         if found is not None or key in self.finished:
@@ -144,10 +153,12 @@ class ModelState:
             self._finish(oldest, now_ms)
         return j
 
-    def restart(self, arm: str, version: int, now_ms: int) -> None:
-        """A deployment starts the candidate: a finished judgement of it starts over."""
-        self.finished.pop((arm, version), None)
-        self.start(arm, version, now_ms)
+    def restart(self, arm: str, version: int, now_ms: int, published_ms: int) -> None:
+        """A deployment published at ``published_ms`` starts the candidate: a judgement of it finished
+        before then starts over (one finished after it was of this very deployment: read late)."""
+        if self.finished.get((arm, version), published_ms) < published_ms:
+            del self.finished[(arm, version)]
+        self.start(arm, version, published_ms)
 
     def _finish(self, key: tuple[str, int], now_ms: int) -> None:
         self.finished[key] = now_ms
@@ -211,7 +222,10 @@ class ModelState:
             del self.monitors[next(iter(self.monitors))]
         change = monitor.update(loss)
         if change is not None:
-            out.alert(concept_alert(self.name, joined.version, change, joined.event_id, now_ms))
+            seq = self.alerts[joined.version] = self.alerts.get(joined.version, 0) + 1
+            alert = concept_alert(self.name, joined.version, change, joined.event_id, now_ms)
+            alert["alert_id"] = derived_id("alert", self.name, joined.version, seq)
+            out.alert(alert)
             CONCEPT_ALERTS.labels(self.name).inc()
             log.warning(
                 "concept drift: model %s v%d loss %.4f -> %.4f (%s, %d records since the change)",
@@ -242,21 +256,22 @@ class ModelState:
     def _publish(self, j: Judgement, d: Decision, now_ms: int, out: Emitter) -> None:
         j.champion_version = self.champion_version or j.champion_version  # the one it was compared with
         record = verdict_record(j, d, self.task, now_ms)
+        j.published += 1
+        place = "final" if d.final else j.published
+        record["verdict_id"] = derived_id("verdict", j.model, j.arm, j.version, j.started_ms, place)
+        deployment_id = derived_id("deployment", record["verdict_id"])
         action = None
         if d.final and d.outcome == PASS and j.policy.promote:
             action = "promote"
-            out.deployment(
-                deployment_record(
-                    j.model, "promote", j.version, f"canary verdict {record['verdict_id']}: pass ({d.rule})"
-                )
-            )
+            why = f"canary verdict {record['verdict_id']}: pass ({d.rule})"
+            out.deployment(deployment_record(j.model, "promote", j.version, why, deployment_id))
         elif d.final and d.outcome == FAIL and j.policy.rollback:
             action = "rollback"
             why = f"canary verdict {record['verdict_id']}: fail ({d.rule})"
             if j.arm == CANARY:
-                out.deployment(deployment_record(j.model, "canary", j.version, why))
+                out.deployment(deployment_record(j.model, "canary", j.version, why, deployment_id))
             else:
-                out.deployment(deployment_record(j.model, "shadow", None, why))
+                out.deployment(deployment_record(j.model, "shadow", None, why, deployment_id))
         record["action"] = action
         out.verdict(record)
         VERDICTS.labels(j.model, d.outcome, str(d.final).lower()).inc()
@@ -313,7 +328,14 @@ def verdict_record(j: Judgement, d: Decision, task: str, now_ms: int) -> CanaryV
     }
 
 
-def deployment_record(model: str, action: str, version: int | None, reason: str) -> Deployment:
+def derived_id(*parts: object) -> str:
+    """A stable id of what ``parts`` name (module docstring)."""
+    return uuid.uuid5(uuid.NAMESPACE_OID, "tide.judge|" + "|".join(map(str, parts))).hex
+
+
+def deployment_record(
+    model: str, action: str, version: int | None, reason: str, deployment_id: str | None = None
+) -> Deployment:
     """A deployment the judge publishes (``serving.deployments`` semantics: ``canary`` at weight 0 ends
     the canary, ``shadow`` without a version ends the shadow)."""
     return {
@@ -322,7 +344,7 @@ def deployment_record(model: str, action: str, version: int | None, reason: str)
         "version": version,
         "weight": 0.0,
         "reason": reason,
-        "id": uuid.uuid4().hex,
+        "id": deployment_id or uuid.uuid4().hex,
         "source": SOURCE,
         "ts": _wall_ms(),
     }

@@ -4,10 +4,11 @@
 (``str(value)``, as the trainer joins them), equals the prediction's ``event_id``. Either may come
 first. One :class:`Joins` per model keeps, by event id, the event's predictions (one per arm: the champion
 or canary that answered, the shadow that scored beside it) and its label, for ``ttl_ms`` (the labels'
-``max_delay``) of stream time after the event was first seen, at most ``max_pending`` events (the oldest
-go first). While an event is held, each prediction is joined once, whichever of prediction and label
-comes last; a second label for it is a duplicate. An event whose label never found a prediction is
-returned by :meth:`Joins.expire` so the judge can dead-letter it (a label of an unknown event).
+``max_delay``) of the other side's stream time (a label waits until the predictions read have passed its
+record's time by the TTL, and the other way round), at most ``max_pending`` events. While an event is
+held, each prediction is joined once, whichever of prediction and label comes last; a second label for
+it is a duplicate. A label that never found a prediction is returned by :meth:`Joins.expire` so the
+judge can dead-letter it (a label of an unknown event).
 
 **The loss** (:func:`loss`), per task: binary log loss of the ``score`` (the probability of ``True``,
 clipped to ``[EPS, 1 - EPS]``); regression squared error of the ``score``; multiclass log loss of the
@@ -156,30 +157,49 @@ class Joined:
 
 
 class Joins:
-    """The label x prediction join of one model (module docstring)."""
+    """The label x prediction join of one model (module docstring).
+
+    Events are held in two queues by first sight: ``open`` (waiting for a label or a prediction) and
+    ``done`` (labelled and joined; kept to catch duplicates and a late shadow). Beyond ``max_pending``
+    the oldest done events go first, then the oldest open ones (their joins are lost: counted).
+    """
 
     def __init__(self, task: str, ttl_ms: int, max_pending: int) -> None:
         self.task = task
         self.ttl_ms = ttl_ms
         self.max_pending = max_pending
-        self.events: OrderedDict[str, Event] = OrderedDict()  # by first sight, oldest first
-        self.evicted = 0
+        self.open: OrderedDict[str, Event] = OrderedDict()
+        self.done: OrderedDict[str, Event] = OrderedDict()
+        # Each side's stream time: a label waits for predictions until the predictions read have passed
+        # its time by the TTL, and the other way round (a consumer may read one topic far ahead).
+        self.prediction_clock = 0
+        self.label_clock = 0
+
+    def __len__(self) -> int:
+        return len(self.open) + len(self.done)
+
+    def waiting(self) -> tuple[int, int]:
+        """(labels that no prediction has met yet, events with predictions and no label yet)."""
+        labels = sum(1 for e in self.open.values() if e.label is not None)
+        return labels, len(self.open) - labels
 
     def _event(self, event_id: str, now_ms: int) -> Event:
-        event = self.events.get(event_id)
+        event = self.open.get(event_id) or self.done.get(event_id)
         if event is None:
-            event = self.events[event_id] = Event(now_ms)
+            event = self.open[event_id] = Event(now_ms)
         return event
 
     def prediction(self, event_id: str, scored: Scored, now_ms: int) -> list[Joined]:
-        """Hold a prediction; return it joined when its label is already there."""
+        """Hold a prediction (``now_ms``: its record's time); return it joined when its label is there."""
+        self.prediction_clock = max(self.prediction_clock, now_ms)
         event = self._event(event_id, now_ms)
         event.predictions[scored.arm] = scored
         return self._join(event_id, event)
 
     def label(self, event_id: str, label: LabelSeen, now_ms: int) -> list[Joined]:
         """Hold a label; return its event's predictions joined. Raises :class:`StreamError`
-        (``duplicate_label``) when the event already has one."""
+        (``duplicate_label``) when the event already has one. ``now_ms``: the label record's time."""
+        self.label_clock = max(self.label_clock, now_ms)
         event = self._event(event_id, now_ms)
         if event.label is not None:
             raise StreamError(f"duplicate_label: event {event_id!r} already has a label")
@@ -197,23 +217,38 @@ class Joins:
             value = None if scored.error else loss(self.task, scored.view(), event.label.y)
             if value is not None:
                 event.losses[arm] = value
-            out.append(
-                Joined(event_id, arm, scored.version, value, metric_of(self.task, scored.view()), event)
-            )
+            metric = metric_of(self.task, scored.view())
+            out.append(Joined(event_id, arm, scored.version, value, metric, event))
+        if out and event_id in self.open:
+            self.done[event_id] = self.open.pop(event_id)
+            event.label.raw = {}  # joined: the label's body is not needed for a dead letter any more
         return out
 
-    def expire(self, now_ms: int) -> list[tuple[str, Event]]:
-        """Drop events older than the TTL, and the oldest beyond ``max_pending``; return those dropped
-        whose label found no prediction (labels of unknown events)."""
-        unjoined: list[tuple[str, Event]] = []
-        while self.events:
-            event_id, event = next(iter(self.events.items()))
-            over = len(self.events) > self.max_pending
-            if not over and now_ms - event.first_ms <= self.ttl_ms:
-                break
-            del self.events[event_id]
-            if over:
-                self.evicted += 1
+    def _expired(self, event: Event) -> bool:
+        if event.label is None:
+            clock = self.label_clock
+        elif not event.predictions:
+            clock = self.prediction_clock
+        else:
+            clock = min(self.label_clock, self.prediction_clock)
+        return clock - event.first_ms > self.ttl_ms
+
+    def expire(self) -> list[tuple[str, str, Event]]:
+        """Drop events older than the TTL, and the oldest beyond ``max_pending``; return ``(reason,
+        event id, event)`` for each dropped label that found no prediction: ``unknown_event`` when its
+        time was up, ``join_full`` when it made room."""
+        lost: list[tuple[str, str, Event]] = []
+        for queue in (self.done, self.open):
+            while queue:
+                event_id, event = next(iter(queue.items()))
+                if not self._expired(event):
+                    break
+                del queue[event_id]
+                if event.label is not None and not event.predictions:
+                    lost.append(("unknown_event", event_id, event))
+        while len(self) > self.max_pending:
+            queue = self.done if self.done else self.open
+            event_id, event = queue.popitem(last=False)
             if event.label is not None and not event.predictions:
-                unjoined.append((event_id, event))
-        return unjoined
+                lost.append(("join_full", event_id, event))
+        return lost

@@ -63,6 +63,7 @@ class Judgement:
     first_label_ms: int | None = None
     last_interim_ms: int = 0
     final: bool = False
+    published: int = 0  # verdicts published
     reported: tuple[int, int, int] = (-1, -1, -1)  # (n, n_champion, predictions) at the last interim
     stats: PairedSequence | UnpairedSequence = field(init=False)
     guardrails: Guardrails = field(default_factory=Guardrails)

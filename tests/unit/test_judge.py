@@ -283,8 +283,8 @@ def test_bad_input_is_refused_and_changes_no_verdict() -> None:
     assert any("duplicate_label" in r for r in refused)
     assert any("wrong_type" in r for r in refused)
     assert any(r.startswith("unknown_version") for r in refused) and len(refused) == 45
-    dirty_feed.now += 20_000  # past the labels' max_delay (10 s) of stream time: the next record's
-    dirty_feed.version(3)
+    dirty_feed.now += 20_000  # predictions read past the labels' max_delay (10 s) of stream time
+    dirty_feed.prediction("later", "champion", 1, 0.5)
     dirty_feed.tick()
     letters = dirty_out.letters
     assert len(letters) == 15 and all(lt.error.startswith("unknown_event") for lt in letters)
