@@ -65,7 +65,8 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 def cmd_judge(args: argparse.Namespace) -> int:
     from schemas import registry
-    from streams.judge import JudgeSettings, run
+    from streams.judge import JudgeSettings
+    from streams.judge_service import run
 
     stop = stop_event()
     return run_service(JudgeSettings, lambda settings: run(settings, registry.load(settings).project, stop))
