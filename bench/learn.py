@@ -230,7 +230,7 @@ def run_tide(settings: Any, project: Any, examples: list[Any]) -> dict[str, Any]
     from infra.kafka import make_transactional_producer
     from online_training import trainer
     from online_training.joins import JoinStore
-    from online_training.learner import OnlineModel, build_learner, profiled_inputs
+    from online_training.learner import OnlineModel, build_learner
 
     model = project.models[MODEL]
     client = redis.Redis.from_url(settings.redis_url)
@@ -245,7 +245,6 @@ def run_tide(settings: Any, project: Any, examples: list[Any]) -> dict[str, Any]
         model,
         build_learner(model),
         reference_size=settings.trainer_reference_size,
-        profiled=profiled_inputs(project, model),
     )
     step = trainer.TrainerStep(settings, project, producer, {MODEL: (online, store)})
     started = time.perf_counter()

@@ -16,10 +16,9 @@ from typing import Any, Protocol, runtime_checkable
 from infra.errors import TrainingError
 from infra.imports import import_object
 from models.artifacts import dump_river
-from models.inputs import ModelInputs
-from models.profile import SCORE, histogram
+from models.profile import profile_from_columns
 from online_training.evaluation import build_metric, predictor, scorer
-from schemas.definitions import Model, Project
+from schemas.definitions import Model
 
 
 @runtime_checkable
@@ -51,15 +50,6 @@ def build_learner(model: Model) -> Any:
             f"{', '.join(missing)} (a river estimator is expected)"
         )
     return learner
-
-
-def profiled_inputs(
-    project: Project, model: Model, versions: Mapping[str, int] | None = None
-) -> tuple[str, ...]:
-    """The monitored inputs a reference profile histograms: those with numeric (or boolean) values
-    (``versions``: the view versions the model reads, default the newest)."""
-    strings = set(ModelInputs.of(project, model, versions).strings(model.monitor))
-    return tuple(m for m in model.monitor if m not in strings)
 
 
 SCORED_REFERENCE = 200  # inputs re-scored at each publish for the reference's score histogram
@@ -104,8 +94,8 @@ class OnlineModel:
         self._update = self.metric.update
         self._learn = learner.learn_one
         self._score = scorer(self.task)
-        # The newest examples' profiled inputs and scores (columns): each version's reference profile.
-        self.columns: dict[str, deque[float]] = {m: deque(maxlen=reference_size) for m in self.profiled}
+        # The newest examples' profiled inputs, raw (columns): each version's reference profile.
+        self.columns: dict[str, deque[Any]] = {m: deque(maxlen=reference_size) for m in self.profiled}
         # The newest inputs, scored again at publish by the learner being published: live scores come
         # from that version, and a young model's scores before learning drift away from its own.
         self.recent: deque[dict[str, Any]] = deque(maxlen=min(reference_size, SCORED_REFERENCE))
@@ -122,7 +112,7 @@ class OnlineModel:
         self.since_publish += 1
         self.recent.append(x)
         for m, append in self._appends:
-            append(_number(x.get(m)))
+            append(x.get(m))
         if self.task == "multiclass":
             self.classes.add(str(y))
         return y_pred
@@ -142,20 +132,22 @@ class OnlineModel:
         learner being published gives the newest of them (what serving will log with this version)."""
         if not self.recent:
             return None
-        scores = [self._score(self._predict(x)) for x in self.recent]
-        return {
-            "size": max([len(self.recent), *(len(col) for col in self.columns.values())]),
-            "features": [histogram(m, list(col)) for m, col in self.columns.items()],
-            "prediction": histogram(SCORE, scores),
-        }
+        predictions = [self._predict(x) for x in self.recent]
+        scores = [self._score(p) for p in predictions]
+        labels = [_label(p) for p in predictions] if self.task == "multiclass" else None
+        return profile_from_columns(
+            {m: list(col) for m, col in self.columns.items()},
+            scores,
+            labels=labels,
+            size=max([len(self.recent), *(len(col) for col in self.columns.values())]),
+        )
 
     def sorted_classes(self) -> tuple[str, ...]:
         return tuple(sorted(self.classes)) if self.task == "multiclass" else ()
 
 
-def _number(value: Any) -> float:
-    """An input as the profile counts it (``models.profile.as_number``; a value that is no number: 0)."""
-    try:
-        return float(value) if value is not None else 0.0
-    except (TypeError, ValueError):
-        return 0.0
+def _label(y_pred: Any) -> str:
+    """The class a multiclass prediction names (the most probable of a probability map)."""
+    if isinstance(y_pred, Mapping):
+        return str(max(y_pred, key=y_pred.__getitem__)) if y_pred else ""
+    return str(y_pred)

@@ -40,7 +40,7 @@ from features.versions import serving_version
 from infra.errors import ModelLoadError, TrainingError
 from models.artifacts import load_river, record_artifact
 from online_training.joins import JoinStore, Waiting
-from online_training.learner import OnlineModel, build_learner, profiled_inputs
+from online_training.learner import OnlineModel, build_learner
 from online_training.refresh import Seen
 from online_training.settings import TrainerSettings
 from schemas.definitions import META, FeatureView, Labels, Model, Project
@@ -242,7 +242,6 @@ def new_lineage(
         learner,
         version=newest,
         reference_size=settings.trainer_reference_size,
-        profiled=profiled_inputs(project, model, binding.view_versions),
     )
     return Lineage(online, store, binding)
 
@@ -294,7 +293,6 @@ def resume_lineage(
         trained_on=int(river["trained_on"]),
         classes=tuple(river.get("classes") or ()),
         reference_size=settings.trainer_reference_size,
-        profiled=profiled_inputs(project, model, binding.view_versions),
     )
     return Lineage(
         online,

@@ -183,7 +183,9 @@ def test_learns_publishes_and_resumes_exactly(fraud: CommonSettings, fraud_proje
     assert last["definitions_digest"] == fraud_project.digest() and last["view_versions"] == VIEWS_V1
     reference = last["reference"]
     assert reference["size"] == n and reference["prediction"] is not None
-    assert [h["name"] for h in reference["features"]] == ["amount", "card_present"]  # model.monitor
+    # model.monitor: the number histogrammed, the boolean counted by value
+    assert [h["name"] for h in reference["features"]] == ["amount"]
+    assert [c["name"] for c in reference["categories"]] == ["card_present"]
     letters = list(tail(s, "dead-letter"))
     assert len(letters) == 1 and letters[0]["headers"]["tide.stage"] == "trainer"
     assert sorted(keys_learnt(s)) == sorted(f"e{i}" for i in range(n))
