@@ -1,7 +1,7 @@
 """``python -m bench.readme``: rewrite the benchmark section of README.md from ``out/bench/*.json``.
 
 Each benchmark has its block between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->``
-(``features``: ``out/bench/features.json``; ``serving``: ``out/bench/serving.json``); only the text
+(``features``, ``serving``, ``learn``, ``drift``, ``canary``: ``out/bench/<name>.json``); only the text
 between a block's markers is replaced, and a block whose result file is missing is left as it is
 (a block never rendered yet gets a placeholder). Missing markers are inserted at the end of the
 "## Performance" section. Nothing else in README.md is touched.
@@ -192,10 +192,103 @@ def render_learn(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _d(value: float | None) -> str:
+    """A delay in records: a median that is a miss (no detection) is infinite."""
+    if value is None:
+        return "n/a"
+    return "never" if value == float("inf") else f"{value:,.0f}"
+
+
+def _met(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**not met**")
+
+
+def render_drift(r: dict[str, Any]) -> str:
+    """The README block for ``out/bench/drift.json``."""
+    tide, adwin, goals = r["tide"], r["adwin"], r.get("goals", {})
+    lines = [
+        f"Drift detection, `make bench-drift`: {r['seeds']} seeds of each stream, a change at record "
+        f"{r['change_at']:,} of {r['records']['with_change']:,}, drift-free versions of "
+        f"{r['records']['drift_free']:,} records; concept drift is an online learner's per-event loss fed to "
+        "Tide's monitor (river's ADWIN and PageHinkley, one-sided, with cool-down) and to river's ADWIN "
+        "alone. A miss counts as an infinite delay.",
+        "",
+        "| concept drift | median delay (records) | false alarms / 100k, drift-free | before the change | "
+        "detected / missed | goal |",
+        "|---|---:|---:|---:|---:|---|",
+        f"| **Tide** `streams.concept.ConceptMonitor` | **{_d(tide['median_delay_records'])}** | "
+        f"**{tide['false_alarms_per_100k']:g}** | {tide.get('false_alarms_before_change_per_100k', 0):g} | "
+        f"{tide.get('detected', '?')} / {tide.get('missed', '?')} | delay ≤ ADWIN's: "
+        f"{_met(goals.get('median_delay_no_worse_than_adwin'))}; ≤ 1 / 100k: "
+        f"{_met(goals.get('false_alarms_per_100k_at_most_1'))} |",
+        f"| river `ADWIN()` alone | {_d(adwin['median_delay_records'])} | "
+        f"{adwin['false_alarms_per_100k']:g} | "
+        f"{adwin.get('false_alarms_before_change_per_100k', 0):g} | {adwin.get('detected', '?')} / "
+        f"{adwin.get('missed', '?')} | |",
+    ]
+    streams = r.get("streams", {})
+    if streams:
+        lines += [
+            "",
+            "| stream | Tide delay | ADWIN delay | Tide false alarms / 100k | ADWIN false alarms / 100k |",
+        ]
+        lines += ["|---|---:|---:|---:|---:|"]
+        for name, s in streams.items():
+            t, a = s["tide"], s["adwin"]
+            lines.append(
+                f"| {name} | {_d(t['median_delay_records'])} | {_d(a['median_delay_records'])} | "
+                f"{t['false_alarms_per_100k']:g} | {a['false_alarms_per_100k']:g} |"
+            )
+    data = r.get("data_drift", {}).get("tide")
+    if data:
+        lines += [
+            "",
+            "Input drift (the drift scorer's tests by type, calibrated for "
+            f"{data['false_alarm_rate_per_check']:g} false alarms per check): median delay "
+            f"{_d(data['median_delay_records'])} records, "
+            f"{data['false_alarms_per_100k']:g} false alarms per 100k records on drift-free inputs.",
+        ]
+    peers = r.get("peers", {})
+    if peers:
+        lines += ["", "Peers: " + "; ".join(f"{k}: {v}" for k, v in peers.items()) + "."]
+    lines += ["", f"Reproduce: `{r['command']}` (raw results: `out/bench/drift.json`)."]
+    return "\n".join(lines)
+
+
+def render_canary(r: dict[str, Any]) -> str:
+    """The README block for ``out/bench/canary.json``."""
+    lines = [
+        "Canary judge, `make bench-canary`: simulated candidates better, equal and worse than the champion "
+        f"by {r['effect']:g} nats of mean log loss, non-inferiority margin {r['margin']:g}, "
+        f"alpha {r['alpha']:g}; "
+        "the judge's own decision code (always-valid confidence sequence, looked at continuously) beside a "
+        "fixed-horizon z-test sized for the same alpha and 80 % power. False promotion: a worse candidate "
+        "promoted; false rollback: an equal one rolled back; power: the better promoted and the worse "
+        "rolled back.",
+        "",
+        "| arm | false promotion | false rollback (goal ≤ 5 %) | power | median labels to decide | "
+        "fixed horizon: labels | fixed horizon: false rollback / power |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    goal = r.get("goal_false_rollback_rate", 0.05)
+    for mode, m in r.get("modes", {"canary": r}).items():
+        fh = m.get("fixed_horizon", {})
+        lines.append(
+            f"| {mode} | {m['false_promotion_rate']:.1%} | {m['false_rollback_rate']:.1%} "
+            f"({_met(m['false_rollback_rate'] <= goal)}) | {m['power']:.1%} | "
+            f"{_n(m['median_labels_to_decide'])} | {_n(m['fixed_horizon_labels'])} | "
+            f"{fh.get('false_rollback_rate', 0):.1%} / {fh.get('power', 0):.1%} |"
+        )
+    lines += ["", f"Reproduce: `{r['command']}` (raw results: `out/bench/canary.json`)."]
+    return "\n".join(lines)
+
+
 BLOCKS = (
     ("features", "features.json", render_features, "run `make bench-features`"),
     ("serving", "serving.json", render_serving, "run `make bench-serving`"),
     ("learn", "learn.json", render_learn, "run `make bench-learn`"),
+    ("drift", "drift.json", render_drift, "run `make bench-drift`"),
+    ("canary", "canary.json", render_canary, "run `make bench-canary`"),
 )
 
 
