@@ -18,7 +18,9 @@ example's inputs (no input drift: its slowdown changes only the target) and Hype
 inputs (drift-free). Reference: the stream's first ``REFERENCE`` records.
 
 **Peers.** Evidently or alibi-detect, where they install (``.venv-drift``, ``bench/requirements-drift.txt``);
-otherwise the JSON says why. Writes ``out/bench/drift.json`` and prints a summary.
+otherwise the JSON says why. Evidently's default per-type tests run on the same input streams, reference,
+windows, checks and seeds as Tide's (``bench/drift_evidently.py``, a subprocess in ``.venv-drift``), with
+the same figures (``data_drift.evidently``). Writes ``out/bench/drift.json`` and prints a summary.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any
 from river import compose, drift, linear_model, preprocessing
 from river.datasets import synth
 
+from bench import drift_evidently
 from examples.food_delivery.driver.generator import GeneratorConfig as OrderConfig
 from examples.food_delivery.driver.generator import OrderGenerator
 from examples.fraud.driver.generator import GeneratorConfig as FraudConfig
@@ -256,8 +259,9 @@ DATA_STREAMS: dict[str, tuple[Callable[[int, bool], Iterator[dict[str, Any]]], b
 }
 
 
-def run_data(name: str, seed: int) -> dict[str, Any]:
-    """Tide's per-type tests on one input stream: (record, input) of each alert."""
+def run_data(name: str, seed: int, keep: bool = False) -> dict[str, Any]:
+    """Tide's per-type tests on one input stream: (record, input) of each alert; with ``keep``, the
+    stream's values by input too (``values``, the first ``REFERENCE`` of them the reference) for a peer."""
     factory, drifting = DATA_STREAMS[name]
     n = REFERENCE + (LENGTH - CHANGE_AT) * 2 if drifting else DRIFT_FREE
     rows = list(itertools.islice(factory(seed, drifting), n))
@@ -270,7 +274,7 @@ def run_data(name: str, seed: int) -> dict[str, Any]:
         h["name"]: drift_tests.for_histogram(h, WINDOW, RATE, 0.5) for h in profile["features"]
     }
     tests |= {c["name"]: drift_tests.for_counts(c, WINDOW, RATE, 0.5) for c in profile["categories"]}
-    windows = {k: deque(maxlen=WINDOW) for k in tests}
+    windows: dict[str, deque[Any]] = {k: deque(maxlen=WINDOW) for k in tests}
     alarms = {k: Alarm() for k in tests}
     alerts: list[tuple[int, str]] = []
     for i, row in enumerate(live):
@@ -281,7 +285,7 @@ def run_data(name: str, seed: int) -> dict[str, Any]:
                 out = t.evaluate(list(windows[k]))
                 if alarms[k].step(out.fired, out.calm, COOLDOWN):
                     alerts.append((i, k))
-    return {
+    out = {
         "stream": name,
         "seed": seed,
         "records": len(live),
@@ -290,6 +294,9 @@ def run_data(name: str, seed: int) -> dict[str, Any]:
         "checks": len(live) // CHECK_EVERY,
         "inputs": len(tests),
     }
+    if keep:
+        out["values"] = {k: [row.get(k) for row in rows] for k in names}
+    return out
 
 
 def _data_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -321,10 +328,12 @@ def _data_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 # -- peers ---------------------------------------------------------------------------------------------
 
 
-def peers() -> dict[str, Any]:
-    """What the peer venv holds; Evidently and alibi-detect are run only where they import."""
+def peers(data: list[dict[str, Any]], workers: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """What the peer venv holds, and Evidently's input-drift figures where it runs (bench/drift_evidently.py:
+    the same streams, reference, windows, checks and seeds as Tide's tests)."""
     python = DRIFT_VENV / "bin" / "python"
     out: dict[str, Any] = {}
+    figures = None
     for name, module in (("evidently", "evidently"), ("alibi-detect", "alibi_detect")):
         if not python.exists():
             out[name] = f"not installed: {DRIFT_VENV} does not exist (make bench-drift creates it)"
@@ -338,9 +347,15 @@ def peers() -> dict[str, Any]:
         if probe.returncode != 0:
             reason = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
             out[name] = f"not installed: {reason}"
-        else:
+        elif name != "evidently":
             out[name] = f"installed {probe.stdout.strip()}, not run: no comparison on these streams yet"
-    return out
+        else:
+            try:
+                figures = drift_evidently.figures(data, python, workers)
+                out[name] = f"ran {figures['version']}"
+            except (RuntimeError, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as e:
+                out[name] = f"installed {probe.stdout.strip()}, failed: {e}"
+    return out, figures
 
 
 # -- main ------------------------------------------------------------------------------------------------
@@ -348,7 +363,7 @@ def peers() -> dict[str, Any]:
 
 def _job(args: tuple[str, str, int, bool]) -> dict[str, Any]:
     kind, name, seed, drifting = args
-    return run_concept(name, seed, drifting) if kind == "concept" else run_data(name, seed)
+    return run_concept(name, seed, drifting) if kind == "concept" else run_data(name, seed, keep=drifting)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,11 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     seeds = range(1, args.seeds + 1)
     jobs = [("concept", n, s, d) for n in CONCEPT_STREAMS for s in seeds for d in (True, False)]
-    jobs += [("data", n, s, True) for n in DATA_STREAMS for s in seeds]
+    keep = (DRIFT_VENV / "bin" / "python").exists()  # the inputs themselves, for the peers
+    jobs += [("data", n, s, keep) for n in DATA_STREAMS for s in seeds]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         results = list(pool.map(_job, jobs))
     concept = [r for r in results if "tide" in r]
     data = [r for r in results if "alerts" in r]
+    peer_status, evidently = peers(data, args.workers)
+    for r in data:
+        r.pop("values", None)
     result: dict[str, Any] = {
         "command": f"python -m bench.drift --seeds {args.seeds}",
         "seeds": args.seeds,
@@ -386,10 +405,12 @@ def main(argv: list[str] | None = None) -> int:
             "window": WINDOW,
             "check_every": CHECK_EVERY,
         },
-        "peers": peers(),
+        "peers": peer_status,
         "python": sys.version.split()[0],
     }
     tide, adwin = result["tide"], result["adwin"]
+    if evidently is not None:
+        result["data_drift"]["evidently"] = evidently
     result["goals"] = {
         "median_delay_no_worse_than_adwin": _le(tide["median_delay_records"], adwin["median_delay_records"]),
         "false_alarms_per_100k_at_most_1": (tide["false_alarms_per_100k"] or 0) <= 1.0,
@@ -430,6 +451,13 @@ def _print(result: dict[str, Any]) -> None:
         f"data drift (Tide per-type tests): median delay {d['median_delay_records']}, "
         f"false alarms per 100k {d['false_alarms_per_100k']}, by input {d['median_delay_by_input']}"
     )
+    e = result["data_drift"].get("evidently")
+    if e:
+        print(
+            f"data drift (Evidently {e['version']}, {sorted(set(e['tests'].values()))}): median delay "
+            f"{e['median_delay_records']}, false alarms per 100k {e['false_alarms_per_100k']} per check, "
+            f"{e['with_tide_rearm']['false_alarms_per_100k']} with Tide's re-arm; {e['report_agreement']}"
+        )
     print(f"goals: {result['goals']}")
     print(f"peers: {result['peers']}")
     print(f"wrote {OUT}")

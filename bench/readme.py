@@ -248,6 +248,17 @@ def render_drift(r: dict[str, Any]) -> str:
             f"{_d(data['median_delay_records'])} records, "
             f"{data['false_alarms_per_100k']:g} false alarms per 100k records on drift-free inputs.",
         ]
+        ev = r["data_drift"].get("evidently")
+        if ev:
+            tests, rearm, dataset = set(ev["tests"].values()), ev["with_tide_rearm"], ev["dataset_drift"]
+            lines.append(
+                f"Evidently {ev['version']} with its default tests ({', '.join(sorted(tests))}) on the same "
+                f"windows and checks: median delay {_d(ev['median_delay_records'])} records, "
+                f"{ev['false_alarms_per_100k']:g} false alarms per 100k records (each failed test; "
+                f"{rearm['false_alarms_per_100k']:g} with Tide's re-arm; "
+                f"{dataset['false_alarms_per_100k']:g} counting only its dataset drift, half the inputs or "
+                f"more, delay {_d(dataset['median_delay_records'])})."
+            )
     peers = r.get("peers", {})
     if peers:
         lines += ["", "Peers: " + "; ".join(f"{k}: {v}" for k, v in peers.items()) + "."]

@@ -58,7 +58,9 @@ bench-learn: install
 # Tide's drift monitors and concept-drift detectors on streams with known change points (river's synthetic
 # generators and the examples' generators, BENCH_SEEDS seeds each) beside river's ADWIN alone: detection
 # delay in records and false alarms per 100k records. Writes out/bench/drift.json. Peers (Evidently) go in
-# their own venv, best effort: a failed install is recorded in the JSON, not a failed target.
+# their own venv, best effort: a failed install is recorded in the JSON, not a failed target. Evidently's
+# default drift tests run there (bench/drift_evidently.py, a subprocess) on the same input streams, windows
+# and checks as Tide's input-drift tests.
 DRIFT_VENV := .venv-drift
 bench-drift: install
 	@test -x $(DRIFT_VENV)/bin/python || $(PYTHON) -m venv $(DRIFT_VENV)
