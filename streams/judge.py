@@ -20,7 +20,22 @@ has labels:
   version); ``source`` ``judge`` and the verdict's id and rule as the reason. The verdict's ``action``
   says what was published (``promote`` / ``rollback``; null when the policy only reports);
 - with ``policy.drift.concept``, the champion's losses feed one :class:`streams.concept.ConceptMonitor`
-  per (model, version); a change it finds is a ``drift_alert`` of kind ``concept`` on ``drift-alerts``.
+  per model and *lineage* of versions (a version continues its ``parent_version``'s monitor unless its
+  ``trigger`` names a drift alert: :mod:`streams.judging`); a change it finds is a ``drift_alert`` of kind
+  ``concept`` on ``drift-alerts``, naming the version whose loss fired it.
+
+**Labels of a model not served are not held.** A label is held in a model's join only while a prediction
+of that model may meet it: one was read within the labels' ``max_delay`` before the label's time, or the
+predictions read have not reached that time yet. Otherwise (a model defined with labels but never scored,
+or no longer) it is counted (``tide_judge_labels_ignored_total``, reason ``model_not_served``) and
+dropped, not dead-lettered; so is a held label that expires unmatched while its model was not served
+near its time. Such a model is also left out of the flow control, which pauses a labels topic only for
+the models served that read it, so one model's labels never hold back another's.
+
+**Predictions before their version.** The models topic and the predictions topic are read side by side,
+so a prediction may come before its version's record. It is held (at most ``judge_max_held`` per model)
+and scored when the version comes; one whose version has not come within ``judge_version_wait_s`` of
+stream time or ``judge_version_wait_records`` records read is dead-lettered as ``unknown_version``.
 
 Everything is produced in the processor's Kafka transaction, with a checkpoint of the step's whole
 state (joins, statistics, guardrails, monitors; :meth:`JudgeStep.snapshot`) and its positions
@@ -35,6 +50,8 @@ never stopping the judge or touching a verdict: a label of the wrong type, a dup
 without key (at once, by the processor), a prediction of a version never seen on the models topic, and a
 label whose event had no prediction within the labels' ``max_delay`` (when it expires, produced in the
 transaction by the step).
+
+Held labels, held predictions and the lineages are part of the checkpointed state.
 """
 
 from __future__ import annotations
@@ -50,15 +67,15 @@ from prometheus_client import Counter
 from pydantic import Field
 
 from infra import processor
-from infra.errors import StreamError
+from infra.errors import SchemaError, StreamError
 from infra.letters import DeadLetter
 from infra.settings import CommonSettings
 from infra.topics import prefixed, topic
 from schemas import codec, registry
 from schemas.checkpoints import KafkaCheckpoints
 from schemas.definitions import Project
-from streams.judging import Emitter, ModelState, judged_models
-from streams.outcomes import LabelSeen, Scored, target
+from streams.judging import Emitter, ModelState, chain_of, judged_models
+from streams.outcomes import Held, LabelSeen, Scored, Unpublished, target
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +85,10 @@ LARGE_STATE = 8 << 20  # uncompressed snapshot size worth a warning
 
 BAD_RECORDS = Counter("tide_judge_bad_records_total", "Records the judge dead-lettered", ["model", "reason"])
 JOINED = Counter("tide_judge_labels_joined_total", "Labelled predictions joined", ["model", "arm"])
+IGNORED = Counter(
+    "tide_judge_labels_ignored_total", "Labels neither held nor dead-lettered", ["model", "reason"]
+)
+NOT_SERVED = "model_not_served"
 
 
 class JudgeSettings(CommonSettings):
@@ -80,6 +101,11 @@ class JudgeSettings(CommonSettings):
     judge_max_pending: int = Field(default=5_000, ge=10)
     judge_checkpoint_interval_s: float = Field(default=1.0, ge=0)
     judge_batch: int = Field(default=500, ge=1)
+    # Predictions read before their version's record (module docstring): held per model, at most this
+    # many, each until this much stream time or this many records read have passed without its version.
+    judge_max_held: int = Field(default=1_000, ge=1)
+    judge_version_wait_s: float = Field(default=30.0, gt=0)
+    judge_version_wait_records: int = Field(default=5_000, ge=1)
 
 
 def _reason(exc: Exception) -> str:
@@ -103,11 +129,16 @@ class JudgeStep:
         self._expected: dict[str, str | None] = {}
         self._since_checkpoint = False
         self._subscribed: list[str] = []
-        self._paused: set[str] = set()  # sides of the join whose topics are paused
-        # The state checkpointed (snapshot/restore): all of it is in these four.
+        self._paused: set[str] = set()  # topics paused by the flow control
+        # The state checkpointed (snapshot/restore): all of it is in these.
         self.clock_ms = 0
+        self.read = 0  # records handled
         self.models: dict[str, ModelState] = {}
         self.versions: dict[str, set[int]] = {}  # every model's versions seen on the models topic
+        self.chains: dict[str, dict[int, int]] = {}  # model -> version -> its lineage's first version
+        self.held = Unpublished(  # predictions waiting for their version
+            settings.judge_max_held, settings.judge_version_wait_s * 1000, settings.judge_version_wait_records
+        )
         self.deployed: dict[str, dict[str, int | None]] = {}  # model -> {"canary": v, "shadow": v}
         self._take(project)
 
@@ -180,21 +211,27 @@ class JudgeStep:
     def handle(self, item: processor.Incoming) -> None:
         self._since_checkpoint = True
         self.clock_ms = max(self.clock_ms, item.timestamp_ms)
+        self.read += 1
         v = item.value
         if item.record == "prediction":
-            self._on_prediction(v, item.timestamp_ms)
+            self._on_prediction(item)
         elif item.record == "model_version":
-            self.versions.setdefault(str(v["model"]), set()).add(int(v["version"]))
+            self.version_seen(v)
         elif item.record == "deployment":
             self._on_deployment(v, item.timestamp_ms)
         else:
             self._on_label(item)
 
     def flush(self) -> bool:
+        for held in self.held.expire(self.clock_ms, self.read):
+            self._unknown_version(held, "not published since")
         for state in self.models.values():
             for reason, event_id, event in state.joins.expire():
                 label = event.label
                 assert label is not None
+                if not state.served_near(event.first_ms):
+                    self._not_served(state)
+                    continue
                 why = (
                     f"no prediction of event {event_id!r} within {state.joins.ttl_ms} ms"
                     if reason == "unknown_event"
@@ -213,6 +250,9 @@ class JudgeStep:
                         offset=label.offset,
                     )
                 )
+            clock = state.joins.prediction_clock
+            if not state.served_near(clock):  # labels the predictions read have passed: none will meet them
+                self._not_served(state, state.joins.drop_labels(clock))
             state.decide(self.clock_ms, self._settings.judge_verdict_every_s * 1000, self._emitter)
         self._flow_control(idle=False)
         self._poll_registry()
@@ -223,41 +263,48 @@ class JudgeStep:
         self._poll_registry()
         return False
 
+    def waiting(self) -> dict[str, int]:
+        """Topic -> the most records of it waiting for the other side of the join in one model's join,
+        counting only the models served now (a model never scored holds no labels, and must not pause
+        a topic other models read)."""
+        load: dict[str, int] = {}
+        predictions = topic(self._settings, "predictions")
+        for state in self.models.values():
+            if not state.served_near(state.joins.prediction_clock):
+                continue
+            labels, scored = state.joins.waiting()
+            name = prefixed(self._settings, state.labels_source.topic_name)
+            load[name] = max(load.get(name, 0), labels)
+            load[predictions] = max(load.get(predictions, 0), scored)
+        return load
+
     def _flow_control(self, *, idle: bool) -> None:
         """Keep the two sides of the join in step. A consumer catching up reads one topic far ahead of
         the other (the small label records, say), and what waits beyond ``judge_max_pending`` is lost:
-        the side with more than half of it waiting is paused until it is below a quarter, and both are
-        resumed when nothing else comes (labels of events never scored, predictions never labelled:
-        they expire)."""
+        a topic with more than half of it waiting in a served model's join (:meth:`waiting`) is paused
+        until it is below a quarter, and every topic is resumed when nothing else comes (labels of
+        events never scored, predictions never labelled: they expire)."""
         if self._consumer is None:
             return
-        waiting = [s.joins.waiting() for s in self.models.values()]
+        load = self.waiting()
         limit = self._settings.judge_max_pending
-        for side, count in (
-            ("labels", max((w[0] for w in waiting), default=0)),
-            ("predictions", max((w[1] for w in waiting), default=0)),
-        ):
-            paused = side in self._paused
+        for name in sorted(set(load) | self._paused):
+            count = load.get(name, 0)
+            paused = name in self._paused
             if not paused and not idle and count > limit // 2:
-                self._paused.add(side)
+                self._paused.add(name)
             elif paused and (idle or count < limit // 4):
-                self._paused.discard(side)
+                self._paused.discard(name)
             else:
                 continue
-            names = {
-                t
-                for t, record in self._expected.items()
-                if (record == "prediction") == (side == "predictions")
-                and record not in ("model_version", "deployment")
-            }
-            parts = [tp for tp in self._consumer.assignment() if tp.topic in names]
+            parts = [tp for tp in self._consumer.assignment() if tp.topic == name]
             if parts:
-                (self._consumer.pause if side in self._paused else self._consumer.resume)(parts)
+                (self._consumer.pause if name in self._paused else self._consumer.resume)(parts)
             log.log(
                 logging.DEBUG if idle else logging.INFO,
-                "%s %s topics (%d waiting for the other side)",
-                "paused" if side in self._paused else "resumed",
-                side,
+                "%s %s (%d records waiting for the other side)",
+                "paused" if name in self._paused else "resumed",
+                name,
                 count,
             )
 
@@ -265,17 +312,34 @@ class JudgeStep:
 
     def snapshot(self) -> bytes:
         self._since_checkpoint = False
-        state = (self.clock_ms, self.models, self.versions, self.deployed)
+        state = (
+            self.clock_ms,
+            self.models,
+            self.versions,
+            self.deployed,
+            self.chains,
+            self.held.held,
+            self.read,
+        )
         blob = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
         if len(blob) > LARGE_STATE:
             log.warning("judge state is %d bytes: lower TIDE_JUDGE_MAX_PENDING", len(blob))
         return blob
 
     def restore(self, state: bytes) -> None:
-        replayed = self.versions
-        self.clock_ms, self.models, self.versions, self.deployed = pickle.loads(state)
+        replayed, lineages = self.versions, self.chains
+        loaded = pickle.loads(state)
+        if len(loaded) == 4:  # a checkpoint from before lineages and held predictions
+            loaded = (*loaded, {}, {}, 0)
+        self.clock_ms, self.models, self.versions, self.deployed, self.chains, self.held.held, self.read = (
+            loaded
+        )
         for name, found in replayed.items():
             self.versions.setdefault(name, set()).update(found)
+        for name, chains in lineages.items():
+            mine = self.chains.setdefault(name, {})
+            for version, chain in chains.items():
+                mine.setdefault(version, chain)
         self._take(self._project)  # the definitions now in force, over the state's
         log.info(
             "restored: clock %d, %d models, %d candidates being judged",
@@ -286,17 +350,77 @@ class JudgeStep:
 
     # -- records -------------------------------------------------------------------------------------------
 
-    def _on_prediction(self, v: Mapping[str, Any], timestamp_ms: int) -> None:
+    def version_seen(self, record: Mapping[str, Any]) -> None:
+        """A ``model_version`` record: note the version and its lineage (:func:`streams.judging.chain_of`),
+        and score the predictions of it read before it."""
+        name, version = str(record["model"]), int(record["version"])
+        self.versions.setdefault(name, set()).add(version)
+        chains = self.chains.setdefault(name, {})
+        if version not in chains:
+            chains[version] = chain_of(record, chains)
+        ready = self.held.release(name, version)
+        if not ready:
+            return
+        log.info("model %s v%d published: %d predictions read before it scored", name, version, len(ready))
+        state = self.models.get(name)
+        if state is not None:
+            for h in ready:
+                self._score(state, h.value, h.timestamp_ms)
+
+    def _hold(self, item: processor.Incoming) -> None:
+        at = (item.key, item.topic, item.partition, item.offset)
+        dropped = self.held.hold(Held(dict(item.value), item.timestamp_ms, self.read, *at))
+        if dropped is not None:
+            self._unknown_version(dropped, f"{self.held.max_held} predictions held")
+
+    def _unknown_version(self, h: Held, why: str) -> None:
+        name = h.model
+        BAD_RECORDS.labels(name, "unknown_version").inc()
+        try:
+            value: bytes | None = codec.encode("prediction", h.value, validate=False)
+        except (SchemaError, KeyError, TypeError, ValueError):
+            value = None  # the letter still says where it was read
+        self._emitter.dead_letter(
+            DeadLetter(
+                stage=STEP_NAME,
+                error=f"unknown_version: model {name} v{h.version} was never published on the models topic "
+                f"({why})",
+                error_type="StreamError",
+                key=h.key,
+                value=value,
+                source_topic=h.topic,
+                partition=h.partition,
+                offset=h.offset,
+            )
+        )
+
+    def _not_served(self, state: ModelState, count: int = 1) -> None:
+        if not count:
+            return
+        state.not_served += count
+        IGNORED.labels(state.name, NOT_SERVED).inc(count)
+        if state.not_served == count:
+            log.info(
+                "model %s: no prediction of it read near its labels' time; its labels are not held",
+                state.name,
+            )
+
+    def _on_prediction(self, item: processor.Incoming) -> None:
+        v, timestamp_ms = item.value, item.timestamp_ms
+        for judged in self.models.values():
+            judged.joins.predictions_at(timestamp_ms)
         name = str(v["model"])
         state = self.models.get(name)
         if state is None:
             return  # not a judged model
-        version = int(v["version"])
-        if version not in self.versions.get(name, ()):
-            BAD_RECORDS.labels(name, "unknown_version").inc()
-            raise StreamError(
-                f"unknown_version: model {name} v{version} was never published on the models topic"
-            )
+        state.served_ms = max(state.served_ms, timestamp_ms)
+        if int(v["version"]) not in self.versions.get(name, ()):
+            self._hold(item)  # its version's record may come next (module docstring)
+            return
+        self._score(state, v, timestamp_ms)
+
+    def _score(self, state: ModelState, v: Mapping[str, Any], timestamp_ms: int) -> None:
+        name = state.name
         event_id = v.get("event_id")
         arm = str(v["arm"])
         scored = Scored.of(state.task, v)
@@ -304,7 +428,10 @@ class JudgeStep:
         if event_id:  # joined even when not judged (a finished candidate's): its label is not unknown
             for joined in state.joins.prediction(str(event_id), scored, timestamp_ms):
                 JOINED.labels(name, joined.arm).inc()
-                state.joined(joined, self.clock_ms, self._emitter)
+                state.joined(joined, self.clock_ms, self._emitter, self._chain(name, joined.version))
+
+    def _chain(self, name: str, version: int) -> int:
+        return self.chains.get(name, {}).get(version, version)
 
     def _on_label(self, item: processor.Incoming) -> None:
         v = item.value
@@ -318,10 +445,18 @@ class JudgeStep:
                 if raw_key is None:
                     raise StreamError(f"missing_key: labels {labels.name!r} without {labels.key!r}")
                 y = target(state.task, raw)
+                if (
+                    not state.served_near(item.timestamp_ms)
+                    and state.joins.prediction_clock >= item.timestamp_ms
+                ):
+                    self._not_served(state)  # no prediction of it near this time, and none to come
+                    continue
                 seen = LabelSeen(y, dict(v), item.key, item.topic, item.partition, item.offset)
                 for joined in state.joins.label(str(raw_key), seen, item.timestamp_ms):
                     JOINED.labels(state.name, joined.arm).inc()
-                    state.joined(joined, self.clock_ms, self._emitter)
+                    state.joined(
+                        joined, self.clock_ms, self._emitter, self._chain(state.name, joined.version)
+                    )
             except StreamError as exc:
                 BAD_RECORDS.labels(state.name, _reason(exc)).inc()
                 errors.append(f"model {state.name}: {exc}")

@@ -56,8 +56,9 @@ def transactional_id(settings: JudgeSettings) -> str:
 
 
 def replay_versions(settings: JudgeSettings, step: JudgeStep, *, timeout_s: float = 30.0) -> int:
-    """Note every version on the models topic, from its beginning: a prediction read before its
-    version's record (another partition, another topic) is then not taken for one of an unknown version."""
+    """Note every version on the models topic, and its lineage, from its beginning: a prediction read
+    before its version's record (another partition, another topic) is then not held for it, and each
+    concept monitor continues its lineage's (:meth:`JudgeStep.version_seen`)."""
     name = topic(settings, "models")
     read = 0
     try:
@@ -67,7 +68,7 @@ def replay_versions(settings: JudgeSettings, step: JudgeStep, *, timeout_s: floa
             except Exception as exc:
                 log.warning("replay %s offset %s skipped: %s", name, msg.offset(), exc)
                 continue
-            step.versions.setdefault(str(v["model"]), set()).add(int(v["version"]))
+            step.version_seen(v)
             read += 1
     except StreamError as exc:
         log.warning("replay of %s incomplete (%d read): %s", name, read, exc)

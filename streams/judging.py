@@ -1,6 +1,14 @@
 """The judge's state per model and what it publishes: candidates under judgement, the join, concept
 monitors; verdict, deployment and concept-drift records (the step is :mod:`streams.judge`).
 
+**Concept monitors follow a lineage, not a version.** One :class:`streams.concept.ConceptMonitor` per
+*chain* of champion versions: a version continues the chain of its ``parent_version`` (an online learner
+publishing every few labels, a scheduled retrain), so the detector sees the champion's error stream
+without a break across publications, and an alert names the version whose loss fired it; a version
+whose ``trigger`` names a drift alert (a refresh or retrain after drift, :func:`chain_of`) starts a chain
+of its own, with a fresh monitor. The step keeps each version's chain (:class:`streams.judge.JudgeStep`)
+and passes it to :meth:`ModelState.joined`.
+
 All of it is plain data (pickled into the judge's checkpoints) and broker-free: records go to an
 :class:`Emitter`, which the service binds to its transactional producer and tests to memory.
 
@@ -15,8 +23,10 @@ embedded one does).
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,11 +46,24 @@ CHAMPION = "champion"
 CANDIDATE_ARMS = (CANARY, SHADOW)
 MAX_CANDIDATES = 8  # candidates judged at once per model (the oldest ends beyond it)
 MAX_FINISHED = 256  # finished candidates remembered per model (their later predictions are ignored)
-MONITORS_PER_MODEL = 8  # concept monitors (champion versions) kept per model
+MONITORS_PER_MODEL = 8  # concept monitors (chains of champion versions) kept per model
 SOURCE = "judge"
 
 VERDICTS = Counter("tide_judge_verdicts_total", "Verdicts published", ["model", "outcome", "final"])
 CONCEPT_ALERTS = Counter("tide_judge_concept_alerts_total", "Concept-drift alerts raised", ["model"])
+
+
+_ALERT_TRIGGER = re.compile(r"^\w+ drift alert \S+$")  # what a version made for an alert records
+
+
+def chain_of(record: Mapping[str, Any], chains: Mapping[int, int]) -> int:
+    """The chain (its first version) a ``model_version`` record joins, given the model's ``chains`` so
+    far (version -> chain): its parent's, unless it has none or answers a drift alert (module
+    docstring)."""
+    version, parent = int(record["version"]), record.get("parent_version")
+    if parent is None or int(parent) == version or _ALERT_TRIGGER.match(str(record.get("trigger") or "")):
+        return version
+    return chains.get(int(parent), int(parent))
 
 
 def judged_models(project: Project) -> dict[str, Model]:
@@ -98,9 +121,14 @@ class ModelState:
     joins: Joins
     judgements: dict[tuple[str, int], Judgement] = field(default_factory=dict)
     finished: dict[tuple[str, int], int] = field(default_factory=dict)  # -> when (stream ms)
-    monitors: dict[int, ConceptMonitor] = field(default_factory=dict)
+    monitors: dict[int, ConceptMonitor] = field(default_factory=dict)  # by chain (module docstring)
     alerts: dict[int, int] = field(default_factory=dict)  # version -> concept alerts raised
     champion_version: int = 0
+    served_ms: int = 0  # the newest prediction of the model read (0: none yet)
+    not_served: int = 0  # labels not held: no prediction of the model near their time
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"served_ms": 0, "not_served": 0} | state)  # checkpoints of older versions
 
     @classmethod
     def of(cls, model: Model, max_pending: int) -> ModelState:
@@ -189,15 +217,21 @@ class ModelState:
             found.guardrails.candidate.observe(scored.score, latency_ms, scored.error)
         return found
 
-    def joined(self, joined: Joined, now_ms: int, out: Emitter) -> None:
-        """A labelled prediction: losses to the candidates' statistics and the concept monitor."""
+    def served_near(self, ts_ms: int) -> bool:
+        """Whether a prediction of the model was read within the labels' ``max_delay`` before ``ts_ms``
+        (or after it): a label of that time may meet one."""
+        return self.served_ms > 0 and self.served_ms + self.joins.ttl_ms >= ts_ms
+
+    def joined(self, joined: Joined, now_ms: int, out: Emitter, chain: int | None = None) -> None:
+        """A labelled prediction: losses to the candidates' statistics and the concept monitor (of
+        ``chain``, the lineage of the prediction's version; its version when not given)."""
         event, loss = joined.event, joined.loss
         if joined.arm == CHAMPION:
             if loss is not None:
                 for j in self.judgements.values():
                     if j.arm == CANARY and event.first_ms >= j.started_ms:
                         j.champion_loss(loss)
-                self._concept(joined, loss, now_ms, out)
+                self._concept(joined, loss, now_ms, out, joined.version if chain is None else chain)
         elif joined.arm in CANDIDATE_ARMS:
             candidate = self.judgements.get((joined.arm, joined.version))
             if candidate is None:
@@ -213,11 +247,11 @@ class ModelState:
             if paired is not None:
                 paired.pair(event.losses[SHADOW], event.losses[CHAMPION], now_ms)
 
-    def _concept(self, joined: Joined, loss: float, now_ms: int, out: Emitter) -> None:
+    def _concept(self, joined: Joined, loss: float, now_ms: int, out: Emitter, chain: int) -> None:
         if not self.model.policy.drift.concept:
             return
-        monitor = self.monitors.pop(joined.version, None) or ConceptMonitor()
-        self.monitors[joined.version] = monitor  # most recently used last
+        monitor = self.monitors.pop(chain, None) or ConceptMonitor()
+        self.monitors[chain] = monitor  # most recently used last
         while len(self.monitors) > MONITORS_PER_MODEL:
             del self.monitors[next(iter(self.monitors))]
         change = monitor.update(loss)
@@ -228,9 +262,11 @@ class ModelState:
             out.alert(alert)
             CONCEPT_ALERTS.labels(self.name).inc()
             log.warning(
-                "concept drift: model %s v%d loss %.4f -> %.4f (%s, %d records since the change)",
+                "concept drift: model %s v%d (lineage from v%d) loss %.4f -> %.4f (%s, %d records since "
+                "the change)",
                 self.name,
                 joined.version,
+                chain,
                 change.estimate_before,
                 change.estimate_after,
                 change.detector,

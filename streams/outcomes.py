@@ -5,7 +5,9 @@
 first. One :class:`Joins` per model keeps, by event id, the event's predictions (one per arm: the champion
 or canary that answered, the shadow that scored beside it) and its label, for ``ttl_ms`` (the labels'
 ``max_delay``) of the other side's stream time (a label waits until the predictions read have passed its
-record's time by the TTL, and the other way round), at most ``max_pending`` events. While an event is
+record's time by the TTL, and the other way round; the predictions' time is that of every model's
+predictions read, :meth:`Joins.predictions_at`, since they share one topic), at most ``max_pending``
+events. While an event is
 held, each prediction is joined once, whichever of prediction and label comes last; a second label for
 it is a duplicate. A label that never found a prediction is returned by :meth:`Joins.expire` so the
 judge can dead-letter it (a label of an unknown event).
@@ -20,12 +22,15 @@ and has no loss (:func:`output_error`).
 **Targets** (:func:`target`) are checked against the task before anything is joined: binary takes a
 boolean or 0/1, regression a finite number, multiclass a string, integer or boolean (as a string);
 anything else is a label of the wrong type.
+
+**Predictions before their version** (:class:`Unpublished`): a prediction read before its version's
+record on the models topic waits, per model, until the version comes or a bound passes.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,6 +194,12 @@ class Joins:
             event = self.open[event_id] = Event(now_ms)
         return event
 
+    def predictions_at(self, now_ms: int) -> None:
+        """A prediction (of any model) was read with record time ``now_ms``: a label that no prediction
+        met expires once predictions have passed its time by the TTL, whether or not this model's
+        predictions go on (a model no longer scored does not hold its labels)."""
+        self.prediction_clock = max(self.prediction_clock, now_ms)
+
     def prediction(self, event_id: str, scored: Scored, now_ms: int) -> list[Joined]:
         """Hold a prediction (``now_ms``: its record's time); return it joined when its label is there."""
         self.prediction_clock = max(self.prediction_clock, now_ms)
@@ -233,6 +244,18 @@ class Joins:
             clock = min(self.label_clock, self.prediction_clock)
         return clock - event.first_ms > self.ttl_ms
 
+    def drop_labels(self, until_ms: int) -> int:
+        """Drop the labels held without a prediction whose time is at most ``until_ms``; return how many
+        (a model not served: no prediction of it will meet them)."""
+        gone = [
+            k
+            for k, e in self.open.items()
+            if e.label is not None and not e.predictions and e.first_ms <= until_ms
+        ]
+        for event_id in gone:
+            del self.open[event_id]
+        return len(gone)
+
     def expire(self) -> list[tuple[str, str, Event]]:
         """Drop events older than the TTL, and the oldest beyond ``max_pending``; return ``(reason,
         event id, event)`` for each dropped label that found no prediction: ``unknown_event`` when its
@@ -252,3 +275,61 @@ class Joins:
             if event.label is not None and not event.predictions:
                 lost.append(("join_full", event_id, event))
         return lost
+
+
+@dataclass(slots=True)
+class Held:
+    """A prediction read before its version's record, with where it came from and when (``read_at``:
+    records the reader had read)."""
+
+    value: dict[str, Any]
+    timestamp_ms: int
+    read_at: int
+    key: bytes | None
+    topic: str
+    partition: int
+    offset: int
+
+    @property
+    def model(self) -> str:
+        return str(self.value["model"])
+
+    @property
+    def version(self) -> int:
+        return int(self.value["version"])
+
+
+class Unpublished:
+    """Predictions of versions not seen yet, by model, in the order read: at most ``max_held`` per model,
+    each until ``wait_ms`` of stream time or ``wait_records`` records have passed without its version."""
+
+    def __init__(self, max_held: int, wait_ms: float, wait_records: int) -> None:
+        self.max_held, self.wait_ms, self.wait_records = max_held, wait_ms, wait_records
+        self.held: dict[str, deque[Held]] = {}
+
+    def __len__(self) -> int:
+        return sum(map(len, self.held.values()))
+
+    def hold(self, held: Held) -> Held | None:
+        """Hold ``held``; return the model's oldest when that made one too many."""
+        queue = self.held.setdefault(held.model, deque())
+        queue.append(held)
+        return queue.popleft() if len(queue) > self.max_held else None
+
+    def release(self, model: str, version: int) -> list[Held]:
+        """The predictions of ``version`` held, in the order read (no longer held)."""
+        queue = self.held.get(model)
+        if not queue or all(h.version != version for h in queue):
+            return []
+        self.held[model] = deque(h for h in queue if h.version != version)
+        return [h for h in queue if h.version == version]
+
+    def expire(self, clock_ms: int, read: int) -> list[Held]:
+        """Those whose time is up at stream time ``clock_ms`` with ``read`` records read."""
+        out: list[Held] = []
+        for queue in self.held.values():
+            while queue and (
+                clock_ms - queue[0].timestamp_ms > self.wait_ms or read - queue[0].read_at > self.wait_records
+            ):
+                out.append(queue.popleft())
+        return out

@@ -76,16 +76,19 @@ class Feed:
         self.offset += 1
         return Incoming(record, value, b"k", topic, 0, self.offset, self.now)
 
-    def version(self, v: int) -> None:
-        self.step.handle(self._item("model_version", {"model": "scorer", "version": v}))
+    def version(self, v: int, parent: int | None = None, trigger: str | None = None) -> None:
+        value = {"model": "scorer", "version": v, "parent_version": parent, "trigger": trigger}
+        self.step.handle(self._item("model_version", value))
 
     def deploy(self, action: str, version: int | None, weight: float = 0.0) -> None:
         value = {"model": "scorer", "action": action, "version": version, "weight": weight}
         self.step.handle(self._item("deployment", value))
 
-    def prediction(self, event: str, arm: str, version: int, score: float, latency: float = 5.0) -> None:
+    def prediction(
+        self, event: str, arm: str, version: int, score: float, latency: float = 5.0, model: str = "scorer"
+    ) -> None:
         value = {
-            "model": "scorer",
+            "model": model,
             "version": version,
             "arm": arm,
             "event_id": event,
@@ -271,24 +274,28 @@ def test_bad_input_is_refused_and_changes_no_verdict() -> None:
             for record, args in (
                 ("label", (event, not y)),  # duplicate
                 ("label", (f"x{i}", "yes")),  # wrong type
-                ("prediction", (f"z{i}", "champion", 99, 0.5)),  # unknown version
             ):
                 with pytest.raises(StreamError) as exc:
                     getattr(dirty_feed, record)(*args)
                 refused.append(str(exc.value))
+            dirty_feed.prediction(f"z{i}", "champion", 99, 0.5)  # a version never published: held
             dirty_feed.label(f"nobody{i}", True)  # no prediction will come
         if i % 20 == 19:
             clean_feed.tick()
             dirty_feed.tick()
     assert any("duplicate_label" in r for r in refused)
     assert any("wrong_type" in r for r in refused)
-    assert any(r.startswith("unknown_version") for r in refused) and len(refused) == 45
-    dirty_feed.now += 20_000  # predictions read past the labels' max_delay (10 s) of stream time
+    assert len(refused) == 30
+    # predictions read past the labels' max_delay (10 s) and the wait for a version (30 s) of stream time
+    dirty_feed.now += 40_000
     dirty_feed.prediction("later", "champion", 1, 0.5)
     dirty_feed.tick()
     letters = dirty_out.letters
-    assert len(letters) == 15 and all(lt.error.startswith("unknown_event") for lt in letters)
-    assert all(lt.value and lt.source_topic == "answers" for lt in letters)
+    unknown = [lt for lt in letters if lt.error.startswith("unknown_event")]
+    assert len(unknown) == 15 and all(lt.value and lt.source_topic == "answers" for lt in unknown)
+    unpublished = [lt for lt in letters if lt.error.startswith("unknown_version")]
+    assert len(unpublished) == 15 and all(lt.source_topic == "t" and "v99" in lt.error for lt in unpublished)
+    assert len(letters) == 30
 
     def decisive(out: MemoryEmitter) -> list[tuple[Any, ...]]:
         return [(v["outcome"], v["rule"], v["n"], v["estimate"], v["upper"]) for v in finals(out)]
@@ -363,3 +370,155 @@ def test_concept_drift_of_the_champion_raises_one_alert() -> None:
         quiet_feed.label(f"e{i}", False)
     quiet_feed.tick()
     assert quiet_out.of("drift-alerts") == []
+
+
+class Consumer:
+    """What the flow control asks of a consumer: its assignment, pause and resume (recorded)."""
+
+    def __init__(self, topics: list[str]) -> None:
+        from confluent_kafka import TopicPartition
+
+        self.parts = [TopicPartition(t, 0) for t in topics]
+        self.paused: list[str] = []
+
+    def assignment(self) -> list[Any]:
+        return self.parts
+
+    def pause(self, parts: list[Any]) -> None:
+        self.paused.extend(tp.topic for tp in parts)
+
+    def resume(self, parts: list[Any]) -> None:
+        pass
+
+
+def test_labels_of_a_model_never_scored_are_counted_not_held_and_pause_nothing() -> None:
+    p = project(max_delay="1d")
+    scorer = p.models["scorer"]
+    assert scorer.labels is not None
+    idle = Model(
+        "idle",
+        "binary",
+        scorer.request,
+        ["x"],
+        labels=Labels("idle_answer", scorer.labels.source, "event_id", "y", "binary", max_delay="1d"),
+        learner="river.linear_model:LogisticRegression",
+    )
+    both = Project.of("judged", [scorer, idle])
+    register_schemas(both)
+    out = MemoryEmitter()
+    step = JudgeStep(JudgeSettings(judge_max_pending=100), both, out)
+    consumer = Consumer(list(step.topics()))
+    step.follow(None, consumer)  # type: ignore[arg-type]
+    feed = Feed(step)
+    feed.version(1)
+    for i, (event, p_, _, y) in enumerate(_stream(4, 600, 0.0)):
+        feed.prediction(event, "champion", 1, p_)
+        feed.label(event, y)
+        if i % 20 == 19:
+            feed.tick()
+    # The idle model has no version and no prediction: none of its 600 labels is held, none is
+    # dead-lettered (join_full), and it never pauses the labels topic the scorer reads as well.
+    assert len(step.models["idle"].joins) == 0 and step.models["idle"].not_served == 600
+    assert out.letters == [] and consumer.paused == []
+    assert step.models["scorer"].not_served == 0 and len(step.models["scorer"].joins.done) == 100
+    assert set(step.waiting().values()) == {0}
+    # Labels of the scorer read ahead of its predictions still pause their topic (and only it).
+    for i in range(80):
+        feed.label(f"ahead{i}", True)
+    feed.tick()
+    labels_topic = next(t for t, record in step.topics().items() if record == "answers")
+    assert consumer.paused == [labels_topic] and step.waiting()[labels_topic] == 80
+    assert len(step.models["idle"].joins) == 80  # until predictions pass them: one of its may come
+    feed.now += 100
+    for i in range(80):
+        feed.prediction(f"ahead{i}", "champion", 1, 0.2)
+    feed.tick()
+    assert step.waiting()[labels_topic] == 0 and len(step.models["idle"].joins) == 0
+    assert step.models["idle"].not_served == 680 and out.letters == []
+
+
+def test_a_prediction_read_before_its_version_waits_for_it() -> None:
+    out = MemoryEmitter()
+    step = JudgeStep(JudgeSettings(judge_max_held=10, judge_version_wait_records=400), project(), out)
+    feed = Feed(step)
+    feed.version(1)
+    feed.deploy("shadow", 3)
+    for event, p, q, y in _stream(6, 8, 0.1):
+        feed.prediction(event, "champion", 1, p)
+        feed.prediction(event, "shadow", 3, q)  # read before version 3's record
+        feed.label(event, y)
+    feed.tick()
+    assert out.letters == []
+    feed.version(3, parent=1)  # the models topic catches up: the 8 are scored, none dead-lettered
+    feed.tick()
+    judged = step.models["scorer"].judgements[(SHADOW, 3)]
+    assert judged.stats.n == 8 and out.letters == []
+    # A version never published: beyond 10 held the oldest goes, the rest once 400 records have passed.
+    for i in range(15):
+        feed.prediction(f"n{i}", "champion", 99, 0.5)
+    assert [lt.error.startswith("unknown_version") for lt in out.letters] == [True] * 5
+    for event, p, _, y in _stream(7, 250, 0.0):
+        feed.prediction(f"m{event}", "champion", 1, p)
+        feed.label(f"m{event}", y)
+    feed.tick()
+    assert len(out.letters) == 15 and all("v99" in lt.error for lt in out.letters)
+    assert [lt.offset for lt in out.letters] == sorted(lt.offset for lt in out.letters)
+
+
+def _lineage_run(feed: Feed, events: range, *, every: int = 300, flip_at: int = 2990) -> None:
+    """Champion losses of a learner published every ``every`` labels (each version the next of its
+    parent); the concept flips at ``flip_at``, ten labels before a version is replaced."""
+    rng = np.random.default_rng(9)
+    draws = [(float(rng.beta(2, 5)), float(rng.random())) for _ in range(events.stop)]
+    for i in events:
+        version = 1 + i // every
+        if i % every == 0 and i > 0:
+            feed.version(version, parent=version - 1, trigger="schedule")
+        p, r = draws[i]
+        y = (r < p) != (i >= flip_at)
+        feed.prediction(f"e{i}", "champion", version, p)
+        feed.label(f"e{i}", y)
+        if i % 50 == 49:
+            feed.tick()
+
+
+def _lineage_step() -> tuple[JudgeStep, MemoryEmitter, Feed]:
+    out = MemoryEmitter()
+    step = JudgeStep(JudgeSettings(), project(concept=True), out)
+    feed = Feed(step)
+    feed.version(1)
+    return step, out, feed
+
+
+def test_the_concept_monitor_follows_the_lineage_across_versions() -> None:
+    step, out, feed = _lineage_step()
+    _lineage_run(feed, range(6000))
+    alerts = out.of("drift-alerts")
+    # Each version serves 300 labels; the one serving at the change saw 10 of the new concept, the next
+    # ones only the new concept: only a detector that saw the stream across versions finds the rise.
+    assert alerts, "no concept-drift alert"
+    first = alerts[0]
+    assert first["version"] >= 11 and int(first["trigger_event_id"][1:]) >= 2990
+    assert first["estimate_after"] > first["estimate_before"] and first["window_size"] > 2990
+    assert set(step.chains["scorer"].values()) == {1}
+
+    # A refresh after the alert (its trigger names it) starts a lineage and a monitor of its own.
+    feed.version(50, parent=20, trigger=f"concept drift alert {first['alert_id']}")
+    feed.version(51, parent=50, trigger="schedule")
+    assert step.chains["scorer"][50] == 50 and step.chains["scorer"][51] == 50
+    feed.prediction("r0", "champion", 51, 0.3)
+    feed.label("r0", False)
+    fresh = step.models["scorer"].monitors[50]
+    assert fresh.seen == 1 and step.models["scorer"].monitors[1].seen == 6000
+
+    # Killed mid-stream and restored: the same alerts (the lineage's monitor is in the snapshot).
+    first_step, first_out, first_feed = _lineage_step()
+    _lineage_run(first_feed, range(2950))
+    second_out = MemoryEmitter()
+    second = JudgeStep(JudgeSettings(), project(concept=True), second_out)
+    second.restore(first_step.snapshot())
+    resumed = Feed(second)
+    resumed.offset, resumed.now = first_feed.offset, first_feed.now
+    _lineage_run(resumed, range(2950, 6000))
+    ids = [a["alert_id"] for a in first_out.of("drift-alerts") + second_out.of("drift-alerts")]
+    assert ids == [a["alert_id"] for a in alerts]
