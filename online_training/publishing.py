@@ -157,8 +157,9 @@ class Publishing:
     def refresh(self, state: Lineage, alert: Mapping[str, Any]) -> dict[str, Any] | None:
         """A fresh learner warmed on the lineage's window, published as the model's next version (its
         trigger the alert, its parent the champion) and blessed against the champion; once blessed it
-        becomes the lineage's learner (:mod:`online_training.refresh`). None (nothing published) when
-        no labelled example is at hand to warm it on."""
+        becomes the lineage's learner (:mod:`online_training.refresh`); when not, the lineage's own
+        learner is published after it if it learnt labels since its last version. None (nothing
+        published) when no labelled example is at hand to warm it on."""
         model = state.online.model
         window = self._refresh_window(state)
         if not window:
@@ -198,6 +199,11 @@ class Publishing:
             )
             state.first_ts, state.last_ts = data["first_ts"], data["last_ts"]
             state.parent_version = version
+        elif state.online.since_publish:
+            # The lineage's learner holds labels no committed version of the lineage holds, and this
+            # transaction commits their offsets: a restart resumes the lineage from its newest version
+            # (never from a refresh left beside it) and would not read them again. Publish it too.
+            self.publish(state)
         return record
 
     def _refresh_window(self, state: Lineage) -> list[Seen]:
