@@ -96,6 +96,8 @@ class Namespace:
             "TIDE_TRAINER_GROUP": self.settings.trainer_group,
             "TIDE_TRAINER_PREDICTION_GRACE_S": "3600",  # every label joins its served inputs
             "TIDE_TRAINER_PUBLISH_INTERVAL_S": "5",  # labels wait for a version
+            # The log is trimmed by batches (as many as log_max / the newest batch's size): keep them all.
+            "TIDE_TRAINER_LEARN_LOG": "1000000",
         }
         self.services = Services(env, tmp / "logs")
         self.redis = redis.Redis.from_url(self.settings.redis_url)
