@@ -16,7 +16,8 @@ last write), so a batch of any size costs a few Redis commands, and every entry 
 - ``pending``: a sorted set of the keys of waiting labels, scored by when they are due for replay;
 - ``epoch`` / ``epochs``: the run counter, and each ended run's last committed version;
 - ``log`` (per model, every lineage's): the learn log, one JSON entry per label learnt, in learning order
-  (one list item per batch).
+  (one list item per entry; items written before held a batch each), trimmed to the newest
+  ``trainer_learn_log`` entries.
 
 Why markers carry an epoch and a version: Redis is written before the Kafka transaction that publishes
 the version commits. A run that crashes leaves markers for labels its learner had learnt but no
@@ -172,10 +173,10 @@ class JoinStore:
         if waiting:
             pipe.zadd(self.key("pending"), {k: due_ms for k in waiting}, nx=True)
         if log and log_max:
-            # One list item per batch (a JSON array of its entries): a batch costs one argument, not
-            # hundreds. Trimmed by batches of this one's size: about log_max entries are kept.
-            pipe.rpush(self.log_key, b"[" + b",".join(log) + b"]")
-            pipe.ltrim(self.log_key, -max(1, -(-log_max // len(log))), -1)
+            # One list item per entry (a JSON array of one entry, as read_log reads a batch): the newest
+            # log_max entries are kept, whatever the sizes of the batches they came in.
+            pipe.rpush(self.log_key, *(b"[" + entry + b"]" for entry in log[-log_max:]))
+            pipe.ltrim(self.log_key, -log_max, -1)
         pipe.execute()
 
     def parked(self, keys: Sequence[str]) -> list[Any]:

@@ -1,6 +1,12 @@
 """Publishing the online trainer's versions: each with its lineage and blessing, periodic ones and
 refreshes triggered by drift alerts. A part of :class:`online_training.step.TrainerStep` (a mixin over
 its state); the comparison a version is blessed by is :mod:`online_training.refresh`'s.
+
+A concept alert that estimates its change point makes a *pending* refresh (one per model; an alert for a
+model with one pending is logged and dropped): it is built once the lineage has learnt enough labels since
+the change point (:mod:`online_training.refresh`). The pending refreshes are the step's checkpointed
+state (:class:`infra.processor.Stateful`), saved in the transaction that commits the alert's offset and
+dropped in the one that commits the refresh: across a crash each alert is answered once.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from online_training.joins import now_ms, read_log
 from online_training.learner import OnlineModel
 from online_training.lineage import Lineage, LineageIndex
 from online_training.publish import publish_model_version
-from online_training.refresh import Seen, evaluate, warm
+from online_training.refresh import Pending, Seen, change_point, evaluate, warm
 from online_training.settings import TrainerSettings
 from online_training.triggers import SCHEDULE, Triggers, trigger_of
 from schemas.definitions import Project
@@ -53,6 +59,7 @@ class Publishing:
     _newest: dict[str, int]
     _scorer: ChampionScorer
     _positions: dict[str, int]
+    pending: dict[str, Pending]  # model -> its refresh waiting for labels of the new concept
 
     def seen_version(self, record: Mapping[str, Any]) -> None:
         raise NotImplementedError
@@ -139,8 +146,9 @@ class Publishing:
     # --- drift alerts ---------------------------------------------------------------------------------
 
     def _react(self, alert: Mapping[str, Any]) -> bool:
-        """Refresh the model of ``alert`` when its policy says so (:mod:`online_training.triggers`);
-        returns whether a version was published."""
+        """Refresh the model of ``alert`` when its policy says so (:mod:`online_training.triggers`), at
+        once or, for a concept alert with a change point, once labels since it are in (module
+        docstring); returns whether a version was published."""
         name = str(alert.get("model"))
         state = self.states.get(name)
         if state is None:
@@ -148,20 +156,76 @@ class Publishing:
             return False
         if not self.triggers.wanted(state.online.model, alert, now_ms()):
             return False
+        waiting = self.pending.get(name)
+        if waiting is not None:
+            log.info(
+                "model %s: %s drift alert %s ignored: a refresh waits for labels since alert %s",
+                name,
+                alert.get("kind"),
+                alert.get("alert_id"),
+                waiting.alert.get("alert_id"),
+            )
+            return False
+        start = change_point(alert, state.window, state.online.trained_on)
+        if start is None:
+            return self._refresh_now(state, alert)
+        self.pending[name] = Pending(dict(alert), state.id, start, now_ms())
+        log.info(
+            "model %s: concept drift alert %s: change point %d labels back; the refresh waits for %d labels "
+            "since it",
+            name,
+            alert.get("alert_id"),
+            state.online.trained_on - start,
+            self._wanted_since(state),
+        )
+        return self._pending_due()
+
+    def _wanted_since(self, state: Lineage) -> int:
+        return min(state.online.model.policy.retrain.window, self.settings.trainer_refresh_min_labels)
+
+    def _pending_due(self) -> bool:
+        """Build the pending refreshes whose labels are in (or that waited long enough); returns whether
+        a version was published."""
+        published = False
+        for name, waiting in list(self.pending.items()):
+            state = self.states.get(name)
+            if state is None:
+                del self.pending[name]
+                log.info("model %s is not trained any more: refresh on alert %s dropped", name, waiting.alert)
+                continue
+            since = waiting.since(state.id, state.online.trained_on)
+            waited = now_ms() - waiting.noted_ms >= self.settings.trainer_refresh_max_wait_s * 1000
+            if since is not None and since < self._wanted_since(state) and not (waited and since > 0):
+                continue
+            del self.pending[name]
+            if since is None:
+                log.info(
+                    "model %s: another lineage took over while a refresh waited: it uses its window", name
+                )
+            published = self._refresh_now(state, waiting.alert, since) or published
+        return published
+
+    def _refresh_now(self, state: Lineage, alert: Mapping[str, Any], since: int | None = None) -> bool:
         try:
-            return self.refresh(state, alert) is not None
+            return self.refresh(state, alert, since) is not None
         except TrainingError as exc:
+            name = state.online.name
             log.error("model %s: refresh on drift alert %s failed: %s", name, alert.get("alert_id"), exc)
             return False
 
-    def refresh(self, state: Lineage, alert: Mapping[str, Any]) -> dict[str, Any] | None:
-        """A fresh learner warmed on the lineage's window, published as the model's next version (its
-        trigger the alert, its parent the champion) and blessed against the champion; once blessed it
+    def refresh(
+        self, state: Lineage, alert: Mapping[str, Any], since: int | None = None
+    ) -> dict[str, Any] | None:
+        """A fresh learner warmed on the lineage's window (``since``: on its newest ``since`` examples,
+        those after the change point), published as the model's next version (its trigger the alert, its
+        parent the champion) and blessed against the champion on the same examples; once blessed it
         becomes the lineage's learner (:mod:`online_training.refresh`); when not, the lineage's own
         learner is published after it if it learnt labels since its last version. None (nothing
         published) when no labelled example is at hand to warm it on."""
         model = state.online.model
         window = self._refresh_window(state)
+        if since is not None:
+            window = window[-since:] if since > 0 else []
         if not window:
             log.warning(
                 "model %s: drift alert %s: no labelled example to warm a fresh learner on; not refreshed",
@@ -182,12 +246,18 @@ class Publishing:
         record = self._put(state, fresh, trigger_of(alert), champion, data, blessing, side=not blessed)
         REFRESHES.labels(model.name, str(blessed).lower()).inc()
         log.info(
-            "model %s: refreshed on %s drift alert %s as version %d (%d recent labels; %s)",
+            "model %s: refreshed on %s drift alert %s as version %d (%d recent labels%s; %s %s, champion "
+            "v%s %s; %s)",
             model.name,
             alert.get("kind"),
             alert.get("alert_id"),
             record["version"],
             len(window),
+            "" if since is None else " since the change point",
+            blessing["metric"],
+            _fmt(blessing["candidate_value"]),
+            blessing["baseline_version"],
+            _fmt(blessing["baseline_value"]),
             "blessed: the lineage continues from it" if blessed else "not blessed: the lineage goes on",
         )
         if blessed:
@@ -209,7 +279,8 @@ class Publishing:
     def _refresh_window(self, state: Lineage) -> list[Seen]:
         """The lineage's window; after a restart (fewer kept than learnt), rebuilt from the newest labels
         of the learn log whose served inputs are still parked in Redis, else from the newest examples of
-        history replayed through the lineage's view versions, whichever finds more."""
+        history replayed through the lineage's view versions, whichever finds more (the examples this run
+        learnt taken from the window)."""
         window = state.window
         size = window.maxlen or 0
         if len(window) >= size or state.online.trained_on <= len(window):
@@ -220,7 +291,11 @@ class Publishing:
             examples = all_examples(self.settings, self.project, model, state.binding.views)[-size:]
             replayed = [Seen(str(e.key), e.x, target_of(model.task, e.y), e.ts, 0) for e in examples]
             found = replayed if len(replayed) > len(found) else found
-        return found if len(found) > len(window) else list(window)
+        if len(found) <= len(window):
+            return list(window)
+        # What this run learnt is known better from its own window (event times, its predictions).
+        known = {s.key: s for s in window}
+        return [known.get(s.key, s) for s in found]
 
     def _logged(self, state: Lineage, size: int) -> list[Seen]:
         store, model = state.store, state.online.model
@@ -235,3 +310,7 @@ class Publishing:
             for key, x, (w, _) in zip(keys, store.parked(keys), labels, strict=True)
             if x is not None
         ]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"

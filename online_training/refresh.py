@@ -25,6 +25,23 @@ the window's examples in order (its predictions before each are the candidate's)
 recent concept. After a trainer restart the window is refilled from the newest examples of history
 replayed through the lineage's view versions (their lineage predictions unknown: the champion is then
 scored by its artifact on all of them).
+
+**After a concept change** the window is cut at the change point. A concept alert (kind ``concept``)
+estimates it: ``delay_records`` labels before the label of its ``trigger_event_id`` (the judge's count;
+:func:`change_point` places it in the lineage's count of labels learnt, anchored at that label when the
+lineage has learnt it, else at the newest label learnt). Warmed on the whole window, a fresh learner would
+be compared with a champion whose predictions on the labels before the change are excellent, on labels
+the new concept has not touched: it would lose to a champion that is wrong now. So the refresh
+(:class:`Pending`) waits until the lineage has learnt ``min(window, trainer_refresh_min_labels)`` labels
+since the change point (or ``trainer_refresh_max_wait_s`` passed with at least one), then a fresh
+learner is warmed on the labels since the change point (at most ``window``) and blessed against the
+champion on those same labels, prequentially on both sides as above. The judge counts only the
+champion's labels, the lineage every served one: the estimate errs towards fewer labels, all after the
+change.
+
+An input or output drift alert, and a concept alert without an estimate (``delay_records`` null), carry
+no change point among the labels: they refresh at once on the whole window (a drifted input may leave
+the concept as it was; the window holds what is known of the present).
 """
 
 from __future__ import annotations
@@ -32,6 +49,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from online_training.blessing import ChampionScorer, compare
 from online_training.learner import OnlineModel, build_learner
@@ -89,3 +108,49 @@ def warm(
     learning each example (TrainingError when the factory fails)."""
     online = OnlineModel(model, build_learner(model), reference_size=reference_size, profiled=profiled)
     return online, [online.learn(s.x, s.y) for s in window]
+
+
+def change_point(alert: Mapping[str, Any], window: Sequence[Seen], learnt: int) -> int | None:
+    """The lineage's count of labels learnt at the change point ``alert`` estimates (module docstring):
+    ``window`` the lineage's newest examples (the last one its ``learnt``-th label). None when the alert
+    estimates no change point among the labels (not a concept alert, or no ``delay_records``)."""
+    delay = alert.get("delay_records")
+    if alert.get("kind") != "concept" or delay is None:
+        return None
+    anchor = learnt
+    event = alert.get("trigger_event_id")
+    if event is not None:
+        for back, seen in enumerate(reversed(window)):
+            if seen.key == str(event):
+                anchor = learnt - back
+                break
+    return max(anchor - int(delay), 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A refresh waiting for labels of the new concept (module docstring): the alert, the lineage whose
+    count ``start`` is (its labels learnt at the change point) and when it was noted (ms, wall clock)."""
+
+    alert: dict[str, Any]
+    lineage: str
+    start: int
+    noted_ms: int
+
+    def since(self, lineage: str, learnt: int) -> int | None:
+        """Labels the lineage ``lineage`` learnt since the change point, having learnt ``learnt`` in all;
+        None when another lineage has taken over (its count is not this one's)."""
+        return max(learnt - self.start, 0) if lineage == self.lineage else None
+
+    @staticmethod
+    def dumps(pending: Mapping[str, Pending]) -> bytes:
+        """Pending refreshes by model, as JSON (a checkpointed step's state)."""
+        return orjson.dumps(
+            {m: [p.alert, p.lineage, p.start, p.noted_ms] for m, p in sorted(pending.items())}
+        )
+
+    @staticmethod
+    def loads(blob: bytes) -> dict[str, Pending]:
+        return {
+            m: Pending(dict(a), str(ln), int(s), int(t)) for m, (a, ln, s, t) in orjson.loads(blob).items()
+        }

@@ -50,8 +50,13 @@ class TrainerSettings(PublishSettings):
     # (a model whose binding changed starts a new lineage; see online_training.lineage).
     trainer_follow_interval_s: float = Field(default=1.0, gt=0)
     # About how many entries each model's learn log keeps (a Redis list: what was learnt, in order, with
-    # the prediction made before learning it; trimmed by whole batches); 0 keeps none.
+    # the prediction made before learning it; the newest entries are kept); 0 keeps none.
     trainer_learn_log: int = Field(default=10_000, ge=0)
+    # A refresh triggered by a concept alert that estimates its change point waits until the lineage has
+    # learnt this many labels since it (at most the policy's window), then is warmed and blessed on them
+    # (online_training.refresh); after trainer_refresh_max_wait_s it goes ahead with what there is.
+    trainer_refresh_min_labels: int = Field(default=200, ge=1)
+    trainer_refresh_max_wait_s: float = Field(default=600.0, gt=0)
 
 
 class RetrainSettings(PublishSettings):

@@ -39,7 +39,7 @@ from online_training.lineage import (
     waiting_views,
 )
 from online_training.publishing import Publishing
-from online_training.refresh import Seen
+from online_training.refresh import Pending, Seen
 from online_training.settings import TrainerSettings
 from online_training.triggers import Triggers
 from schemas import registry
@@ -112,6 +112,7 @@ class TrainerStep(Publishing):
         self.triggers = Triggers()  # drift alerts acted on
         self._scorer = ChampionScorer()
         self._alerts: list[dict[str, Any]] = []  # drift alerts of the current batch
+        self.pending: dict[str, Pending] = {}  # refreshes waiting for labels (checkpointed: snapshot)
         self._positions: dict[str, int] = {}  # "topic:partition" -> next offset, of labels and predictions
         for online, store in (models or {}).values():
             self.add(Lineage(online, store, newest_views(project, online.model)))
@@ -162,6 +163,16 @@ class TrainerStep(Publishing):
             state.waiting[key] = Waiting(raw_key, target, ts if isinstance(ts, int) else None, now_ms())
             state.order.append((True, key))
 
+    def snapshot(self) -> bytes:
+        """The step's checkpointed state: the refreshes waiting for labels (the rest of its state is in
+        Redis and on the models topic)."""
+        return Pending.dumps(self.pending)
+
+    def restore(self, state: bytes) -> None:
+        self.pending = Pending.loads(state)
+        for name, waiting in self.pending.items():
+            log.info("model %s: a refresh on alert %s waits for labels", name, waiting.alert.get("alert_id"))
+
     def newest(self, model: str) -> int:
         """The newest version of ``model`` seen (any flavor; 0 when none)."""
         return self._newest.get(model, 0)
@@ -209,6 +220,8 @@ class TrainerStep(Publishing):
         alerts, self._alerts = self._alerts, []
         for alert in alerts:
             published = self._react(alert) or published
+        if self.pending:
+            published = self._pending_due() or published
         for state in self.states.values():
             if now >= state.next_catchup:
                 state.next_catchup = now + self.settings.trainer_catchup_interval_s

@@ -57,9 +57,11 @@ Drift alerts (topic ``drift-alerts``, read by the same processor): an alert of a
 ``policy.retrain.on`` lists refreshes it — a fresh learner from its factory warmed on the window,
 published with the alert as trigger and the champion as parent, blessed, and continued by the lineage
 once blessed — at most once per ``min_interval_s`` and once per alert (:mod:`online_training.triggers`);
-the version commits in the transaction that consumes the alert. Positions are kept on the
-``checkpoints`` topic with each transaction (:mod:`schemas.checkpoints`), so a broker that ignores
-transactions holding only offsets never makes the trainer re-read old records.
+the version commits in the transaction that consumes the alert. A concept alert that estimates its change
+point waits instead until labels since it are learnt, and the fresh learner is warmed and blessed on those
+(:mod:`online_training.refresh`); the waiting refreshes are the step's checkpointed state. Positions are
+kept on the ``checkpoints`` topic with each transaction (:mod:`schemas.checkpoints`), so a broker that
+ignores transactions holding only offsets never makes the trainer re-read old records.
 
 Limits: markers, parked inputs and waiting labels live ``trainer_join_ttl_s`` plus the labels'
 ``max_delay``; a label redelivered after that is learnt again. A catch-up replays the model's sources

@@ -21,7 +21,8 @@ from infra.kafka import make_producer
 from infra.settings import CommonSettings
 from infra.topics import topic
 from online_training import batch, trainer
-from online_training.settings import RetrainSettings
+from online_training.refresh import Pending
+from online_training.settings import RetrainSettings, TrainerSettings
 from schemas import codec
 from schemas.checkpoints import KafkaCheckpoints
 from schemas.definitions import Project
@@ -86,6 +87,9 @@ def triggered(settings: CommonSettings, model: str) -> list[dict[str, Any]]:
     return [v for v in versions(settings, model) if "alert" in (v["trigger"] or "")]
 
 
+T0 = 1_700_000_000_000  # the event time of event 0; event i's label is stamped T0 + i
+
+
 def produce_stream(settings: CommonSettings, project: Project, start: int, n: int, *, flipped: bool) -> None:
     """``n`` scored events and their labels; after the concept change (``flipped``) the same inputs mean
     the opposite."""
@@ -96,7 +100,7 @@ def produce_stream(settings: CommonSettings, project: Project, start: int, n: in
         looks = rng.random() < 0.3
         value = codec.encode("prediction", prediction(f"e{i}", inputs(rng, looks)))
         producer.produce(topic(settings, "predictions"), key=b"card-1", value=value)
-        labels.append(label(f"e{i}", looks != flipped))
+        labels.append({**label(f"e{i}", looks != flipped), "ts": T0 + i})
     assert producer.flush(10) == 0
     from tide import Client
 
@@ -180,6 +184,92 @@ def test_a_concept_alert_refreshes_an_online_model_once(
     # with transactions that hold only offsets
     restored = KafkaCheckpoints(s, trainer.transactional_id(s)).load()
     assert restored is not None and restored.positions[topic(s, "drift-alerts"), 0] == 5
+
+
+def test_a_concept_refresh_waits_for_labels_since_the_change_point_across_a_restart(
+    fraud: CommonSettings, fraud_project: Project
+) -> None:
+    """A concept alert that estimates its change point: the refresh waits for labels since it (the wait
+    checkpointed with the alert's offset, so a restart in between neither loses nor repeats it), then a
+    fresh learner is warmed and blessed on those labels only."""
+    project = with_policy(fraud_project, "fraud", on=("concept",), window=400, min_interval_s=0)
+    s = trainer_settings(fraud, trainer_prediction_grace_s=3600, trainer_refresh_min_labels=250)
+    mark_live(s, project)
+    checkpoints = KafkaCheckpoints(s, trainer.transactional_id(s))
+
+    def start(settings: TrainerSettings) -> tuple[threading.Thread, threading.Event]:
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=trainer.run, args=(settings, project, stop), kwargs={"follow": False}, daemon=True
+        )
+        thread.start()
+        return thread, stop
+
+    def waiting() -> list[str]:
+        """The alerts of the refreshes waiting in the trainer's newest checkpoint, if it read the alert."""
+        restored = checkpoints.load(timeout_s=5)
+        if restored is None or restored.positions.get((topic(s, "drift-alerts"), 0)) != 1:
+            return []
+        return [p.alert["alert_id"] for p in Pending.loads(restored.state or b"{}").values()]
+
+    thread, stop = start(s)
+    try:
+        assert wait_until(lambda: len(versions(s, "fraud")) >= 1, 30)
+        produce_stream(s, project, 0, 600, flipped=False)
+        produce_stream(s, project, 600, 20, flipped=True)  # the concept changes at label 600
+        assert wait_until(lambda: versions(s, "fraud")[-1].get("trained_on") == 620, 60)
+        # the judge's estimate: the change point 20 labels before the label of event e619
+        concept = {**alert("fraud", "concept"), "delay_records": 20, "trigger_event_id": "e619"}
+        send_alerts(s, concept)
+        assert wait_until(lambda: waiting() == [concept["alert_id"]], 30)
+        champion = versions(s, "fraud")[-1]
+        assert triggered(s, "fraud") == []  # 20 labels since the change point: fewer than 250
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+
+    # The alert is not read again: the wait comes back from the checkpoint. No scheduled version comes
+    # in between (the champion stays the one of the alert's time): after a restart the champion is scored
+    # by its artifact on what the window holds from before it, labels it learnt (refresh module).
+    thread, stop = start(s.model_copy(update={"trainer_publish_interval_s": 3600.0}))
+    try:
+        produce_stream(s, project, 620, 280, flipped=True)
+        assert wait_until(lambda: len(triggered(s, "fraud")) == 1, 60)
+        assert wait_until(lambda: waiting() == [], 30)
+    finally:
+        stop.set()
+        thread.join(30)
+    [refresh] = triggered(s, "fraud")
+    blessing = refresh["blessing"]
+    assert refresh["trigger"] == f"concept drift alert {concept['alert_id']}"
+    # warmed and blessed on the 300 labels since the change point, none from before it, against the
+    # champion of the alert's time (it knew the old concept)
+    assert refresh["trained_on"] == blessing["window_labels"] == 300
+    assert refresh["data"]["first_ts"] >= T0 + 600 and refresh["data"]["last_ts"] == T0 + 899
+    assert blessing["baseline_version"] == champion["version"] and champion["trained_on"] == 620
+    assert blessing["blessed"] and blessing["candidate_value"] > blessing["baseline_value"], blessing
+
+
+def test_the_learn_log_keeps_its_newest_entries_whatever_the_batches(
+    fraud: CommonSettings, fraud_project: Project
+) -> None:
+    """The learn log (a restarted trainer's refresh window comes from it) keeps the newest
+    ``trainer_learn_log`` entries, however small the batches before a large one were."""
+    s = trainer_settings(fraud, trainer_prediction_grace_s=3600, trainer_learn_log=100)
+    mark_live(s, fraud_project)
+    client = redis.Redis.from_url(s.redis_url)
+    step = trainer.restore(s, fraud_project, Collect(), client)  # type: ignore[arg-type]
+    rng = random.Random(9)
+    for n, size in enumerate([1] * 150 + [500, 30]):
+        for j in range(size):
+            key = f"b{n}-{j}"
+            step.handle(item("prediction", prediction(key, inputs(rng, j % 3 == 0))))
+            step.handle(item("chargebacks", label(key, j % 3 == 0)))
+        step.flush()
+    keys = [e["key"] for e in trainer.learn_log(s, "fraud")]
+    assert keys == [f"b150-{j}" for j in range(430, 500)] + [f"b151-{j}" for j in range(30)]
+    client.close()
 
 
 def noisy_inputs(rng: random.Random) -> tuple[dict[str, Any], bool]:

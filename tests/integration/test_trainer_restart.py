@@ -96,7 +96,7 @@ class Namespace:
             "TIDE_TRAINER_GROUP": self.settings.trainer_group,
             "TIDE_TRAINER_PREDICTION_GRACE_S": "3600",  # every label joins its served inputs
             "TIDE_TRAINER_PUBLISH_INTERVAL_S": "5",  # labels wait for a version
-            # The log is trimmed by batches (as many as log_max / the newest batch's size): keep them all.
+            # Every label learnt, by every run, is checked: keep the whole log.
             "TIDE_TRAINER_LEARN_LOG": "1000000",
         }
         self.services = Services(env, tmp / "logs")

@@ -9,7 +9,7 @@ import pytest
 
 from models.base import Output
 from online_training.blessing import Champions, as_prediction, bless, compare, is_blessed
-from online_training.refresh import Seen, evaluate
+from online_training.refresh import Pending, Seen, change_point, evaluate
 from online_training.triggers import Triggers, alert_of, category, trigger_of
 from schemas.definitions import Labels, Model, Source
 from schemas.policy import Policy, Retrain
@@ -201,6 +201,29 @@ def test_alert_triggers_policy_rate_limit_and_once() -> None:
     fresh.seen({"model": "m", "version": 4, "trigger": trigger_of(concept), "created_ts": 1_000_000})
     assert alert_of(trigger_of(concept)) == "a1" and alert_of("schedule") is None
     assert not fresh.wanted(model, concept, 5_000_000) and not fresh.wanted(model, later, 1_010_000)
+
+
+def test_a_concept_alert_places_its_change_point_in_the_lineage_count() -> None:
+    window = [Seen(f"e{i}", {"a": 1.0}, True, i, 1) for i in range(100)]  # labels 901..1000 of a lineage
+    concept = {"alert_id": "a1", "kind": "concept", "delay_records": 30, "trigger_event_id": "e89"}
+    # anchored at the alert's own label (the 990th: the lineage learnt 10 more since), 30 labels back
+    assert change_point(concept, window, 1000) == 960
+    # its label not learnt (yet): anchored at the newest label learnt
+    assert change_point({**concept, "trigger_event_id": "x"}, window, 1000) == 970
+    assert change_point({**concept, "trigger_event_id": None}, window, 1000) == 970
+    assert change_point({**concept, "delay_records": 5000}, window, 1000) == 0
+    # no change point among the labels: refreshed at once on the whole window
+    assert change_point({**concept, "delay_records": None}, window, 1000) is None
+    assert change_point({**concept, "kind": "input"}, window, 1000) is None
+    assert change_point({"alert_id": "a2", "kind": "concept"}, window, 1000) is None
+
+
+def test_a_pending_refresh_counts_labels_of_its_lineage_and_round_trips() -> None:
+    waiting = Pending({"alert_id": "a1", "kind": "concept", "delay_records": 30}, "f.1", 960, 5)
+    assert waiting.since("f.1", 1000) == 40 and waiting.since("f.1", 900) == 0
+    assert waiting.since("f.2", 1000) is None  # another lineage's count is not this one's
+    assert Pending.loads(Pending.dumps({"m": waiting})) == {"m": waiting}
+    assert Pending.loads(Pending.dumps({})) == {}
 
 
 def test_the_blessing_is_signed() -> None:
