@@ -107,7 +107,8 @@ fraud = Model(
         # A canary is decided within a minute of traffic: a pass is promoted, a fail rolled back.
         canary=Canary(promote=True, rollback=True, min_labels=150, min_duration_s=10.0, max_duration_s=120.0),
         # A concept-drift alert (the labels show the change) refreshes the learner: a fresh one warmed on
-        # the newest 400 labels, blessed against the champion on them. Input-drift alerts are reported
+        # the labels since the change point the alert estimates (at most 400), blessed against the
+        # champion on the same labels. Input-drift alerts are reported
         # only: they come before any label of the changed world, so a refresh then would learn the old one.
         retrain=Retrain(on=("concept",), window=400, min_interval_s=20.0, max_regression=0.05),
     ),
