@@ -57,7 +57,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 def cmd_drift(args: argparse.Namespace) -> int:
     from schemas import registry
-    from streams.drift import DriftSettings, run
+    from streams.drift import DriftSettings
+    from streams.drift_service import run
 
     stop = stop_event()
     return run_service(DriftSettings, lambda settings: run(settings, registry.load(settings).project, stop))

@@ -20,7 +20,7 @@ from infra.topics import ensure_topics, topic
 from models.profile import SCORE, build_profile
 from schemas import codec, registry
 from schemas.definitions import Labels, Model, Project, Source
-from streams import drift
+from streams import drift, drift_service
 from streams.drift import DriftSettings, DriftStep
 from tide.embedded import StackInfo
 from tide.plan import apply
@@ -111,7 +111,7 @@ def _card(model: str, i: int, row: dict[str, Any], score: float) -> bytes:
 
 
 class Runner:
-    """Runs ``drift.run`` in a thread; ``stop`` joins it and re-raises what it raised."""
+    """Runs ``drift_service.run`` in a thread; ``stop`` joins it and re-raises what it raised."""
 
     def __init__(self, settings: DriftSettings) -> None:
         self._settings = settings
@@ -123,7 +123,7 @@ class Runner:
     def _target(self) -> None:
         assert self.project is not None, "set the runner's project first"
         try:
-            drift.run(self._settings, self.project, self._stop)
+            drift_service.run(self._settings, self.project, self._stop)
         except BaseException as exc:
             self._errors.append(exc)
 
@@ -137,7 +137,7 @@ class Runner:
             return
         self._stop.set()
         self._thread.join(30)
-        assert not self._thread.is_alive(), "drift.run did not stop within 30 s"
+        assert not self._thread.is_alive(), "drift_service.run did not stop within 30 s"
         self._thread = None
         assert not self._errors, self._errors
 
@@ -259,7 +259,7 @@ def test_replay_references_reads_models_topic_to_its_end(settings: DriftSettings
     assert producer.flush(30) == 0
     step = DriftStep(settings, project, Producerless(), topic(settings, "drift-alerts"))
     started = time.monotonic()
-    assert drift.replay_references(settings, step, timeout_s=20) == 3
+    assert drift_service.replay_references(settings, step, timeout_s=20) == 3
     assert time.monotonic() - started < 10  # ended at the partition's end, not by the timeout
     ref = step.reference(model)
     assert ref is not None and ref.version == 1 and ref.size == 2000
@@ -268,7 +268,7 @@ def test_replay_references_reads_models_topic_to_its_end(settings: DriftSettings
 def test_replay_references_of_an_empty_topic_ends(settings: DriftSettings, project: Project) -> None:
     step = DriftStep(settings, project, Producerless(), topic(settings, "drift-alerts"))
     started = time.monotonic()
-    assert drift.replay_references(settings, step, timeout_s=20) == 0
+    assert drift_service.replay_references(settings, step, timeout_s=20) == 0
     assert time.monotonic() - started < 10
 
 

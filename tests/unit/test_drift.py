@@ -537,7 +537,7 @@ def test_snapshot_and_restore_give_the_alerts_of_an_uninterrupted_run(settings: 
     assert len(whole.alerts()) >= 2
 
     # Killed at arbitrary points: each restart restores the snapshot of the last checkpoint, after the
-    # references were replayed (as `drift.run` does), and goes on from the records after it.
+    # references were replayed (as `drift_service.run` does), and goes on from the records after it.
     parts = FakeProducer()
     step = _step(settings, parts)
     cut_points = [0, 500, 1333, 1780, 2550, len(records)]
