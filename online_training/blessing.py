@@ -25,6 +25,7 @@ metric is fed, the way a learner's prediction is (:mod:`online_training.evaluati
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -137,16 +138,50 @@ def compare(
         for i in range(len(ys))
         if _has(candidate[i]) and (not measured or _has(baseline[i]))  # type: ignore[index]
     ]
-    picked = [ys[i] for i in both]
+    if baseline is None:
+        candidate_value, baseline_value = (
+            metric_on(model, [ys[i] for i in both], [candidate[i] for i in both]),
+            None,
+        )
+    else:
+        candidate_value, baseline_value = _metrics_on(
+            model, [(ys[i], candidate[i], baseline[i]) for i in both]
+        )
     return bless(
         model.policy.retrain,
         model.metric_name,
         bigger_is_better=bigger_is_better(model),
-        candidate=metric_on(model, picked, [candidate[i] for i in both]),
-        baseline=metric_on(model, picked, [baseline[i] for i in both]) if baseline is not None else None,
+        candidate=candidate_value,
+        baseline=baseline_value,
         baseline_version=baseline_version,
         window_labels=len(both),
     )
+
+
+def _value(metric: Any, fed: int) -> float | None:
+    value = metric.get() if fed else None
+    return None if value is None else float(value)
+
+
+def _metrics_on(model: Model, rows: Sequence[tuple[Any, Any, Any]]) -> tuple[float | None, float | None]:
+    """The model's metric over ``(y, candidate's, baseline's)`` rows, for each side. The rows where both
+    sides predicted the very same (a lineage's own prediction, which the champion of that lineage made
+    too) are fed once and the metric copied, so a scheduled version's blessing costs the metric only
+    what differs; the metrics river offers are sums over examples, so the order does not matter."""
+    shared = build_metric(model)
+    fed = 0
+    for y, mine, _ in (r for r in rows if r[1] is r[2]):
+        shared.update(y_true=y, y_pred=mine)
+        fed += 1
+    sides = []
+    for side in (1, 2):
+        metric, n = copy.deepcopy(shared), fed
+        for row in rows:
+            if row[1] is not row[2]:
+                metric.update(y_true=row[0], y_pred=row[side])
+                n += 1
+        sides.append(_value(metric, n))
+    return sides[0], sides[1]
 
 
 def metric_on(model: Model, ys: Sequence[Any], preds: Sequence[Any]) -> float | None:
@@ -159,10 +194,7 @@ def metric_on(model: Model, ys: Sequence[Any], preds: Sequence[Any]) -> float | 
             continue
         metric.update(y_true=y, y_pred=y_pred)
         fed += 1
-    if not fed:
-        return None
-    value = metric.get()
-    return None if value is None else float(value)
+    return _value(metric, fed)
 
 
 def as_prediction(task: str, output: Output, labels_only: bool = False) -> Any:

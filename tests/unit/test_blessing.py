@@ -144,6 +144,26 @@ def test_compare_uses_the_same_examples_for_both() -> None:
     assert not worse["blessed"] and worse["metric"] == "Accuracy"
 
 
+@pytest.mark.parametrize("metric", ["ROCAUC", "LogLoss"])
+def test_predictions_both_sides_share_count_once_and_give_each_side_its_whole_metric(metric: str) -> None:
+    import random
+
+    from online_training.blessing import metric_on
+
+    model = model_with(metric, max_regression=0.0)
+    rng = random.Random(3)
+    ys = [rng.random() < 0.4 for _ in range(300)]
+    ours: list[Any] = [{True: p, False: 1 - p} for p in (rng.random() for _ in ys)]
+    theirs: list[Any] = [
+        mine if i < 200 else {True: p, False: 1 - p}  # the lineage's own predictions, then the champion's
+        for i, (mine, p) in enumerate(zip(ours, (rng.random() for _ in ys), strict=True))
+    ]
+    verdict = compare(model, ys, ours, theirs, 4)
+    assert verdict["candidate_value"] == pytest.approx(metric_on(model, ys, ours))
+    assert verdict["baseline_value"] == pytest.approx(metric_on(model, ys, theirs))
+    assert verdict["candidate_value"] != pytest.approx(verdict["baseline_value"])
+
+
 def test_runtime_answers_feed_the_metric_like_a_learner() -> None:
     assert as_prediction("binary", Output(0.7)) == {True: 0.7, False: pytest.approx(0.3)}
     assert as_prediction("binary", Output(0.7), labels_only=True) is True
