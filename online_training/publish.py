@@ -20,18 +20,19 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
 
 from infra.errors import TrainingError
-from infra.kafka import make_producer, read_to_end
+from infra.kafka import make_producer
 from infra.settings import CommonSettings
-from infra.topics import TOPICS, topic
+from infra.topics import topic
 from models.artifacts import LocalArtifactStore, sha256_hex
 from models.signing import Signer
+from models.versions import read_versions
 from online_training.settings import PublishSettings
 from schemas import codec
 from schemas.records import Blessing, TrainingData
@@ -212,17 +213,6 @@ def _produce_and_wait(settings: CommonSettings, name: str, key: bytes, value: by
         raise TrainingError(f"model version not delivered to {name} within {FLUSH_TIMEOUT_S:.0f} s")
     if errors:
         raise TrainingError(f"model version not delivered to {name}: {errors[0]}")
-
-
-def read_versions(settings: CommonSettings) -> Iterator[dict[str, Any]]:
-    """Every committed ``model_version`` record on the models topic, from the beginning, in log order
-    (undecodable records are logged and skipped)."""
-    name = topic(settings, "models")
-    for msg in read_to_end(settings, name, TOPICS["models"].partitions):
-        try:
-            yield codec.decode(msg.value() or b"", "model_version")
-        except Exception:
-            log.warning("undecodable record on %s offset %s", name, msg.offset())
 
 
 def latest_record(settings: CommonSettings, model: str, flavor: str | None = None) -> dict[str, Any] | None:

@@ -89,6 +89,7 @@ from infra.imports import add_code_path
 from infra.kafka import make_consumer, make_transactional_producer
 from infra.metrics import serve_metrics
 from infra.topics import topic
+from models.versions import read_versions
 from online_training.joins import read_log
 from online_training.lineage import (
     SIDE,
@@ -99,7 +100,7 @@ from online_training.lineage import (
     resumable,
     resume_lineage,
 )
-from online_training.publish import read_versions, signer_of
+from online_training.publish import signer_of
 from online_training.settings import RetrainSettings, TrainerSettings
 from online_training.step import TrainerStep
 from schemas import codec, registry

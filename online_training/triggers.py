@@ -21,8 +21,8 @@ from typing import Any
 from infra.kafka import make_consumer
 from infra.settings import CommonSettings
 from infra.topics import topic
+from models.versions import read_versions
 from online_training.blessing import Champions
-from online_training.publish import read_versions
 from schemas import codec
 from schemas.definitions import Model
 

@@ -237,7 +237,7 @@ class DriftStep:
         if item.record == "prediction":
             self._on_prediction(item.value)
         elif item.record == "model_version":
-            self._on_model_version(item.value)
+            self.version_seen(item.value)
         else:
             raise StreamError(f"drift step does not take {item.record} records")
 
@@ -289,7 +289,7 @@ class DriftStep:
             if name not in before:
                 log.info("watching model %s", name)
                 for _, record in sorted(self._unknown.pop(name, {}).items()):
-                    self._on_model_version(record)
+                    self.version_seen(record)
             elif (watched(before[name]), before[name].policy.drift) != (watched(model), model.policy.drift):
                 if name in self._models:
                     self._models[name].tests.clear()  # rebuilt on the next prediction
@@ -299,7 +299,8 @@ class DriftStep:
 
     # -- records ---------------------------------------------------------------------------------------
 
-    def _on_model_version(self, record: Mapping[str, Any]) -> None:
+    def version_seen(self, record: Mapping[str, Any]) -> None:
+        """A ``model_version`` record (read by the step, or replayed when the scorer starts)."""
         if record["model"] not in self._definitions:
             # Perhaps of a model applied a moment ago, whose definitions this scorer has not read yet.
             log.debug("model %s v%s is not a model of the project", record["model"], record["version"])

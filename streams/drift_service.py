@@ -10,10 +10,10 @@ import redis
 
 from infra import processor
 from infra.deadletter import KafkaDeadLetters
-from infra.errors import StreamError
-from infra.kafka import make_consumer, make_transactional_producer, read_to_end
+from infra.kafka import make_consumer, make_transactional_producer
 from infra.metrics import serve_metrics
-from infra.topics import TOPICS, topic
+from infra.topics import topic
+from models.versions import replay_versions
 from schemas import codec, registry
 from schemas.checkpoints import KafkaCheckpoints
 from schemas.definitions import Project
@@ -28,32 +28,6 @@ def transactional_id(settings: DriftSettings) -> str:
     One per deployment (like the trainer's): a second scorer in the same group would fence the first.
     """
     return f"{settings.topic_prefix}{settings.drift_group}"
-
-
-def replay_references(settings: DriftSettings, step: DriftStep, *, timeout_s: float = 30.0) -> int:
-    """Feed every model version on the models topic, from its beginning, to ``step``.
-
-    The group consumer resumes after its committed offset, so without this a restarted scorer would not
-    know the references it had already seen. Stops at the end of every partition (partition EOF, which
-    uses the fetch response's high watermark, not a listed end offset) or after ``timeout_s``.
-    Returns how many model versions were read.
-    """
-    name = topic(settings, "models")
-    read = 0
-    try:
-        for msg in read_to_end(settings, name, TOPICS["models"].partitions, timeout_s=timeout_s):
-            try:
-                step.handle(processor.decode_message(msg, "model_version", codec.decode_named))
-            except Exception as exc:  # the group consumer dead-letters it, if it is still ahead of it
-                log.warning(
-                    "replay %s partition %s offset %s skipped: %s", name, msg.partition(), msg.offset(), exc
-                )
-                continue
-            read += 1
-    except StreamError as exc:
-        log.warning("replay of %s incomplete (%d read): %s", name, read, exc)
-    log.info("replayed %d model versions from %s", read, name)
-    return read
 
 
 def run(
@@ -81,7 +55,7 @@ def run(
         sink = RedisStatsSink(client, namespace=settings.topic_prefix)
         step = DriftStep(settings, project, producer, topic(settings, "drift-alerts"), sink)
         step.follow(follower)
-        replay_references(settings, step)
+        replay_versions(settings, step.version_seen)
         consumer = make_consumer(settings, settings.drift_group)
         dlq = KafkaDeadLetters(producer, topic(settings, "dead-letter"))
         expected: dict[str, str | None] = {

@@ -13,12 +13,12 @@ from confluent_kafka import Producer
 
 from infra import processor
 from infra.deadletter import DeadLetterSink, KafkaDeadLetters
-from infra.errors import StreamError
-from infra.kafka import make_consumer, make_transactional_producer, read_to_end
+from infra.kafka import make_consumer, make_transactional_producer
 from infra.letters import DeadLetter
 from infra.metrics import serve_metrics
 from infra.settings import CommonSettings
-from infra.topics import TOPICS, topic
+from infra.topics import topic
+from models.versions import replay_versions
 from schemas import codec, registry
 from schemas.checkpoints import KafkaCheckpoints
 from schemas.definitions import Model, Project
@@ -55,26 +55,6 @@ def transactional_id(settings: JudgeSettings) -> str:
     return f"{settings.topic_prefix}{settings.judge_group}"
 
 
-def replay_versions(settings: JudgeSettings, step: JudgeStep, *, timeout_s: float = 30.0) -> int:
-    """Note every version on the models topic, and its lineage, from its beginning: a prediction read
-    before its version's record (another partition, another topic) is then not held for it, and each
-    concept monitor continues its lineage's (:meth:`JudgeStep.version_seen`)."""
-    name = topic(settings, "models")
-    read = 0
-    try:
-        for msg in read_to_end(settings, name, TOPICS["models"].partitions, timeout_s=timeout_s):
-            try:
-                v = codec.decode(msg.value() or b"", "model_version")
-            except Exception as exc:
-                log.warning("replay %s offset %s skipped: %s", name, msg.offset(), exc)
-                continue
-            step.version_seen(v)
-            read += 1
-    except StreamError as exc:
-        log.warning("replay of %s incomplete (%d read): %s", name, read, exc)
-    return read
-
-
 def run(
     settings: JudgeSettings,
     project: Project,
@@ -99,7 +79,7 @@ def run(
         consumer = make_consumer(settings, settings.judge_group)
         step.follow(follower, consumer, checkpoints)
         expected = step.topics()
-        replay_versions(settings, step)
+        replay_versions(settings, step.version_seen)
         processor.run(
             step,
             consumer,

@@ -154,14 +154,23 @@ def write_plot(report: Mapping[str, Any], path: Any) -> None:
                     color=color,
                     label=label,
                 )
-        _verdict_marks(axes[2], report, name)
-        _refresh_marks(axes[2], report, name)
-        axes[2].set_ylabel("model version")
-        axes[2].set_xlabel("scored event index")
-        axes[2].legend(loc="upper left", fontsize=8)
-        if drift_at is not None:
-            for ax in axes:
-                ax.axvline(drift_at, color="grey", linestyle="--")
+        _finish_column(axes, report, name, "model version", drift_at)
+    _save(plt, fig, path)
+
+
+def _finish_column(axes: Any, report: Mapping[str, Any], name: str, ylabel: str, drift_at: Any) -> None:
+    """The versions axis's marks and labels, and the injected drift across the column."""
+    _verdict_marks(axes[2], report, name)
+    _refresh_marks(axes[2], report, name)
+    axes[2].set_ylabel(ylabel)
+    axes[2].set_xlabel("scored event index")
+    axes[2].legend(loc="upper left", fontsize=8)
+    if drift_at is not None:
+        for ax in axes:
+            ax.axvline(drift_at, color="grey", linestyle="--")
+
+
+def _save(plt: Any, fig: Any, path: Any) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -204,14 +213,5 @@ def write_comparison_plot(on: Mapping[str, Any], off: Mapping[str, Any], path: A
         for report, label in ((on, "reactions on"), (off, "reactions off")):
             served = report["timeline"].get(name, {"served": []})["served"]
             axes[2].step([s for s, _ in served], [v for _, v in served], where="post", label=label)
-        _verdict_marks(axes[2], on, name)
-        _refresh_marks(axes[2], on, name)
-        axes[2].set_ylabel("champion version answering")
-        axes[2].set_xlabel("scored event index")
-        axes[2].legend(loc="upper left", fontsize=8)
-        if drift_at is not None:
-            for ax in axes:
-                ax.axvline(drift_at, color="grey", linestyle="--")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+        _finish_column(axes, on, name, "champion version answering", drift_at)
+    _save(plt, fig, path)

@@ -6,8 +6,9 @@ GET versions lists lineage and canary verdicts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -62,6 +63,19 @@ def send(settings: ServeSettings, name: str, kind: str, *records: dict[str, Any]
     assert producer.flush(10) == 0
 
 
+@contextlib.asynccontextmanager
+async def serving(settings: ServeSettings) -> AsyncIterator[tuple[httpx.AsyncClient, ModelRegistry]]:
+    """A serving app in process (its lifespan run) and a client of it, once version 1 serves."""
+    app = create_app(settings)
+    registry: ModelRegistry = app.state.registry
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tide") as client,
+    ):
+        await asyncio.to_thread(registry.wait_for, "fraud", 1, 30.0)
+        yield client, registry
+
+
 async def until(check: Callable[[], Any], timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -76,13 +90,7 @@ async def test_promoting_a_version_never_published_is_refused_and_new_versions_k
     serve_settings: ServeSettings, fraud_project: Project
 ) -> None:
     publish(serve_settings, model_record(fraud_project, 1, seed=1))
-    app = create_app(serve_settings)
-    registry: ModelRegistry = app.state.registry
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tide") as client,
-    ):
-        await asyncio.to_thread(registry.wait_for, "fraud", 1, 30.0)
+    async with serving(serve_settings) as (client, registry):
         url = "/v1/models/fraud/deployments"
         resp = await client.post(url, json={"action": "promote", "version": 99999})
         assert resp.status_code == 409, resp.text
@@ -130,13 +138,7 @@ async def test_a_deployment_on_the_topic_naming_an_unknown_version_is_pending_th
     serve_settings: ServeSettings, fraud_project: Project
 ) -> None:
     publish(serve_settings, model_record(fraud_project, 1, seed=1))
-    app = create_app(serve_settings)
-    registry: ModelRegistry = app.state.registry
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tide") as client,
-    ):
-        await asyncio.to_thread(registry.wait_for, "fraud", 1, 30.0)
+    async with serving(serve_settings) as (client, registry):
         record = deployment_record("fraud", "promote", 77, reason="verdict v-9 passed", source="judge")
         await asyncio.to_thread(publish_deployment, serve_settings, record)
         location = f"/v1/models/fraud/deployments/{record['id']}"
@@ -185,13 +187,7 @@ async def test_unblessed_versions_never_serve_under_follow_and_versions_list_lin
         "ts": int(time.time() * 1000),
     }
     send(serve_settings, "canary-verdicts", "canary_verdict", verdict)
-    app = create_app(serve_settings)
-    registry: ModelRegistry = app.state.registry
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tide") as client,
-    ):
-        await asyncio.to_thread(registry.wait_for, "fraud", 1, 30.0)
+    async with serving(serve_settings) as (client, registry):
 
         async def versions() -> list[dict[str, Any]] | None:
             listed = (await client.get("/v1/models/fraud/versions")).json()["versions"]

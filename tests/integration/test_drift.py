@@ -18,6 +18,7 @@ from confluent_kafka import Message, Producer
 from infra.kafka import make_producer, reader_from_beginning
 from infra.topics import ensure_topics, topic
 from models.profile import SCORE, build_profile
+from models.versions import replay_versions
 from schemas import codec, registry
 from schemas.definitions import Labels, Model, Project, Source
 from streams import drift, drift_service
@@ -249,7 +250,7 @@ def test_alert_after_shift_and_dead_letter(settings: DriftSettings, project: Pro
     assert len(_read_all(settings, "drift-alerts", lambda got: len(got) > 1, 5)) == 1
 
 
-def test_replay_references_reads_models_topic_to_its_end(settings: DriftSettings, project: Project) -> None:
+def test_replay_versions_reads_models_topic_to_its_end(settings: DriftSettings, project: Project) -> None:
     model = MODEL
     rng = np.random.default_rng(7)
     producer = make_producer(settings)
@@ -259,16 +260,16 @@ def test_replay_references_reads_models_topic_to_its_end(settings: DriftSettings
     assert producer.flush(30) == 0
     step = DriftStep(settings, project, Producerless(), topic(settings, "drift-alerts"))
     started = time.monotonic()
-    assert drift_service.replay_references(settings, step, timeout_s=20) == 3
+    assert replay_versions(settings, step.version_seen, timeout_s=20) == 3
     assert time.monotonic() - started < 10  # ended at the partition's end, not by the timeout
     ref = step.reference(model)
     assert ref is not None and ref.version == 1 and ref.size == 2000
 
 
-def test_replay_references_of_an_empty_topic_ends(settings: DriftSettings, project: Project) -> None:
+def test_replay_versions_of_an_empty_topic_ends(settings: DriftSettings, project: Project) -> None:
     step = DriftStep(settings, project, Producerless(), topic(settings, "drift-alerts"))
     started = time.monotonic()
-    assert drift_service.replay_references(settings, step, timeout_s=20) == 0
+    assert replay_versions(settings, step.version_seen, timeout_s=20) == 0
     assert time.monotonic() - started < 10
 
 

@@ -19,8 +19,9 @@ from examples.fraud.driver.generator import GeneratorConfig
 from examples.fraud.fraud_model import new_model
 from features.training import examples_for, read_source
 from infra.settings import CommonSettings
+from models.versions import read_versions
 from online_training import trainer
-from online_training.publish import latest_record, read_versions
+from online_training.publish import latest_record
 from online_training.settings import TrainerSettings
 from schemas import registry
 from schemas.definitions import Feature, Model, Project
