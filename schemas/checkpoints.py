@@ -21,11 +21,12 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from infra.kafka import read_to_end
+from infra.kafka import read_to_end, reader_from_beginning
 from infra.settings import CommonSettings
 from infra.topics import TOPICS, topic
 from schemas import codec
@@ -101,3 +102,48 @@ class KafkaCheckpoints:
             "ts": int(time.time() * 1000),
         }
         producer.produce(self._topic, value=codec.encode("checkpoint", record), key=self.processor.encode())
+
+
+class PositionWatch:
+    """The newest positions of every processor that checkpoints on the ``checkpoints`` topic, read as
+    they are committed (one reader from the beginning, kept open): processor id -> (topic, partition) ->
+    the next offset it will read. Whoever wants to know whether the processors have caught up with an
+    input compares them with its high watermarks (:func:`tide.demo.wait_until_read`)."""
+
+    def __init__(self, settings: CommonSettings) -> None:
+        self._consumer = reader_from_beginning(
+            settings, topic(settings, "checkpoints"), TOPICS["checkpoints"].partitions
+        )
+        self.positions: dict[str, dict[tuple[str, int], int]] = {}
+
+    def poll(self, timeout_s: float = 0.5) -> None:
+        """Fold in what was committed since the last call (waits at most ``timeout_s`` for it)."""
+        while msgs := self._consumer.consume(500, timeout_s):
+            for msg in msgs:
+                if msg.error() is not None:
+                    continue
+                record = codec.decode(msg.value() or b"", "checkpoint")
+                self.positions[record["processor"]] = {
+                    (p["topic"], p["partition"]): p["offset"] for p in record["positions"]
+                }
+            timeout_s = 0.0
+
+    def behind(self, topics: Mapping[str, int]) -> dict[str, int]:
+        """Records each processor has still to read of ``topics`` (full name -> partitions) up to their
+        high watermarks now, counting only the topics it has read from (a processor that reads none of
+        them is left out)."""
+        ends = {}
+        for name, partitions in topics.items():
+            for p in range(partitions):
+                _low, high = self._consumer.get_watermark_offsets(TopicPartition(name, p), timeout=5.0)
+                ends[name, p] = high
+        out = {}
+        for processor, positions in self.positions.items():
+            mine = {t for t, _ in positions} & set(topics)
+            out[processor] = sum(
+                max(0, high - positions.get((t, p), 0)) for (t, p), high in ends.items() if t in mine
+            )
+        return out
+
+    def close(self) -> None:
+        self._consumer.close()

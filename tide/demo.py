@@ -79,7 +79,8 @@ import httpx
 from features.store import RedisOnlineStore
 from infra.errors import ConfigError, StackError, StreamError
 from infra.settings import CommonSettings
-from infra.topics import ensure_topics
+from infra.topics import TOPICS, ensure_topics, prefixed, topic
+from schemas.checkpoints import PositionWatch
 from schemas.definitions import Project
 from schemas.policy import Policy
 from tide.driving import FreshnessProbe, Outbox, run_coroutine
@@ -107,6 +108,7 @@ class DemoConfig:
     seed: int = 7
     options: Mapping[str, Any] = field(default_factory=dict)  # the driver's own settings
     ready_timeout_s: float = 60.0
+    drain_s: float = 60.0  # at most this long for the processors to read the stream's tail (wait_until_read)
     reactions: bool = True  # False: every model's policy only reports (see without_reactions)
 
     @property
@@ -354,6 +356,33 @@ def _services(cfg: DemoConfig, stack: StackInfo, folder: Path, port: int) -> Ite
         services.stop_all()
 
 
+def wait_until_read(settings: CommonSettings, project: Project, timeout_s: float) -> dict[str, int]:
+    """Wait until every processor that checkpoints (trainer, drift scorer, judge) has read the
+    predictions and every source topic it reads to their end (its newest checkpoint, committed with
+    its output, is at the high watermark), at most ``timeout_s``. Returns those still behind, with
+    the records each had left. The report is read only then: what the tail of the stream caused (an
+    alert, a verdict, a version) is in it, however far behind a processor was on a busy machine."""
+    topics = {topic(settings, "predictions"): TOPICS["predictions"].partitions}
+    topics.update({prefixed(settings, s.topic_name): s.partitions for s in project.sources.values()})
+    watch = PositionWatch(settings)
+    started = time.monotonic()
+    try:
+        while True:
+            watch.poll()
+            behind = {p: n for p, n in watch.behind(topics).items() if n}
+            if not behind or time.monotonic() - started > timeout_s:
+                break
+            time.sleep(0.5)
+    finally:
+        watch.close()
+    log.info(
+        "processors %s after %.1f s",
+        "behind: " + str(behind) if behind else "caught up",
+        time.monotonic() - started,
+    )
+    return behind
+
+
 def run_demo(cfg: DemoConfig, inspect: Callable[[DemoContext], None] | None = None) -> dict[str, Any]:
     """Run the project's loop, write ``report.json`` and ``loop.png`` into ``cfg.out_dir``, return the
     report."""
@@ -394,7 +423,7 @@ def run_demo(cfg: DemoConfig, inspect: Callable[[DemoContext], None] | None = No
             finally:
                 demo.probe.close()
             ended = time.time()
-            time.sleep(3.0)  # let the processors finish the tail of the stream
+            behind = wait_until_read(settings, demo.project, cfg.drain_s)
             metrics_text = httpx.get(f"{serve_url}/metrics", timeout=5.0).text
             outcomes = deployment_outcomes(serve_url, demo.project)
             if inspect is not None:
@@ -411,7 +440,13 @@ def run_demo(cfg: DemoConfig, inspect: Callable[[DemoContext], None] | None = No
                 rate=cfg.rate,
             )
             report["services_exited"] = dead = services.check_alive()
-            report["ok"] = report["ok"] and not dead
+            report["processors_behind"] = behind
+            if behind:
+                report["problems"].append(
+                    f"processors had not read the stream to its end {cfg.drain_s:.0f} s after the traffic: "
+                    + ", ".join(f"{p} {n} records behind" for p, n in sorted(behind.items()))
+                )
+            report["ok"] = report["ok"] and not dead and not behind
     write_plot(report, cfg.out_dir / "loop.png")
     (cfg.out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
