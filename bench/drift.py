@@ -5,11 +5,13 @@
 each joined to another concept by ``synth.ConceptDriftStream`` at a known position) and the examples'
 generators (the fraud example's ring taking over at ``drift_at``, the delivery example's slowdown at
 ``slowdown_at``). An online river learner predicts each record, then learns it (progressive validation);
-its per-event loss (0/1 error for the synthetic streams, Brier score for the fraud stream, absolute error
-over 30 minutes capped at 1 for the delivery stream) goes to Tide's ``ConceptMonitor`` (defaults, as the
-judge runs it) and, separately, to river's ``ADWIN`` alone (default delta). Delay: records from the
-change point to the first alarm at or after it (a miss counts as infinite in the median). False alarms:
-alarms on the drift-free twins, per 100k records (and, reported beside, alarms before the change point).
+its per-event loss goes to Tide's ``ConceptMonitor`` (defaults, as the judge runs it) and, separately, to
+river's ``ADWIN`` alone (default delta): 0/1 errors for the synthetic streams (ADWIN's classic use), and
+for the examples what the judge itself feeds the monitor (``streams.outcomes``: the fraud model's log
+loss, the delivery model's absolute error in minutes, both unbounded; the monitor scales them). Delay:
+records from the change point to the first alarm at or after it (a miss counts as infinite in the
+median). False alarms: alarms on the drift-free twins, per 100k records (and, reported beside, alarms
+before the change point).
 
 **Data drift.** Tide's per-type tests (``streams.drift_tests`` with the scorer's window, check interval
 and alarm) on the fraud example's inputs (amount numeric, card_present binary, category and country
@@ -48,7 +50,7 @@ from examples.food_delivery.driver.generator import OrderGenerator
 from examples.fraud.driver.generator import GeneratorConfig as FraudConfig
 from examples.fraud.driver.generator import TransactionGenerator
 from models.profile import build_profile
-from streams import drift_tests
+from streams import drift_tests, outcomes
 from streams.concept import ConceptMonitor
 from streams.drift_state import Alarm
 
@@ -141,8 +143,8 @@ CONCEPT_STREAMS: dict[str, tuple[StreamFactory, str]] = {
     "agrawal": (agrawal, "zero_one"),
     "hyperplane": (hyperplane, "zero_one"),
     "rbf": (rbf, "zero_one"),
-    "fraud": (fraud, "brier"),
-    "delivery": (delivery, "abs_minutes"),  # |error| / 30 min, capped at 1
+    "fraud": (fraud, "binary"),  # the judge's signal for the task (streams.outcomes)
+    "delivery": (delivery, "regression"),
 }
 
 
@@ -150,17 +152,18 @@ CONCEPT_STREAMS: dict[str, tuple[StreamFactory, str]] = {
 
 
 def _learner(loss: str) -> Any:
-    model = linear_model.LinearRegression() if loss == "abs_minutes" else linear_model.LogisticRegression()
+    model = linear_model.LinearRegression() if loss == "regression" else linear_model.LogisticRegression()
     return compose.Pipeline(preprocessing.StandardScaler(), model)
 
 
 def _loss(kind: str, learner: Any, x: dict[str, Any], y: Any) -> float:
-    if kind == "abs_minutes":
-        return min(abs(float(y) - float(learner.predict_one(x) or 0.0)) / 30.0, 1.0)
-    p = learner.predict_proba_one(x).get(True, 0.5)
-    if kind == "brier":
-        return (p - float(bool(y))) ** 2
-    return float((p >= 0.5) != bool(y))
+    if kind == "regression":
+        prediction = {"score": float(learner.predict_one(x) or 0.0)}
+    elif kind == "binary":
+        prediction = {"score": learner.predict_proba_one(x).get(True, 0.5)}
+    else:
+        return float((learner.predict_proba_one(x).get(True, 0.5) >= 0.5) != bool(y))
+    return outcomes.concept_signal(kind, outcomes.loss(kind, prediction, y))
 
 
 def run_concept(name: str, seed: int, drifting: bool) -> dict[str, Any]:
@@ -173,7 +176,7 @@ def run_concept(name: str, seed: int, drifting: bool) -> dict[str, Any]:
     estimated: list[int] = []
     alone: list[int] = []
     for i, (x, y) in enumerate(itertools.islice(factory(seed, drifting), n)):
-        y = y if kind == "abs_minutes" else bool(y)
+        y = y if kind == "regression" else bool(y)
         loss = _loss(kind, learner, x, y)
         learner.learn_one(x, y)
         change = monitor.update(loss)
@@ -419,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
     _print(result)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -460,7 +464,6 @@ def _print(result: dict[str, Any]) -> None:
         )
     print(f"goals: {result['goals']}")
     print(f"peers: {result['peers']}")
-    print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":

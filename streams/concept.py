@@ -19,8 +19,17 @@ default confidence, so the monitor is as fast as ADWIN alone on a rise, and Page
 (``ph_delta`` 0.01) and threshold (100) high enough to keep drift-free streams of learners' 0/1 errors
 under one false alarm per 100k records (river's defaults, 0.005 and 50, raised about 5 per 100k there).
 
-Detectors are river's own; what is Tide's is the one-sidedness, the change-point estimates and the
-cool-down.
+**Scale.** Both detectors are tuned for losses in [0, 1] (0/1 errors, Brier scores), whose standard
+deviation is at most 0.5; PageHinkley's tolerance and threshold, and the range term of ADWIN's bound,
+are in the loss's units. A loss without that bound (a regressor's squared error in squared minutes, a
+log loss) would make them fire on noise, so the monitor holds its first ``min_records`` losses, takes
+their standard deviation, and feeds the detectors every loss divided by ``max(1, sd / 0.5)``: a loss
+that spreads no wider than a [0, 1] one is fed as it is (the tuning above holds unchanged), a wider one
+is brought to that spread, and the alarms of a loss and of the same loss in other units are the same.
+Estimates and change points are reported in the loss's own units.
+
+Detectors are river's own; what is Tide's is the one-sidedness, the scale, the change-point estimates
+and the cool-down.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from river import drift
 
 ADWIN, PAGE_HINKLEY = "adwin", "page_hinkley"
 HISTORY = 20_000  # losses kept since the last reset, to place the change point when a detector fires
+UNIT_SPREAD = 0.5  # the largest standard deviation of a loss in [0, 1] (module docstring: scale)
 
 
 @dataclass(frozen=True)
@@ -50,10 +60,15 @@ class ConceptChange:
 class ConceptMonitor:
     """ADWIN and PageHinkley on one error stream (see the module docstring).
 
-    ``delta``: ADWIN's confidence (river's default 0.002); ``threshold``: PageHinkley's (in units of the
-    loss; None leaves PageHinkley out) and ``ph_delta`` its tolerated drift per record; ``cooldown``:
-    records ignored after an alarm; ``min_records``: records before the first alarm may be raised.
+    ``delta``: ADWIN's confidence (river's default 0.002); ``threshold``: PageHinkley's (in units of a
+    [0, 1] loss; None leaves PageHinkley out) and ``ph_delta`` its tolerated drift per record;
+    ``cooldown``: records ignored after an alarm; ``min_records``: records before the first alarm may be
+    raised, which also set the loss's scale.
     """
+
+    # Monitors restored from checkpoints taken before losses were scaled go on unscaled.
+    _scale: float | None = 1.0
+    _warm: list[float] | tuple[()] = ()
 
     def __init__(
         self,
@@ -71,6 +86,8 @@ class ConceptMonitor:
         self.min_records = min_records
         self.seen = 0
         self._quiet_until = 0
+        self._scale = None  # from the first min_records losses
+        self._warm = []
         self._reset()
 
     def _reset(self) -> None:
@@ -89,27 +106,52 @@ class ConceptMonitor:
         """Mean loss since the monitor last (re)started."""
         return self._sum / self._n if self._n else 0.0
 
+    @property
+    def scale(self) -> float | None:
+        """What every loss is divided by before the detectors see it (None: still warming up)."""
+        return self._scale
+
     def update(self, loss: float) -> ConceptChange | None:
         """Take one per-event loss; return a change when a detector found a rise of the loss."""
         self.seen += 1
+        if self._scale is None:
+            warm = self._warm
+            assert isinstance(warm, list)
+            warm.append(loss)
+            if len(warm) < self.min_records:
+                return None
+            spread = float(np.std(warm)) if len(warm) > 1 else 0.0
+            self._scale = max(1.0, spread / UNIT_SPREAD) if np.isfinite(spread) else 1.0
+            self._warm = []
+            for held in warm[:-1]:
+                self._feed(held)
+        return self._check(loss, *self._feed(loss))
+
+    def _feed(self, loss: float) -> tuple[int, float]:
+        """The loss, scaled, to both detectors; returns ADWIN's width and mean before it."""
+        scaled = loss / (self._scale or 1.0)
         before_width = int(self._adwin.width)
         before_mean = self._adwin.estimation if before_width else 0.0
-        self._adwin.update(loss)
+        self._adwin.update(scaled)
         if self._ph is not None:
-            self._ph.update(loss)
+            self._ph.update(scaled)
         self._n += 1
         self._sum += loss
         self._history.append(loss)
+        return before_width, before_mean
+
+    def _check(self, loss: float, before_width: int, before_mean: float) -> ConceptChange | None:
         if self.seen < max(self._quiet_until, self.min_records):
             return None
         fired: str | None = None
         span = len(self._history)
         if self._adwin.drift_detected:
             # ADWIN's direction: the mean of what it dropped against the mean of what it kept.
+            scaled = loss / (self._scale or 1.0)
             kept = int(self._adwin.width)
             dropped = before_width + 1 - kept
             after = self._adwin.estimation
-            if dropped > 0 and after > (before_mean * before_width + loss - after * kept) / dropped:
+            if dropped > 0 and after > (before_mean * before_width + scaled - after * kept) / dropped:
                 fired, span = ADWIN, before_width + 1  # the change lies in the window ADWIN held
         if fired is None and self._ph is not None and self._ph.drift_detected:
             fired = PAGE_HINKLEY  # one-sided (mode "up") already

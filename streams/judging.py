@@ -37,7 +37,7 @@ from schemas import codec
 from schemas.definitions import Labels, Model, Project, Source
 from schemas.records import CanaryVerdict, Deployment, DriftAlert
 from streams.concept import ConceptChange, ConceptMonitor
-from streams.outcomes import Joined, Joins, Scored
+from streams.outcomes import Joined, Joins, Scored, concept_signal
 from streams.verdict import CANARY, FAIL, PASS, SHADOW, Decision, Judgement
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ class ModelState:
         self.monitors[chain] = monitor  # most recently used last
         while len(self.monitors) > MONITORS_PER_MODEL:
             del self.monitors[next(iter(self.monitors))]
-        change = monitor.update(loss)
+        change = monitor.update(concept_signal(self.task, loss))
         if change is not None:
             seq = self.alerts[joined.version] = self.alerts.get(joined.version, 0) + 1
             alert = concept_alert(self.name, joined.version, change, joined.event_id, now_ms)

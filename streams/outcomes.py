@@ -15,7 +15,8 @@ judge can dead-letter it (a label of an unknown event).
 **The loss** (:func:`loss`), per task: binary log loss of the ``score`` (the probability of ``True``,
 clipped to ``[EPS, 1 - EPS]``); regression squared error of the ``score``; multiclass log loss of the
 probability given to the true class (clipped alike) when the prediction carries ``probabilities``, else
-0-1 loss of its ``label``. A prediction whose output cannot be scored (non-finite, a probability outside
+0-1 loss of its ``label``. The concept monitor watches a regressor's absolute error instead
+(:func:`concept_signal`). A prediction whose output cannot be scored (non-finite, a probability outside
 ``[0, 1]``, a multiclass one without a label) is an *error*: it counts against the error-rate guardrail
 and has no loss (:func:`output_error`).
 
@@ -97,6 +98,13 @@ def loss(task: str, prediction: Mapping[str, Any], y: bool | float | str) -> flo
     if probs:
         return -math.log(min(max(float(probs.get(str(y), 0.0)), EPS), 1.0 - EPS))
     return 0.0 if str(prediction.get("label")) == str(y) else 1.0
+
+
+def concept_signal(task: str, loss_value: float) -> float:
+    """What the concept monitor (:mod:`streams.concept`) watches of an event's loss: the loss itself,
+    except for a regressor its absolute error (the square root of its squared error): squared errors are
+    too heavy-tailed for the detectors to hold their false-alarm rate, absolute errors are not."""
+    return math.sqrt(loss_value) if task == "regression" else loss_value
 
 
 @dataclass(slots=True)

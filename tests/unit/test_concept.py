@@ -62,3 +62,31 @@ def test_cooldown_keeps_quiet_after_an_alarm() -> None:
 def test_nothing_before_min_records() -> None:
     monitor = ConceptMonitor(min_records=500)
     assert _run(monitor, [0.0] * 200 + [1.0] * 250) == []
+
+
+def test_a_loss_in_other_units_raises_the_same_alarms_and_a_unit_loss_is_fed_as_it_is() -> None:
+    rng = np.random.default_rng(11)
+    # a regressor's absolute errors (minutes): residual sd 5, then 7 from record 5,000
+    errors = np.abs(np.concatenate([rng.normal(0, 5, 5000), rng.normal(0, 7, 3000)]))
+    minutes, seconds = ConceptMonitor(), ConceptMonitor()
+    in_minutes = [(c.seen, c.detector, c.delay_records) for c in _run(minutes, list(errors))]
+    in_seconds = _run(seconds, list(errors * 60))
+    assert in_minutes and in_minutes[0][0] > 5000, in_minutes
+    assert [(c.seen, c.detector, c.delay_records) for c in in_seconds] == in_minutes
+    assert in_seconds[0].estimate_after == pytest.approx(60 * in_minutes_after(errors), rel=0.2)
+    assert seconds.scale == pytest.approx(60 * (minutes.scale or 0))
+    unit = ConceptMonitor()
+    _run(unit, _errors(rng, [(0.3, 200)]))
+    assert unit.scale == 1.0  # a 0/1 error spreads no wider than a [0, 1] loss can
+
+
+def in_minutes_after(errors: np.ndarray) -> float:
+    return float(errors[5000:].mean())
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_regressors_stationary_absolute_errors_raise_nothing(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    # Unscaled, PageHinkley's threshold (100 in the loss's units) fires on errors of minutes within
+    # a few hundred records.
+    assert _run(ConceptMonitor(), list(np.abs(rng.normal(0, 5, 30_000)))) == []

@@ -168,6 +168,9 @@ def test_losses_per_task() -> None:
         outcomes.output_error("multiclass", {"score": 0.5, "probabilities": {"a": 0.5, "b": 0.2}}) is not None
     )
     assert outcomes.output_error("regression", {"score": -4.0}) is None
+    # the concept monitor watches a regressor's absolute error, any other task's loss as it is
+    assert outcomes.concept_signal("regression", 2.25) == pytest.approx(1.5)
+    assert outcomes.concept_signal("binary", 0.7) == 0.7
 
 
 @pytest.mark.parametrize(
