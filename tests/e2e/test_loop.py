@@ -120,9 +120,11 @@ def test_fraud_loop(tmp_path: Path) -> None:
     )
     assert verdict["id"] in ended["reason"] and ended["effect"]
     # g. a concept alert triggers a refresh, blessed against the champion, that then answers. At this
-    # small scale the judge misses the concept change in some runs (the full demo has not; the judge's
-    # and the trainer's integration tests cover the alert and the refresh on their own), so this part
-    # holds when the alert came; the report's own checks are then the same as the demo's.
+    # small scale the loss rises (about 0.07 to 0.22 nats) for only the few hundred labels before the
+    # learner's next scheduled version has adapted: resampled from the judge's own loss stream, the
+    # monitor finds it within them about 3 times in 4. So this part holds when the alert came (the
+    # judge's and the trainer's integration tests cover the alert and the refresh on their own), and
+    # the report's own checks are then the same as the demo's.
     refreshed = [v for v in fraud["versions"] if (v["trigger"] or "").startswith("concept drift alert")]
     if "concept" in kinds:
         assert refreshed and refreshed[0]["blessing"]["blessed"] and refreshed[0]["served_from"] is not None
