@@ -25,7 +25,6 @@ metric is fed, the way a learner's prediction is (:mod:`online_training.evaluati
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 from models.base import Output
 from models.inputs import ModelInputs
 from models.runtime import LoadedModel, load_model
-from online_training.evaluation import build_metric
+from online_training.evaluation import build_metric, metric_value
 from schemas.definitions import Model, Project
 from schemas.policy import Retrain
 from schemas.records import Blessing
@@ -138,19 +137,16 @@ def compare(
         for i in range(len(ys))
         if _has(candidate[i]) and (not measured or _has(baseline[i]))  # type: ignore[index]
     ]
-    if baseline is None:
-        candidate_value, baseline_value = (
-            metric_on(model, [ys[i] for i in both], [candidate[i] for i in both]),
-            None,
-        )
-    else:
-        candidate_value, baseline_value = _metrics_on(
-            model, [(ys[i], candidate[i], baseline[i]) for i in both]
-        )
+    metric = build_metric(model)
+    window = [ys[i] for i in both]
+    candidate_value = metric_value(metric, window, [candidate[i] for i in both])
+    baseline_value = None
+    if baseline is not None:
+        baseline_value = metric_value(metric, window, [baseline[i] for i in both])
     return bless(
         model.policy.retrain,
         model.metric_name,
-        bigger_is_better=bigger_is_better(model),
+        bigger_is_better=bool(getattr(metric, "bigger_is_better", True)),
         candidate=candidate_value,
         baseline=baseline_value,
         baseline_version=baseline_version,
@@ -158,43 +154,10 @@ def compare(
     )
 
 
-def _value(metric: Any, fed: int) -> float | None:
-    value = metric.get() if fed else None
-    return None if value is None else float(value)
-
-
-def _metrics_on(model: Model, rows: Sequence[tuple[Any, Any, Any]]) -> tuple[float | None, float | None]:
-    """The model's metric over ``(y, candidate's, baseline's)`` rows, for each side. The rows where both
-    sides predicted the very same (a lineage's own prediction, which the champion of that lineage made
-    too) are fed once and the metric copied, so a scheduled version's blessing costs the metric only
-    what differs; the metrics river offers are sums over examples, so the order does not matter."""
-    shared = build_metric(model)
-    fed = 0
-    for y, mine, _ in (r for r in rows if r[1] is r[2]):
-        shared.update(y_true=y, y_pred=mine)
-        fed += 1
-    sides = []
-    for side in (1, 2):
-        metric, n = copy.deepcopy(shared), fed
-        for row in rows:
-            if row[1] is not row[2]:
-                metric.update(y_true=row[0], y_pred=row[side])
-                n += 1
-        sides.append(_value(metric, n))
-    return sides[0], sides[1]
-
-
 def metric_on(model: Model, ys: Sequence[Any], preds: Sequence[Any]) -> float | None:
     """The model's metric over ``(y, y_pred)`` pairs (empty predictions skipped); None when nothing was
     fed or the metric has no value."""
-    metric = build_metric(model)
-    fed = 0
-    for y, y_pred in zip(ys, preds, strict=True):
-        if y_pred is None or y_pred == {}:
-            continue
-        metric.update(y_true=y, y_pred=y_pred)
-        fed += 1
-    return _value(metric, fed)
+    return metric_value(build_metric(model), ys, preds)
 
 
 def as_prediction(task: str, output: Output, labels_only: bool = False) -> Any:

@@ -5,6 +5,10 @@ A model declares its metric by river class name (``"ROCAUC"``, ``"MAE"``, ``"Acc
 ``river.evaluate.progressive_val_score``, a classifier's metric is fed class probabilities
 (``predict_proba_one``) unless the metric ``requires_labels`` (then ``predict_one``); a regressor's
 ``predict_one``. An empty prediction (``None`` or ``{}``, a learner that has learnt nothing) is not fed.
+
+:func:`metric_value` is the metric over a whole window at once (a blessing's): river's own ``ROCAUC``
+(its thresholds: the same value), ``MAE``, ``MSE`` and ``RMSE`` (the same to rounding) are computed
+over arrays rather than fed pair by pair to a fresh instance, as any other metric is (tested).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from river import metrics
+from scipy import integrate
 
 from infra.errors import TrainingError
 from infra.imports import import_object
@@ -102,3 +107,41 @@ def rolling_auc(labels: Sequence[bool], scores: Sequence[float]) -> float | None
         ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def metric_value(metric: Any, ys: Sequence[Any], preds: Sequence[Any]) -> float | None:
+    """The value a fresh copy of ``metric`` (unfed: only its type and settings are used) takes when fed
+    every ``(y, y_pred)`` pair (empty predictions skipped); None when nothing was fed or it has no value.
+    """
+    pairs = [(y, p) for y, p in zip(ys, preds, strict=True) if p is not None and p != {}]
+    if not pairs:
+        return None
+    kind = type(metric)
+    if kind is metrics.ROCAUC and type(metric.pos_val) is bool:
+        return _roc_auc(metric, pairs)
+    if kind in (metrics.MAE, metrics.MSE, metrics.RMSE) and all(type(p) is float for _, p in pairs):
+        errors = np.array([float(y) for y, _ in pairs]) - np.array([p for _, p in pairs])
+        if kind is metrics.MAE:
+            return float(np.mean(np.abs(errors)))
+        mse = float(np.mean(errors**2))
+        return mse if kind is metrics.MSE else mse**0.5
+    fresh = metric.clone() if callable(getattr(metric, "clone", None)) else kind()
+    for y, p in pairs:
+        fresh.update(y_true=y, y_pred=p)
+    value = fresh.get()
+    return None if value is None else float(value)
+
+
+def _roc_auc(metric: Any, pairs: Sequence[tuple[Any, Any]]) -> float:
+    """River's ``ROCAUC.get()`` after feeding ``pairs`` (its thresholds and trapezoid), over arrays."""
+    y = np.array([yt == metric.pos_val for yt, _ in pairs], dtype=bool)
+    p = np.array([yp.get(True, 0.0) if isinstance(yp, dict) else yp for _, yp in pairs], dtype=float)
+    positives, negatives = int(y.sum()), int((~y).sum())
+    tprs, fprs = [], []
+    for t in metric.thresholds:
+        above = p > t
+        tp = float(np.count_nonzero(above & y))
+        fp = float(np.count_nonzero(above & ~y))
+        tprs.append(tp / positives if positives else 0.0)
+        fprs.append(fp / negatives if negatives else 0.0)
+    return float(-integrate.trapezoid(x=fprs, y=tprs))

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
+from river import metrics
 
 from models.base import Output
 from online_training.blessing import Champions, as_prediction, bless, compare, is_blessed
+from online_training.evaluation import metric_value
 from online_training.refresh import Pending, Seen, change_point, evaluate
 from online_training.triggers import Triggers, alert_of, category, trigger_of
 from schemas.definitions import Labels, Model, Source
@@ -255,3 +258,29 @@ def test_the_blessing_is_signed() -> None:
     unblessed = statement({**rec, "blessing": verdict})
     assert b'"blessed":false' in unblessed
     assert unblessed != statement({**rec, "blessing": {**verdict, "blessed": True}})
+
+
+@pytest.mark.parametrize("name", ["ROCAUC", "MAE", "MSE", "RMSE", "LogLoss", "Accuracy", "F1"])
+def test_a_windows_metric_is_what_river_gives_fed_pair_by_pair(name: str) -> None:
+    rng = np.random.default_rng(3)
+    regression = name in ("MAE", "MSE", "RMSE")
+    if regression:
+        ys: list[Any] = [float(v) for v in rng.normal(10, 3, 2000)]
+        preds: list[Any] = [float(y + e) for y, e in zip(ys, rng.normal(0, 2, 2000), strict=True)]
+    else:
+        ys = [bool(v) for v in rng.random(2000) < 0.2]
+        preds = [{True: float(p), False: 1 - float(p)} for p in rng.beta(2, 5, 2000)]
+        if name in ("Accuracy", "F1"):
+            preds = [p[True] >= 0.5 for p in preds]
+        preds[:3] = [None, {}, None]  # a learner that had learnt nothing: not fed
+    river_metric = getattr(metrics, name)()
+    for y, p in zip(ys, preds, strict=True):
+        if p is not None and p != {}:
+            river_metric.update(y, p)
+    got = metric_value(getattr(metrics, name)(), ys, preds)
+    if name == "ROCAUC":
+        assert got == river_metric.get()  # the very same thresholds and sums
+    else:
+        assert got == pytest.approx(river_metric.get(), rel=1e-12)
+    if not regression:
+        assert metric_value(getattr(metrics, name)(), ys[:3], preds[:3]) is None  # nothing fed
