@@ -318,13 +318,19 @@ class ModelRegistry:
                     raise
                 raise DeploymentRefused(name, action, version, str(exc)) from exc
 
-    def expire(self, now: float | None = None) -> None:
-        """Refuse deployments pending longer than ``pending_s``."""
+    def expire(self, now: float | None = None, *, at_ms: int | None = None) -> None:
+        """Refuse deployments pending longer than ``pending_s``: since they were received (``now``, the
+        monotonic clock), or with ``at_ms`` (ms since the epoch) since their record's ``ts``, for a
+        reader replaying the topics (``tide models``) that decides as a node that read them live would."""
         now = time.monotonic() if now is None else now
         with self._changed:
             for name, state in self._states.items():
                 for outcome in state.ledger.pending():
-                    if now - outcome.received < self.pending_s:
+                    if at_ms is not None:
+                        since = int(outcome.record.get("ts") or outcome.received_ts)
+                        if at_ms - since < self.pending_s * 1000:
+                            continue
+                    elif now - outcome.received < self.pending_s:
                         continue
                     version = outcome.record.get("version")
                     why = (

@@ -4,7 +4,9 @@ The models, deployments, canary-verdicts and drift-alerts topics are read from t
 replayed through serving's own registry (:class:`serving.registry.ModelRegistry`: the traffic policy,
 blessing and deployment outcomes a serving node computes), so the champion shown is the one a node that
 read the same records serves, and each deployment's outcome (applied, refused and why, or still pending
-for a version not published) is the one a node gives. Nothing is loaded: versions are not scored here.
+for a version not published) is the one a node gives: one held longer than a node holds it
+(``TIDE_SERVE_DEPLOYMENT_PENDING_S`` since its record's time) shows refused, as a node would have it.
+Nothing is loaded: versions are not scored here.
 
 ::
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -66,9 +69,12 @@ class Replay:
 
 
 def _registry() -> ModelRegistry:
-    from serving.registry import ModelRegistry  # not imported by the CLI until a models command runs
+    # Not imported by the CLI until a models command runs.
+    from serving.registry import ModelRegistry
+    from serving.settings import ServeSettings
 
-    return ModelRegistry(pending_s=float("inf"))  # what is still held shows as pending
+    # A deployment still held for its version is refused once a node would have refused it.
+    return ModelRegistry(pending_s=load(ServeSettings).serve_deployment_pending_s)
 
 
 def _read(settings: CommonSettings, name: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
@@ -92,6 +98,7 @@ def replay(settings: CommonSettings) -> Replay:
     out = Replay()
     for _ts, kind, record in heapq.merge(*streams, key=lambda item: item[0]):
         out.add(kind, record)
+    out.registry.expire(at_ms=int(time.time() * 1000))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -81,6 +82,7 @@ def test_models_list_show_and_history(
             version("m", 2, 2_000, blessed=True),
             version("m", 3, 5_000, blessed=False),
             version("other", 1, 1_500),
+            version("third", 1, 1_600),
         ],
     )
     send(
@@ -91,6 +93,9 @@ def test_models_list_show_and_history(
             deployment("m", "promote", 1, 3_000, "api", "d-1"),
             deployment("m", "promote", 99999, 4_000, "cli", "d-2"),  # never published: held
             deployment("m", "follow", None, 6_000, "judge", "d-3"),  # supersedes it
+            # never published either: long past the time a node holds it (refused), and just now (held)
+            deployment("other", "promote", 88, 6_500, "cli", "d-4"),
+            deployment("third", "promote", 77, int(time.time() * 1000), "cli", "d-5"),
         ],
     )
     verdict = {
@@ -131,13 +136,16 @@ def test_models_list_show_and_history(
     send(settings, "drift-alerts", "drift_alert", [alert])
 
     listed = {m["name"]: m for m in run(capsys, "list")["models"]}
-    assert set(listed) == {"m", "other"}
+    assert set(listed) == {"m", "other", "third"}
     m = listed["m"]
     # follow after the promote: the newest BLESSED version (3 is not blessed)
     assert (m["champion"], m["newest"], m["newest_blessed"]) == (2, 3, 2)
     assert m["versions"]["3"] == {"blessed": False, "reason": "rocauc fell 0.08 > 0.02"}
     assert m["versions"]["1"]["blessed"] is True and m["pending_deployments"] == 0
-    assert listed["other"]["champion"] == 1
+    assert listed["other"]["champion"] == 1 and listed["other"]["pending_deployments"] == 0
+    assert listed["third"]["champion"] == 1 and listed["third"]["pending_deployments"] == 1
+    [refused] = [e for e in run(capsys, "history", "other")["events"] if e["event"] == "deployment"]
+    assert refused["status"] == "refused" and "was not published within 60 s" in refused["status_reason"]
 
     shown = run(capsys, "show", "m")
     statuses = {v["version"]: v["status"] for v in shown["versions"]}
