@@ -11,7 +11,10 @@ rose (the CUSUM estimate) within the window ADWIN held before its cut, or for Pa
 losses since the monitor last started (at most :data:`HISTORY`): ADWIN's own cut lies on a bucket
 boundary, often hundreds of records early. The change carries the mean loss before and after that point
 and the delay: records from it to the alarm. After an alarm both detectors start afresh and the monitor
-keeps quiet for ``cooldown`` records.
+keeps quiet for ``cooldown`` records. When ADWIN finds the loss *fell* (a learner learning, a better
+version answering), the monitor starts over at the new level (fresh detectors and scale): otherwise
+PageHinkley's running mean, and the scale, would still hold the worse past, and a later rise back to a
+level below it would go unseen (a model's first, untrained answers did that).
 
 Defaults are tuned on ``make bench-drift`` (``bench/drift.py``: river's synthetic streams and the
 examples' generators with known change points, online learners' per-event losses): ADWIN at river's
@@ -141,18 +144,30 @@ class ConceptMonitor:
         return before_width, before_mean
 
     def _check(self, loss: float, before_width: int, before_mean: float) -> ConceptChange | None:
-        if self.seen < max(self._quiet_until, self.min_records):
+        if self.seen < self.min_records:
             return None
-        fired: str | None = None
-        span = len(self._history)
+        rose = fell = False
         if self._adwin.drift_detected:
             # ADWIN's direction: the mean of what it dropped against the mean of what it kept.
             scaled = loss / (self._scale or 1.0)
             kept = int(self._adwin.width)
             dropped = before_width + 1 - kept
             after = self._adwin.estimation
-            if dropped > 0 and after > (before_mean * before_width + scaled - after * kept) / dropped:
-                fired, span = ADWIN, before_width + 1  # the change lies in the window ADWIN held
+            if dropped > 0:
+                rose = after > (before_mean * before_width + scaled - after * kept) / dropped
+                fell = not rose
+        if fell:
+            # The model got better (a learner learning, a better version): a new level to watch from.
+            # PageHinkley's mean and the scale still hold the worse past, so the monitor starts over.
+            self._scale, self._warm = None, []
+            self._reset()
+            return None
+        if self.seen < self._quiet_until:
+            return None
+        fired: str | None = None
+        span = len(self._history)
+        if rose:
+            fired, span = ADWIN, before_width + 1  # the change lies in the window ADWIN held
         if fired is None and self._ph is not None and self._ph.drift_detected:
             fired = PAGE_HINKLEY  # one-sided (mode "up") already
         if fired is None:

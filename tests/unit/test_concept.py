@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streams.concept import ADWIN, PAGE_HINKLEY, ConceptChange, ConceptMonitor
+from streams.concept import ADWIN, PAGE_HINKLEY, UNIT_SPREAD, ConceptChange, ConceptMonitor
 
 
 def _errors(rng: np.random.Generator, rates: list[tuple[float, int]]) -> list[float]:
@@ -90,3 +90,18 @@ def test_a_regressors_stationary_absolute_errors_raise_nothing(seed: int) -> Non
     # Unscaled, PageHinkley's threshold (100 in the loss's units) fires on errors of minutes within
     # a few hundred records.
     assert _run(ConceptMonitor(), list(np.abs(rng.normal(0, 5, 30_000)))) == []
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_after_the_loss_fell_a_rise_is_watched_from_the_new_level(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    # A regressor's absolute errors: untrained at first (minutes off by ~30), then learnt (sd 5), then a
+    # new concept (sd 6.5). Watched from the untrained level (its scale, PageHinkley's mean) the rise is
+    # found 460 to 650 records late on these seeds; from the learnt level, 240 to 300.
+    errors = np.abs(
+        np.concatenate([rng.normal(0, 30, 300), rng.normal(0, 5, 5000), rng.normal(0, 6.5, 3000)])
+    )
+    monitor = ConceptMonitor()
+    changes = _run(monitor, list(errors))
+    assert changes and 5300 < changes[0].seen < 5300 + 350, changes
+    assert monitor.scale is not None and monitor.scale < 30 / UNIT_SPREAD / 2  # not the untrained spread
