@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 
 from infra.errors import StreamError
 from infra.settings import CommonSettings
-
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 def make_producer(settings: CommonSettings, **overrides: Any) -> Producer:
@@ -97,23 +92,6 @@ def read_to_end(
                     raise StreamError(f"fatal error reading {topic}: {err}")
     finally:
         consumer.close()
-
-
-def read_decoded(
-    settings: CommonSettings,
-    topic: str,
-    partitions: int,
-    decode: Callable[[bytes], T],
-    *,
-    timeout_s: float = 30.0,
-) -> Iterator[T]:
-    """:func:`read_to_end`, each value through ``decode``; a value that does not decode is logged and
-    skipped (whoever consumes the topic as a group dead-letters it)."""
-    for msg in read_to_end(settings, topic, partitions, timeout_s=timeout_s):
-        try:
-            yield decode(msg.value() or b"")
-        except Exception as exc:
-            log.warning("%s partition %s offset %s skipped: %s", topic, msg.partition(), msg.offset(), exc)
 
 
 def messages(consumer: Consumer, *, batch: int = 500, timeout: float = 0.2) -> Iterator[list[Message]]:

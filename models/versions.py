@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from infra.errors import StreamError
-from infra.kafka import read_decoded
+from infra.kafka import read_to_end
 from infra.settings import CommonSettings
 from infra.topics import TOPICS, topic
 from schemas import codec
@@ -24,13 +24,12 @@ def read_versions(settings: CommonSettings, *, timeout_s: float = 30.0) -> Itera
     """Every committed ``model_version`` record on the models topic, from the beginning, in log order
     (undecodable records are logged and skipped). Raises :class:`infra.errors.StreamError` when the end
     is not reached within ``timeout_s``."""
-    yield from read_decoded(
-        settings,
-        topic(settings, "models"),
-        TOPICS["models"].partitions,
-        lambda raw: codec.decode(raw, "model_version"),
-        timeout_s=timeout_s,
-    )
+    name = topic(settings, "models")
+    for msg in read_to_end(settings, name, TOPICS["models"].partitions, timeout_s=timeout_s):
+        try:
+            yield codec.decode(msg.value() or b"", "model_version")
+        except Exception as exc:  # whoever consumes the topic as a group dead-letters it
+            log.warning("%s partition %s offset %s skipped: %s", name, msg.partition(), msg.offset(), exc)
 
 
 def replay_versions(

@@ -46,11 +46,6 @@ def is_blessed(record: Mapping[str, Any]) -> bool:
     return blessing is None or bool(blessing.get("blessed"))
 
 
-def bigger_is_better(model: Model) -> bool:
-    """River's ``bigger_is_better`` of the model's metric (a custom metric without it: True)."""
-    return bool(getattr(build_metric(model), "bigger_is_better", True))
-
-
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
@@ -152,12 +147,6 @@ def compare(
         baseline_version=baseline_version,
         window_labels=len(both),
     )
-
-
-def metric_on(model: Model, ys: Sequence[Any], preds: Sequence[Any]) -> float | None:
-    """The model's metric over ``(y, y_pred)`` pairs (empty predictions skipped); None when nothing was
-    fed or the metric has no value."""
-    return metric_value(build_metric(model), ys, preds)
 
 
 def as_prediction(task: str, output: Output, labels_only: bool = False) -> Any:

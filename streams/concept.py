@@ -128,10 +128,10 @@ class ConceptMonitor:
             self._warm = []
             for held in warm[:-1]:
                 self._feed(held)
-        return self._check(loss, *self._feed(loss))
+        return self._check(*self._feed(loss))
 
-    def _feed(self, loss: float) -> tuple[int, float]:
-        """The loss, scaled, to both detectors; returns ADWIN's width and mean before it."""
+    def _feed(self, loss: float) -> tuple[float, int, float]:
+        """The loss, scaled, to both detectors; returns it scaled, and ADWIN's width and mean before it."""
         scaled = loss / (self._scale or 1.0)
         before_width = int(self._adwin.width)
         before_mean = self._adwin.estimation if before_width else 0.0
@@ -141,15 +141,14 @@ class ConceptMonitor:
         self._n += 1
         self._sum += loss
         self._history.append(loss)
-        return before_width, before_mean
+        return scaled, before_width, before_mean
 
-    def _check(self, loss: float, before_width: int, before_mean: float) -> ConceptChange | None:
+    def _check(self, scaled: float, before_width: int, before_mean: float) -> ConceptChange | None:
         if self.seen < self.min_records:
             return None
         rose = fell = False
         if self._adwin.drift_detected:
             # ADWIN's direction: the mean of what it dropped against the mean of what it kept.
-            scaled = loss / (self._scale or 1.0)
             kept = int(self._adwin.width)
             dropped = before_width + 1 - kept
             after = self._adwin.estimation

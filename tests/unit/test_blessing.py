@@ -11,7 +11,7 @@ from river import metrics
 
 from models.base import Output
 from online_training.blessing import Champions, as_prediction, bless, compare, is_blessed
-from online_training.evaluation import metric_value
+from online_training.evaluation import build_metric, metric_value
 from online_training.refresh import Pending, Seen, change_point, evaluate
 from online_training.triggers import Triggers, alert_of, category, trigger_of
 from schemas.definitions import Labels, Model, Source
@@ -151,8 +151,6 @@ def test_compare_uses_the_same_examples_for_both() -> None:
 def test_predictions_both_sides_share_count_once_and_give_each_side_its_whole_metric(metric: str) -> None:
     import random
 
-    from online_training.blessing import metric_on
-
     model = model_with(metric, max_regression=0.0)
     rng = random.Random(3)
     ys = [rng.random() < 0.4 for _ in range(300)]
@@ -162,8 +160,8 @@ def test_predictions_both_sides_share_count_once_and_give_each_side_its_whole_me
         for i, (mine, p) in enumerate(zip(ours, (rng.random() for _ in ys), strict=True))
     ]
     verdict = compare(model, ys, ours, theirs, 4)
-    assert verdict["candidate_value"] == pytest.approx(metric_on(model, ys, ours))
-    assert verdict["baseline_value"] == pytest.approx(metric_on(model, ys, theirs))
+    assert verdict["candidate_value"] == pytest.approx(metric_value(build_metric(model), ys, ours))
+    assert verdict["baseline_value"] == pytest.approx(metric_value(build_metric(model), ys, theirs))
     assert verdict["candidate_value"] != pytest.approx(verdict["baseline_value"])
 
 
